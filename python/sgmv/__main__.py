@@ -1,0 +1,141 @@
+"""The sgmv command: `sgmv info`, `sgmv check`, and where the C files are.
+
+Exit codes: 0 everything asked for passed; 1 a check failed; 2 the library or a needed
+package could not be loaded (nothing was checked).
+"""
+import argparse
+import os
+import sys
+import time
+
+from . import __version__, capi
+from .capi import ffi
+
+OK, FAILED, UNAVAILABLE = 0, 1, 2
+
+
+def _str(p):
+    return ffi.string(p).decode()
+
+
+def device_report():
+    """(lines describing driver and GPU, True if a GPU the library can use was found)."""
+    lib = capi.lib
+    count = ffi.new("int *")
+    status = lib.sgmv_device_count(count)
+    if status:
+        return [f"driver: {_str(lib.sgmv_last_error())}"], False
+    if count[0] == 0:
+        return ["driver: loaded; no CUDA device found"], False
+    lines, usable = [f"driver: loaded; {count[0]} CUDA device(s)"], False
+    cc, arch = ffi.new("int *"), ffi.new("int *")
+    for d in range(count[0]):
+        if lib.sgmv_device_arch(d, cc, arch):
+            lines.append(f"  device {d}: {_str(lib.sgmv_last_error())}")
+            continue
+        family = f"uses the sm_{arch[0]} cubins" if arch[0] else "has no cubin family in this build"
+        lines.append(f"  device {d}: compute capability {cc[0] // 10}.{cc[0] % 10}, {family}")
+        usable |= arch[0] != 0
+    return lines, usable
+
+
+def cmd_info(_args):
+    lib = capi.lib
+    v = lib.sgmv_version()
+    print(f"sgmv {__version__} (python), libsgmv {v // 10000}.{v // 100 % 100}.{v % 100} at {capi.library_path()}")
+    print(f"ABI: sgmv.h major version {lib.SGMV_VERSION_MAJOR}, SONAME libsgmv.so.{lib.SGMV_VERSION_MAJOR}")
+    print(f"cubins: {lib.sgmv_num_variants()} variants for sm {_str(lib.sgmv_archs())}")
+    lines, _ = device_report()
+    print("\n".join(lines))
+    return OK
+
+
+def _check_error_path():
+    """A call with a bad rank must come back as its status and message, changing nothing."""
+    a = ffi.new("sgmv_expand_args_t *")
+    a.struct_size = ffi.sizeof("sgmv_expand_args_t")
+    a.metadata_dtype = capi.lib.SGMV_DTYPE_INT32
+    a.rank = 0
+    status = capi.lib.sgmv_expand(a)
+    msg = _str(capi.lib.sgmv_last_error())
+    return status == capi.lib.SGMV_ERROR_INVALID_ARGUMENT and "rank" in msg, msg
+
+
+def cmd_check(args):
+    try:
+        capi.lib
+    except OSError as e:
+        print(f"FAILED: {e}")
+        return UNAVAILABLE
+    cmd_info(args)
+    _, gpu = device_report()
+    ok, msg = _check_error_path()
+    print(f"{'ok    ' if ok else 'FAILED'} error path: a bad argument returns its status ({msg})")
+    failed = not ok
+    if not gpu:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:
+        import torch
+        from . import jit, reference, testing
+    except ImportError as e:
+        print(f"not checked: the kernel itself ({e}; `pip install sgmv[jit]` and torch to check it)")
+        return FAILED if failed else UNAVAILABLE
+    device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        print("no usable GPU: checking the kernel under Triton's interpreter against the reference; "
+              "not checked here: libsgmv.so launches, bfloat16 (the interpreter has no bf16 dot), timings")
+    cases = [c for c in testing.make_cases(gpu=device == "cuda") if c.name in (
+        "r16-h4096-zipf-14", "r7-h4096-uniform-6", "r64-h4096-uniform-22", "many-segments", "gaps-and-order",
+        "bf16-basic", "bf16-fp32in-odd", "slice-fp32-out")]
+    paths = [("reference", reference.sgmv_expand), ("jit", jit.sgmv_expand)]
+    if device == "cuda":
+        from .aot import sgmv_expand as aot
+        paths.append(("aot", aot))
+    print(f"{'case':24} {'path':10} {'rel err':>9} {'time':>10}  result")
+    for case in cases:
+        if device == "cpu" and testing.needs_bf16_dot(case):
+            print(f"{case.name:24} {'jit':10} {'':>9} {'':>10}  not checked (bf16 on the interpreter)")
+            continue
+        for name, fn in paths:
+            call_args, buf = testing.build(case, device)
+            before = buf.clone()
+            exp, written = testing.expected(call_args)
+            t0 = time.perf_counter()
+            try:
+                fn(*call_args)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                err = testing.check(call_args, before, buf, exp, written, name)
+                print(f"{case.name:24} {name:10} {err:9.2e} {dt * 1e3:8.2f}ms  ok")
+            except AssertionError as e:
+                failed = True
+                print(f"{case.name:24} {name:10} {'':>9} {'':>10}  FAILED: {e}")
+    print("check: FAILED" if failed else "check: all passed")
+    return FAILED if failed else OK
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="sgmv", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--include-dir", action="store_true", help="print the folder of sgmv.h")
+    ap.add_argument("--lib-dir", action="store_true", help="print the folder of libsgmv.so")
+    sub = ap.add_subparsers(dest="cmd")
+    sub.add_parser("info", help="version, ABI, cubin archs and variants, driver and GPU")
+    sub.add_parser("check", help="self-test: AOT vs JIT vs reference on a GPU, the interpreter without one")
+    args = ap.parse_args(argv)
+    if args.include_dir or args.lib_dir:
+        print(capi.INCLUDE_DIR if args.include_dir else capi.LIB_DIR)
+        return OK
+    if args.cmd is None:
+        ap.print_help()
+        return UNAVAILABLE
+    try:
+        return {"info": cmd_info, "check": cmd_check}[args.cmd](args)
+    except OSError as e:
+        print(f"sgmv: {e}", file=sys.stderr)
+        return UNAVAILABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
