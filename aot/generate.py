@@ -54,7 +54,7 @@ def compile_variant(v):
         "x_stride_m": "i64", "w_stride_l": "i64", "w_stride_n": "i64", "out_stride_m": "i64",
     }
     constexprs = {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k,
-                  "SEGS": tile.segs, "EVEN_K": v["even_k"], "ADD_INPUTS": v["add_inputs"]}
+                  "SHORT": tile.short, "EVEN_K": v["even_k"], "ADD_INPUTS": v["add_inputs"]}
     for name in constexprs:
         signature[name] = "constexpr"
     attrs = {}
@@ -111,11 +111,12 @@ def main():
     c += ["", "const sgmv_tile_t sgmv_tiles[] = {"]
     for name in tile_names:
         t = V.TILES[name]
-        c.append(f'  {{"{name}", {t.block_m}, {t.block_n}, {t.block_k}, {t.segs}, {t.num_warps}, {t.num_stages}}},')
+        c.append(f'  {{"{name}", {t.block_m}, {t.block_n}, {t.block_k}, {int(t.short)}, {t.num_warps}, {t.num_stages}}},')
     c += ["};", "", "const sgmv_rule_t sgmv_rules[] = {"]
     for arch, rules in V.RULES.items():
-        for limit, name in rules:
-            c.append(f"  {{{arch}, {-1 if limit is None else limit}, {tile_names.index(name)}}},")
+        for max_seq, max_rank, name in rules:
+            c.append(f"  {{{arch}, {-1 if max_seq is None else max_seq}, {-1 if max_rank is None else max_rank}, "
+                     f"{tile_names.index(name)}}},")
     c += ["};", f"const int sgmv_num_rules = {sum(len(r) for r in V.RULES.values())};", "",
           f"const int sgmv_unaligned_tile = {tile_names.index('unaligned')};",
           f"const int sgmv_align_elems = {V.ALIGN_ELEMS};",
@@ -124,7 +125,7 @@ def main():
     for v, (name, cubin, shared, warps, kname) in zip(todo, results):
         c.append(f'  {{{{{v["arch"]}, {tile_names.index(v["tile"])}, {C_DTYPE[v["x"]]}, {C_DTYPE[v["w"]]}, '
                  f'{C_DTYPE[v["out"]]}, {C_DTYPE[v["meta"]]}, {int(v["even_k"])}, {int(v["add_inputs"])}}}, '
-                 f'"{name}", "{kname}", {name}, {name}_end, {shared}, {warps}}},')
+                 f'"{name}", "{kname}", {name}, {name}_end, {shared}, {warps}, NULL, NULL, 0}},')
     c += ["};", f"const int sgmv_num_variants_total = {len(results)};", ""]
     (out / "sgmv_variants.c").write_text("\n".join(c))
     size = sum(len(r[1]) for r in results)

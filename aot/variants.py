@@ -5,28 +5,22 @@ and emits the C dispatch table, and by the JIT path (installed as sgmv/_variants
 picks its tile with select_tile() exactly as the C dispatcher does from the generated rules.
 Pure data and plain Python: no torch, no triton.
 """
+import json
 from collections import namedtuple
 from itertools import product
+from pathlib import Path
 
-Tile = namedtuple("Tile", "block_m block_n block_k segs num_warps num_stages")
+Tile = namedtuple("Tile", "block_m block_n block_k short num_warps num_stages")
 
-# Tile configs by name. segs: segments handled by one program (short segments share a program).
-TILES = {
-    "decode": Tile(16, 128, 16, 8, 4, 2),
-    "short": Tile(16, 128, 16, 1, 4, 2),
-    "prefill": Tile(64, 128, 16, 1, 4, 2),
-    # For operands whose rows are not 16-byte aligned (odd ranks, odd column offsets): the AOT
-    # variants of the other tiles assume aligned rows, this one assumes nothing.
-    "unaligned": Tile(32, 64, 16, 1, 4, 2),
-}
-
-# Per arch, rules tried in order: (largest max_seq_length it serves, or None for any; tile name).
-RULES = {
-    80: [(1, "decode"), (16, "short"), (None, "prefill")],
-    90: [(1, "decode"), (16, "short"), (None, "prefill")],
-    100: [(16, "short"), (None, "prefill")],
-    120: [(16, "short"), (None, "prefill")],
-}
+# The tile table (aot/tiles.json, written by aot/tune.py). short=False: a program covers
+# BLOCK_M rows of one segment; short=True: row j of BLOCK_M segments (decode and speculative
+# batches), see kernels/sgmv_expand.py. "unaligned" serves operands whose rows are not 16-byte
+# aligned (the other tiles' AOT variants assume they are); "seed" is the seed kernel's fixed
+# tile, kept for the benchmark's baseline and compiled into no variant.
+_TABLE = json.loads((Path(__file__).resolve().parent / "tiles.json").read_text())
+TILES = {name: Tile(*v) for name, v in _TABLE["tiles"].items()}
+# Per arch, rules tried in order: (largest max_seq_length, largest rank, tile name); None: any.
+RULES = {int(arch): [tuple(r) for r in rules] for arch, rules in _TABLE["rules"].items()}
 ARCHS = tuple(RULES)
 
 # (inputs, weights, output): inputs and output are the weight dtype or fp32.
@@ -39,18 +33,25 @@ ALIGN_ELEMS = 8
 MAX_RANK = 256
 
 
-def select_tile(arch, max_seq_length, aligned):
+def select_tile(arch, max_seq_length, rank, aligned):
     """Tile name for a call; the C dispatcher applies the same rules (generated from RULES)."""
     if not aligned:
         return "unaligned"
-    for limit, name in RULES[arch]:
-        if limit is None or max_seq_length <= limit:
+    for max_seq, max_rank, name in RULES[arch]:
+        if (max_seq is None or max_seq_length <= max_seq) and (max_rank is None or rank <= max_rank):
             return name
-    raise AssertionError("RULES must end with a catch-all")
+    raise ValueError(f"RULES[{arch}] must end with a catch-all")
+
+
+def grid(tile, batches, hidden, max_seq_length):
+    """The launch grid; csrc/sgmv.c computes the same."""
+    rows_per_program = 1 if tile.short else tile.block_m
+    m_programs = min(max(-(-max_seq_length // rows_per_program), 1), 65535)
+    return (-(-batches // tile.block_m) if tile.short else batches, -(-hidden // tile.block_n), m_programs)
 
 
 def tiles_for_arch(arch):
-    names = [name for _, name in RULES[arch]]
+    names = list(dict.fromkeys(name for *_, name in RULES[arch]))
     return names + ["unaligned"]
 
 

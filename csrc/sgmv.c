@@ -163,11 +163,14 @@ static sgmv_variant_t *find_variant(const sgmv_variant_key_t *key) {
   return bsearch(&probe, sgmv_variants, sgmv_num_variants_total, sizeof *sgmv_variants, key_cmp);
 }
 
-static int select_tile(int arch, int64_t max_seq_length, int aligned) {
+/* The rules of aot/variants.py (select_tile), generated into sgmv_rules. */
+static int select_tile(int arch, int64_t max_seq_length, int64_t rank, int aligned) {
   if (!aligned) return sgmv_unaligned_tile;
-  for (int i = 0; i < sgmv_num_rules; i++)
-    if (sgmv_rules[i].arch == arch && (sgmv_rules[i].max_seq < 0 || max_seq_length <= sgmv_rules[i].max_seq))
-      return sgmv_rules[i].tile;
+  for (int i = 0; i < sgmv_num_rules; i++) {
+    const sgmv_rule_t *r = &sgmv_rules[i];
+    if (r->arch == arch && (r->max_seq < 0 || max_seq_length <= r->max_seq) && (r->max_rank < 0 || rank <= r->max_rank))
+      return r->tile;
+  }
   return -1;
 }
 
@@ -256,7 +259,7 @@ static int context_arch(const sgmv_driver_t *cu, CUcontext ctx, CUdevice *dev, i
 
 static int launch(const sgmv_driver_t *cu, const sgmv_expand_args_t *a, CUdevice dev, int arch) {
   int aligned = is_aligned(a);
-  int tile_id = select_tile(arch, a->max_seq_length, aligned);
+  int tile_id = select_tile(arch, a->max_seq_length, a->rank, aligned);
   if (tile_id < 0) return sgmv_set_error(SGMV_ERROR_INTERNAL, "sgmv_expand: no tile rule for sm_%d", arch);
   const sgmv_tile_t *tile = &sgmv_tiles[tile_id];
   sgmv_variant_key_t key = {arch, tile_id, a->inputs_dtype, a->weights_dtype, a->output_dtype, a->metadata_dtype,
@@ -265,7 +268,7 @@ static int launch(const sgmv_driver_t *cu, const sgmv_expand_args_t *a, CUdevice
   if (!v)
     return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_ARCH, "sgmv_expand: this build has no %s variant for sm_%d",
                           tile->name, arch);
-  CUkernel kernel;
+  CUkernel kernel = NULL;
   int status = load_kernel(cu, v, dev, &kernel);
   if (status) return status;
 
@@ -273,9 +276,11 @@ static int launch(const sgmv_driver_t *cu, const sgmv_expand_args_t *a, CUdevice
   if (n_tiles > 65535)
     return INVALID("hidden %lld needs %lld column tiles of %d, more than CUDA's 65535", (long long)a->hidden,
                    (long long)n_tiles, tile->block_n);
-  int64_t m_programs = (a->max_seq_length + tile->block_m - 1) / tile->block_m;
+  /* The grid of aot/variants.py (grid). */
+  int64_t rows_per_program = tile->short_segments ? 1 : tile->block_m;
+  int64_t m_programs = (a->max_seq_length + rows_per_program - 1) / rows_per_program;
   m_programs = m_programs < 1 ? 1 : m_programs > 65535 ? 65535 : m_programs;
-  unsigned grid_x = (unsigned)((a->batches + tile->segs - 1) / tile->segs);
+  unsigned grid_x = (unsigned)(tile->short_segments ? (a->batches + tile->block_m - 1) / tile->block_m : a->batches);
 
   /* Parameter order of sgmv_expand_kernel, then Triton's two scratch pointers (unused). */
   int32_t batches = (int32_t)a->batches, num_loras = (int32_t)a->num_loras, n = (int32_t)a->hidden,

@@ -6,12 +6,14 @@
 
 typedef struct {
   const char *name;
-  int block_m, block_n, block_k, segs, num_warps, num_stages;
+  int block_m, block_n, block_k;
+  int short_segments; /* 1: the rows of a tile are block_m segments (kernels/sgmv_expand.py) */
+  int num_warps, num_stages;
 } sgmv_tile_t;
 
-/* max_seq_length <= max_seq (or max_seq == -1) on arch selects tile. */
+/* On arch, max_seq_length <= max_seq and rank <= max_rank (-1: any) select tile. */
 typedef struct {
-  int arch, max_seq, tile;
+  int arch, max_seq, max_rank, tile;
 } sgmv_rule_t;
 
 /* What a variant is specialised on; compared as a whole. */

@@ -55,6 +55,7 @@ def _check_error_path():
     a = ffi.new("sgmv_expand_args_t *")
     a.struct_size = ffi.sizeof("sgmv_expand_args_t")
     a.metadata_dtype = capi.lib.SGMV_DTYPE_INT32
+    a.total_tokens = a.hidden = a.num_loras = a.batches = 1
     a.rank = 0
     status = capi.lib.sgmv_expand(a)
     msg = _str(capi.lib.sgmv_last_error())
@@ -123,6 +124,10 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd")
     sub.add_parser("info", help="version, ABI, cubin archs and variants, driver and GPU")
     sub.add_parser("check", help="self-test: AOT vs JIT vs reference on a GPU, the interpreter without one")
+    b = sub.add_parser("bench", help="time every provider on the shape suite against the bandwidth floor (GPU)")
+    b.add_argument("--out", default="sgmv-bench", help="folder for results.json, results.md and results.png")
+    b.add_argument("--providers", nargs="*", default=None, help="subset of: aot-c aot jit seed torch")
+    b.add_argument("--cases", nargs="*", default=None, help="only cases whose name contains one of these")
     args = ap.parse_args(argv)
     if args.include_dir or args.lib_dir:
         print(capi.INCLUDE_DIR if args.include_dir else capi.LIB_DIR)
@@ -131,6 +136,9 @@ def main(argv=None):
         ap.print_help()
         return UNAVAILABLE
     try:
+        if args.cmd == "bench":
+            from . import bench
+            return bench.run(args.out, providers=args.providers or bench.PROVIDERS, cases=args.cases)
         return {"info": cmd_info, "check": cmd_check}[args.cmd](args)
     except OSError as e:
         print(f"sgmv: {e}", file=sys.stderr)

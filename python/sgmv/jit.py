@@ -10,7 +10,7 @@ import torch
 
 from . import _contract
 from ._kernel import sgmv_expand_kernel
-from ._variants import ARCHS, TILES, select_tile
+from ._variants import ARCHS, TILES, grid, select_tile
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -26,12 +26,11 @@ def cubin_arch(device):
 
 def launch_config(call, arch, tile=None):
     """(tile, grid) for a validated call: the C dispatcher computes the same."""
-    t = TILES[tile or select_tile(arch, call.max_seq_length, call.aligned)]
-    n_tiles = -(-call.hidden // t.block_n)
-    if n_tiles > 65535:
-        raise ValueError(f"hidden {call.hidden} needs {n_tiles} column tiles of {t.block_n}, more than CUDA's 65535")
-    m_programs = min(max(-(-call.max_seq_length // t.block_m), 1), 65535)
-    return t, (-(-call.batches // t.segs), n_tiles, m_programs)
+    t = TILES[tile or select_tile(arch, call.max_seq_length, call.rank, call.aligned)]
+    g = grid(t, call.batches, call.hidden, call.max_seq_length)
+    if g[1] > 65535:
+        raise ValueError(f"hidden {call.hidden} needs {g[1]} column tiles of {t.block_n}, more than CUDA's 65535")
+    return t, g
 
 
 def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
@@ -50,7 +49,7 @@ def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_
             inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
             c.batches, c.num_loras, c.total_tokens, c.hidden, c.rank,
             c.x_stride, c.w_lora_stride, c.w_row_stride, c.out_stride,
-            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SEGS=t.segs,
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SHORT=t.short,
             EVEN_K=c.rank % t.block_k == 0, ADD_INPUTS=add_inputs,
             num_warps=t.num_warps, num_stages=t.num_stages)
     return output_tensor

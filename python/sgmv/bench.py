@@ -1,0 +1,312 @@
+"""`sgmv bench`: the shape suite, every provider in one run, against the memory-bandwidth floor.
+
+GPU time per launch is CUDA-graph replay (20 launches per graph) over buffer sets rotated so
+that each launch finds its operands outside the L2 cache. The floor of a case is the bytes it
+must move (inputs, the distinct adapters' weights, output rows read when add_inputs and
+written) over the device-to-device copy bandwidth measured in the same run.
+"""
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# name, layout, hidden, rank, adapters, dtype, add_inputs
+SUITE = [
+    ("decode 256x1 N4096 r16 a4", "decode:256", 4096, 16, 4, "bf16", True),
+    ("decode 256x1 N4096 r64 a16", "decode:256", 4096, 64, 16, "bf16", True),
+    ("decode 64x1 N4096 r8 a4", "decode:64", 4096, 8, 4, "bf16", True),
+    ("decode 32x1 N14336 r64 a8", "decode:32", 14336, 64, 8, "bf16", True),
+    ("decode 128x1 N8192 r32 a64", "decode:128", 8192, 32, 64, "bf16", True),
+    ("decode 256x1 N28672 r16 a8", "decode:256", 28672, 16, 8, "bf16", True),
+    ("spec 64x4 N4096 r16 a8", "spec:64:4", 4096, 16, 8, "bf16", True),
+    ("spec 32x2-8 N5120 r64 a16", "spec:32:2-8", 5120, 64, 16, "bf16", True),
+    ("short 128x16 N4096 r16 a8", "uniform:128:16", 4096, 16, 8, "bf16", True),
+    ("prefill 4x512 N4096 r16 a4", "uniform:4:512", 4096, 16, 4, "bf16", True),
+    ("prefill 8x1024 N4096 r64 a8", "uniform:8:1024", 4096, 64, 8, "bf16", True),
+    ("prefill 16x4096 N4096 r32 a4", "uniform:16:4096", 4096, 32, 4, "bf16", True),
+    ("prefill 4x2048 N14336 r16 a2", "uniform:4:2048", 14336, 16, 2, "bf16", True),
+    ("prefill 2x4096 N28672 r8 a1", "uniform:2:4096", 28672, 8, 1, "bf16", True),
+    ("prefill 8x1024 N8192 r128 a8", "uniform:8:1024", 8192, 128, 8, "bf16", True),
+    ("chunked 2048+64x1 N4096 r16 a8", "chunked:2048:64", 4096, 16, 8, "bf16", True),
+    ("chunked 2x1024+128x1 N5120 r32", "chunked:1024,1024:128", 5120, 32, 16, "bf16", True),
+    ("skewed 4000+8x10 N4096 r16 a4", "skewed:4000:8:10", 4096, 16, 4, "bf16", True),
+    ("skewed 8000+32x1 N14336 r64 a8", "skewed:8000:32:1", 14336, 64, 8, "bf16", True),
+    ("zipf 32 segs N4096 r32 a16", "zipf:32:8192", 4096, 32, 16, "bf16", True),
+    ("decode 256x1 N4096 r16 fp16 noadd", "decode:256", 4096, 16, 4, "fp16", False),
+    ("prefill 8x1024 N4096 r64 fp16 noadd", "uniform:8:1024", 4096, 64, 8, "fp16", False),
+    ("zipf 64 segs N8192 r16 fp16", "zipf:64:16384", 8192, 16, 8, "fp16", True),
+]
+PROVIDERS = ("aot-c", "aot", "jit", "seed", "torch")
+SEED_TILE = "seed"  # the seed kernel's fixed tiles (aot/tiles.json): 32 x 32 x 16, 4 warps, 3 stages
+
+
+def segment_lengths(layout, rng):
+    kind, *p = layout.split(":")
+    if kind == "decode":
+        return [1] * int(p[0])
+    if kind == "spec":
+        lo, _, hi = p[1].partition("-")
+        return [rng.randint(int(lo), int(hi or lo)) for _ in range(int(p[0]))]
+    if kind == "uniform":
+        return [int(p[1])] * int(p[0])
+    if kind == "chunked":
+        return [int(v) for v in p[0].split(",")] + [1] * int(p[1])
+    if kind == "skewed":
+        return [int(p[0])] + [int(p[2])] * int(p[1])
+    if kind == "zipf":
+        n, total = int(p[0]), int(p[1])
+        weights = [1 / (r + 1) ** 1.1 for r in range(n)]
+        lens = [max(1, round(total * w / sum(weights))) for w in weights]
+        rng.shuffle(lens)
+        return lens
+    raise ValueError(layout)
+
+
+class Case:
+    def __init__(self, name, layout, hidden, rank, adapters, dtype, add):
+        rng = random.Random(name)
+        self.name, self.hidden, self.rank, self.adapters, self.dtype, self.add = name, hidden, rank, adapters, dtype, add
+        self.lens = segment_lengths(layout, rng)
+        self.idx = [rng.randrange(adapters) for _ in self.lens]
+        self.starts = [sum(self.lens[:i]) for i in range(len(self.lens))]
+        self.tokens = sum(self.lens)
+
+    def floor_bytes(self):
+        esize = 2
+        x = self.tokens * self.rank * esize
+        w = len(set(self.idx)) * self.hidden * self.rank * esize
+        out = self.tokens * self.hidden * esize * (2 if self.add else 1)
+        return x + w + out
+
+
+def _copy_bandwidth(torch):
+    a = torch.empty(2**28, dtype=torch.uint8, device="cuda")  # 256 MiB each way
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        e0.record()
+        b.copy_(a)
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) / 1e3)
+    return 2 * a.numel() / sorted(times)[len(times) // 2]
+
+
+def graph_time_us(torch, launches, per_graph=20, replays=20):
+    """Median GPU time per launch, replaying a graph of `per_graph` launches cycling through `launches`."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in launches[:3]:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(per_graph):
+            launches[i % len(launches)]()
+    for _ in range(3):
+        g.replay()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e3 / per_graph)
+    del g
+    return sorted(times)[len(times) // 2]
+
+
+def host_time_us(torch, launches, calls=100, reps=10):
+    """Best host time per call for calls enqueued back to back just after a sync."""
+    best = math.inf
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(calls):
+            launches[i % len(launches)]()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    torch.cuda.synchronize()
+    return best * 1e6
+
+
+def make_sets(torch, case, l2_bytes):
+    """Buffer sets (x, w, out) enough to overflow the L2 four times when cycled."""
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
+    per_set = case.floor_bytes()
+    n = min(64, max(2, math.ceil(4 * l2_bytes / per_set)))
+    meta = [torch.tensor(v, dtype=torch.int32, device="cuda") for v in (case.starts, case.lens, case.idx)]
+    sets = []
+    for _ in range(n):
+        sets.append((torch.randn(case.tokens, case.rank, dtype=dt, device="cuda"),
+                     torch.randn(case.adapters, case.hidden, case.rank, dtype=dt, device="cuda") * 0.1,
+                     torch.randn(case.tokens, case.hidden, dtype=dt, device="cuda")))
+    return sets, meta
+
+
+def _c_bench(case, nsets):
+    """(gpu_us, host_us) from benchmarks/c/bench.c, compiled here against the installed library."""
+    from . import capi
+    src = Path(os.path.abspath(__file__)).parent / "bench_c" / "bench.c"
+    if not src.exists() or not shutil.which("gcc"):
+        return None
+    import triton.backends.nvidia as nv
+    exe = Path(tempfile.gettempdir()) / "sgmv_bench_c"
+    if not exe.exists():
+        lib = capi.library_path()
+        subprocess.run(["gcc", "-std=c99", "-O2", "-D_POSIX_C_SOURCE=199309L", "-I", str(capi.INCLUDE_DIR),
+                        "-I", str(Path(nv.__file__).parent / "include"), str(src), "-L", str(lib.parent),
+                        f"-l:{lib.name}", f"-Wl,-rpath,{lib.parent}", "-lcuda", "-o", str(exe)], check=True)
+    r = subprocess.run([str(exe), str(case.hidden), str(case.rank), str(case.adapters),
+                        "1" if case.dtype == "bf16" else "0", str(int(case.add)), str(nsets),
+                        ",".join(map(str, case.lens)), ",".join(map(str, case.idx))],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode:
+        raise RuntimeError(r.stderr.strip())
+    d = json.loads(r.stdout)
+    return d["gpu_us"], d["host_us"]
+
+
+def _launchers(torch, provider, case, sets, meta):
+    from . import aot, jit
+    max_len = max(case.lens)
+    args = lambda s: (*s, *meta, len(case.lens), max_len, case.add)  # noqa: E731
+    if provider == "aot":
+        return [lambda s=s: aot.sgmv_expand(*args(s)) for s in sets]
+    if provider == "jit":
+        return [lambda s=s: jit.sgmv_expand(*args(s)) for s in sets]
+    if provider == "seed":
+        return [lambda s=s: jit.sgmv_expand(*args(s), tile=SEED_TILE) for s in sets]
+    if provider == "torch":
+        segs = list(zip(case.starts, case.lens, case.idx))
+
+        def loop(x, w, out):
+            for st, n, i in segs:
+                o = out[st:st + n]
+                if case.add:
+                    o.addmm_(x[st:st + n], w[i].T)
+                else:
+                    torch.mm(x[st:st + n], w[i].T, out=o)
+        return [lambda s=s: loop(*s) for s in sets]
+    raise ValueError(provider)
+
+
+def run(out_dir, providers=PROVIDERS, cases=None, progress=True):
+    import torch
+    if not torch.cuda.is_available():
+        print("sgmv bench: no CUDA GPU visible to torch: there is nothing to time on this machine.")
+        return 2
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    props = torch.cuda.get_device_properties(0)
+    l2 = getattr(props, "L2_cache_size", 50 * 2**20)
+    bw = _copy_bandwidth(torch)
+    suite = [Case(*c) for c in SUITE if cases is None or any(k in c[0] for k in cases)]
+    results = []
+    total = len(suite) * len(providers)
+    for ci, case in enumerate(suite):
+        sets, meta = make_sets(torch, case, l2)
+        floor_us = case.floor_bytes() / bw * 1e6
+        for pi, provider in enumerate(providers):
+            if progress:
+                done = ci * len(providers) + pi
+                bar = "#" * (30 * done // total)
+                print(f"\r[{bar:30}] {done}/{total} {case.name[:36]:36} {provider:6}", end="", file=sys.stderr,
+                      flush=True)
+            r = dict(case=case.name, provider=provider, floor_us=floor_us, tokens=case.tokens,
+                     hidden=case.hidden, rank=case.rank, segments=len(case.lens))
+            try:
+                if provider == "aot-c":
+                    got = _c_bench(case, len(sets))
+                    if got is None:
+                        continue
+                    r["gpu_us"], r["host_us"] = got
+                else:
+                    fns = _launchers(torch, provider, case, sets, meta)
+                    r["gpu_us"] = graph_time_us(torch, fns)
+                    r["host_us"] = host_time_us(torch, fns)
+                r["pct_floor"] = 100 * floor_us / r["gpu_us"]
+                r["gbps"] = case.floor_bytes() / r["gpu_us"] / 1e3
+            except Exception as e:  # a provider that fails is reported, not fatal
+                r["error"] = f"{type(e).__name__}: {e}"[:200]
+            results.append(r)
+        del sets
+        torch.cuda.empty_cache()
+    if progress:
+        print(f"\r[{'#' * 30}] {total}/{total}" + " " * 50, file=sys.stderr)
+
+    for r in results:
+        base = next((b for b in results if b["case"] == r["case"] and b["provider"] == "seed" and "gpu_us" in b), None)
+        if base and "gpu_us" in r:
+            r["speedup_vs_seed"] = base["gpu_us"] / r["gpu_us"]
+    meta = dict(device=props.name, copy_bandwidth_tbps=bw / 1e12, l2_bytes=l2, torch=torch.__version__,
+                command="sgmv bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "sgmv bench")
+    (out_dir / "results.json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    table = format_table(results, providers)
+    (out_dir / "results.md").write_text(
+        f"{props.name}, copy bandwidth {bw / 1e12:.2f} TB/s; GPU us per launch (% of floor)\n\n{table}\n")
+    print(f"{props.name}: copy bandwidth {bw / 1e12:.2f} TB/s; GPU us per launch (% of the floor)")
+    print(table)
+    _summary(results)
+    _plot(results, providers, out_dir / "results.png", props.name)
+    print(f"written: {out_dir}/results.json, results.md, results.png")
+    return 0
+
+
+def format_table(results, providers):
+    cases = list(dict.fromkeys(r["case"] for r in results))
+    head = "| case | floor us | " + " | ".join(providers) + " | aot host us (C / py) |"
+    lines = [head, "|" + "---|" * (len(providers) + 3)]
+    for c in cases:
+        rs = {r["provider"]: r for r in results if r["case"] == c}
+        cells = []
+        for p in providers:
+            r = rs.get(p, {})
+            cells.append(f"{r['gpu_us']:.1f} ({r['pct_floor']:.0f}%)" if "gpu_us" in r else r.get("error", "-")[:20])
+        host = " / ".join(f"{rs[p]['host_us']:.1f}" if "host_us" in rs.get(p, {}) else "-" for p in ("aot-c", "aot"))
+        floor = next(iter(rs.values()))["floor_us"]
+        lines.append(f"| {c} | {floor:.1f} | " + " | ".join(cells) + f" | {host} |")
+    return "\n".join(lines)
+
+
+def _summary(results):
+    aot = {r["case"]: r for r in results if r["provider"] == "aot" and "gpu_us" in r}
+    sp = [r["speedup_vs_seed"] for r in aot.values() if "speedup_vs_seed" in r]
+    if sp:
+        print(f"aot vs seed tiles: geometric mean speedup {math.exp(sum(map(math.log, sp)) / len(sp)):.2f}x "
+              f"over {len(sp)} cases")
+
+
+def _plot(results, providers, path, device):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    cases = list(dict.fromkeys(r["case"] for r in results))
+    fig, ax = plt.subplots(figsize=(max(10, len(cases) * 0.6), 6))
+    width = 0.8 / len(providers)
+    for i, p in enumerate(providers):
+        ys = [next((r.get("pct_floor", 0) for r in results if r["case"] == c and r["provider"] == p), 0) for c in cases]
+        ax.bar([j + i * width for j in range(len(cases))], ys, width, label=p)
+    ax.set_xticks([j + 0.4 for j in range(len(cases))])
+    ax.set_xticklabels(cases, rotation=75, ha="right", fontsize=7)
+    ax.set_ylabel("% of the memory-bandwidth floor")
+    ax.set_title(f"SGMV expand, {device}: GPU time per launch against the floor")
+    ax.axhline(100, color="k", lw=0.5)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
