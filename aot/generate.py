@@ -120,6 +120,7 @@ def main():
     c += ["};", f"const int sgmv_num_rules = {sum(len(r) for r in V.RULES.values())};", "",
           f"const int sgmv_unaligned_tile = {tile_names.index('unaligned')};",
           f"const int sgmv_align_elems = {V.ALIGN_ELEMS};",
+          f"const int sgmv_short_programs = {V.SHORT_PROGRAMS};",
           f'const char sgmv_archs_list[] = "{",".join(str(a) for a in V.ARCHS if a in archs)}";', "",
           "sgmv_variant_t sgmv_variants[] = {"]
     for v, (name, cubin, shared, warps, kname) in zip(todo, results):

@@ -43,11 +43,19 @@ def select_tile(arch, max_seq_length, rank, aligned):
     raise ValueError(f"RULES[{arch}] must end with a catch-all")
 
 
-def grid(tile, batches, hidden, max_seq_length):
-    """The launch grid; csrc/sgmv.c computes the same."""
-    rows_per_program = 1 if tile.short else tile.block_m
-    m_programs = min(max(-(-max_seq_length // rows_per_program), 1), 65535)
-    return (-(-batches // tile.block_m) if tile.short else batches, -(-hidden // tile.block_n), m_programs)
+def grid(tile, batches, hidden, total_tokens, num_loras):
+    """The launch grid (see kernels/sgmv_expand.py); csrc/sgmv.c computes the same."""
+    n_tiles = -(-hidden // tile.block_n)
+    if not tile.short:
+        return (-(-total_tokens // tile.block_m) + batches, n_tiles, 1)
+    groups = -(-batches // tile.block_m)
+    # Adapter slots: enough programs to fill the GPU, never more slots than adapters.
+    slots = min(num_loras, max(1, SHORT_PROGRAMS // (groups * n_tiles)), 65535)
+    return (groups, n_tiles, slots)
+
+
+# The short path's target program count, which sets its adapter slots.
+SHORT_PROGRAMS = 4096
 
 
 def tiles_for_arch(arch):

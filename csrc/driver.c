@@ -60,6 +60,7 @@ static void load_driver(void) {
   LOAD(cuLibraryLoadData);
   LOAD(cuLibraryGetKernel);
   LOAD(cuKernelSetAttribute);
+  LOAD(cuKernelGetFunction);
   LOAD(cuLaunchKernel);
 #undef LOAD
   int version = 0;

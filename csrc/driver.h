@@ -40,6 +40,7 @@ typedef struct {
                                 unsigned int);
   CUresult (*cuLibraryGetKernel)(CUkernel *, CUlibrary, const char *);
   CUresult (*cuKernelSetAttribute)(int, int, CUkernel, CUdevice);
+  CUresult (*cuKernelGetFunction)(CUfunction *, CUkernel);
   CUresult (*cuLaunchKernel)(CUfunction, unsigned int, unsigned int, unsigned int, unsigned int, unsigned int,
                              unsigned int, unsigned int, CUstream, void **, void **);
 } sgmv_driver_t;

@@ -228,10 +228,35 @@ done:
   return status;
 }
 
+/* The variant's CUfunction in the current context (whose id is cached_ctx_id), from a small
+ * per-thread cache: launching a CUfunction costs the driver less than launching the CUkernel. */
+static _Thread_local struct {
+  const sgmv_variant_t *v;
+  unsigned long long ctx_id;
+  CUfunction f;
+} func_cache[64];
+static _Thread_local unsigned long long cached_ctx_id;
+
+static int kernel_function(const sgmv_driver_t *cu, sgmv_variant_t *v, CUdevice dev, CUfunction *out) {
+  size_t slot = (size_t)(v - sgmv_variants) % 64;
+  if (func_cache[slot].v == v && func_cache[slot].ctx_id == cached_ctx_id) {
+    *out = func_cache[slot].f;
+    return SGMV_SUCCESS;
+  }
+  CUkernel kernel = NULL;
+  int status = load_kernel(cu, v, dev, &kernel);
+  if (status) return status;
+  CUresult res = cu->cuKernelGetFunction(out, kernel);
+  if (res) return sgmv_cuda_error(cu, res, "cuKernelGetFunction");
+  func_cache[slot].v = v;
+  func_cache[slot].ctx_id = cached_ctx_id;
+  func_cache[slot].f = *out;
+  return SGMV_SUCCESS;
+}
+
 /* ---- the entry point ----------------------------------------------------------------------- */
 
-/* The device and cubin family of the last context this thread launched in. */
-static _Thread_local unsigned long long cached_ctx_id;
+/* The device and cubin family of the last context this thread launched in (cached_ctx_id). */
 static _Thread_local CUdevice cached_dev;
 static _Thread_local int cached_arch;
 
@@ -268,8 +293,8 @@ static int launch(const sgmv_driver_t *cu, const sgmv_expand_args_t *a, CUdevice
   if (!v)
     return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_ARCH, "sgmv_expand: this build has no %s variant for sm_%d",
                           tile->name, arch);
-  CUkernel kernel = NULL;
-  int status = load_kernel(cu, v, dev, &kernel);
+  CUfunction func = NULL;
+  int status = kernel_function(cu, v, dev, &func);
   if (status) return status;
 
   int64_t n_tiles = (a->hidden + tile->block_n - 1) / tile->block_n;
@@ -277,10 +302,18 @@ static int launch(const sgmv_driver_t *cu, const sgmv_expand_args_t *a, CUdevice
     return INVALID("hidden %lld needs %lld column tiles of %d, more than CUDA's 65535", (long long)a->hidden,
                    (long long)n_tiles, tile->block_n);
   /* The grid of aot/variants.py (grid). */
-  int64_t rows_per_program = tile->short_segments ? 1 : tile->block_m;
-  int64_t m_programs = (a->max_seq_length + rows_per_program - 1) / rows_per_program;
-  m_programs = m_programs < 1 ? 1 : m_programs > 65535 ? 65535 : m_programs;
-  unsigned grid_x = (unsigned)(tile->short_segments ? (a->batches + tile->block_m - 1) / tile->block_m : a->batches);
+  unsigned grid_x, grid_z = 1;
+  if (tile->short_segments) {
+    int64_t groups = (a->batches + tile->block_m - 1) / tile->block_m;
+    int64_t slots = sgmv_short_programs / (groups * n_tiles);
+    slots = slots < 1 ? 1 : slots > a->num_loras ? a->num_loras : slots;
+    grid_x = (unsigned)groups;
+    grid_z = (unsigned)(slots > 65535 ? 65535 : slots);
+  } else {
+    int64_t x = (a->total_tokens + tile->block_m - 1) / tile->block_m + a->batches;
+    if (x > INT32_MAX) return INVALID("total_tokens + batches is too large for one launch");
+    grid_x = (unsigned)x;
+  }
 
   /* Parameter order of sgmv_expand_kernel, then Triton's two scratch pointers (unused). */
   int32_t batches = (int32_t)a->batches, num_loras = (int32_t)a->num_loras, n = (int32_t)a->hidden,
@@ -292,7 +325,7 @@ static int launch(const sgmv_driver_t *cu, const sgmv_expand_args_t *a, CUdevice
   void *scratch = NULL, *profile_scratch = NULL;
   void *params[] = {&x,  &w,  &out, &start, &len, &idx, &batches, &num_loras, &total_tokens,
                     &n,  &k,  &xs,  &wl,    &wn,  &os,  &scratch, &profile_scratch};
-  CUresult res = cu->cuLaunchKernel((CUfunction)kernel, grid_x, (unsigned)n_tiles, (unsigned)m_programs,
+  CUresult res = cu->cuLaunchKernel(func, grid_x, (unsigned)n_tiles, grid_z,
                                     32u * v->num_warps, 1, 1, v->shared, (CUstream)a->stream, params, NULL);
   return res ? sgmv_cuda_error(cu, res, "cuLaunchKernel") : SGMV_SUCCESS;
 }

@@ -41,6 +41,7 @@ extern const sgmv_rule_t sgmv_rules[];
 extern const int sgmv_num_rules;
 extern const int sgmv_unaligned_tile;
 extern const int sgmv_align_elems;
+extern const int sgmv_short_programs;
 extern const char sgmv_archs_list[];
 extern sgmv_variant_t sgmv_variants[];
 extern const int sgmv_num_variants_total;

@@ -3,11 +3,13 @@
 The one kernel source of libsgmv. It imports triton only: the AOT build executes this file
 on a machine without a GPU or torch. Tiles and dtypes are chosen by the caller (aot/variants.py).
 
-Grid: (segment groups, cdiv(N, BLOCK_N), m_programs); segments on axis 0 lift CUDA's 65535
-limit on y/z. Program (g, n, p) writes output columns of tile n for
-  - SHORT=False: segment g, its row tiles p, p + m_programs, ...;
-  - SHORT=True: segments g*BLOCK_M .. g*BLOCK_M + BLOCK_M - 1, their rows p, p + m_programs, ...
-Every row is reached whatever m_programs is: max_seq_length (which sizes it) is only a hint.
+Grid (aot/variants.py, grid()): axis 0 is never limited to 65535, axis 1 is the column tile.
+  - SHORT=False: (cdiv(total_tokens, BLOCK_M) + batches, column tiles, 1): program g computes
+    the g-th row tile of all segments' row tiles (at most that many exist);
+  - SHORT=True: (cdiv(batches, BLOCK_M), column tiles, adapter slots): program (g, n, z) covers
+    every row of segments g*BLOCK_M .. g*BLOCK_M + BLOCK_M - 1 whose adapter is z modulo the slots.
+Every row of every valid segment is written once, whatever max_seq_length says (it only picks
+the tile), provided segments do not overlap.
 """
 import triton
 import triton.language as tl
@@ -37,10 +39,8 @@ def sgmv_expand_kernel(
     EVEN_K: tl.constexpr,
     ADD_INPUTS: tl.constexpr,
 ):
-    pid_g = tl.program_id(0)
+    pid_g = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    m_programs = tl.num_programs(2)
 
     # All addresses are formed in int64: 87k tokens x 12288 columns already overflows int32.
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -50,44 +50,81 @@ def sgmv_expand_kernel(
 
     if SHORT:
         # Short segments (decode, speculative): the BLOCK_M rows of a tile are BLOCK_M segments,
-        # row j of each; one pass per distinct adapter among them, so an adapter's weight tile is
-        # read once per program however many of its segments the program holds.
-        segs = pid_g.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        s_mask = segs < batches
-        lora = tl.load(lora_idx_ptr + segs, mask=s_mask, other=-1).to(tl.int64)
-        start = tl.load(seq_start_ptr + segs, mask=s_mask, other=0).to(tl.int64)
-        end = tl.minimum(start + tl.load(seq_len_ptr + segs, mask=s_mask, other=0).to(tl.int64), total_tokens)
-        # Metadata is not trusted: unknown adapters, negative starts or lengths are skipped,
-        # and a segment running past the last token is clipped.
-        valid = s_mask & (lora >= 0) & (lora < num_loras) & (start >= 0) & (end > start)
-        rows = tl.max(tl.where(valid, end - start, 0), axis=0)
-        for j in range(pid_m, rows, m_programs):
+        # row j of each. Program z takes the adapters a with a % num_programs(2) == z, one pass
+        # per adapter present, so an adapter's weight tile is read once per program however
+        # many of the program's segments use it, and programs with different adapters run side by side.
+        segs = pid_g * BLOCK_M + tl.arange(0, BLOCK_M)
+        lora, start, end, valid = _segments(segs, seq_start_ptr, seq_len_ptr, lora_idx_ptr, batches, num_loras,
+                                            total_tokens)
+        mine = valid & (lora % tl.num_programs(2) == tl.program_id(2))
+        for j in range(0, tl.max(tl.where(mine, end - start, 0), axis=0)):
             offs_m = start + j
-            m_mask = valid & (offs_m < end)
-            todo = m_mask
+            m_mask = mine & (offs_m < end)
+            out_ptrs, out_mask, prior = _load_prior(out_ptr, offs_m, m_mask, offs_n, n_mask, out_stride_m, ADD_INPUTS)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            todo = m_mask
             while tl.max(todo.to(tl.int32), axis=0) > 0:
                 adapter = tl.min(tl.where(todo, lora, num_loras), axis=0)
-                rows_a = todo & (lora == adapter)
+                acc = _accumulate(acc, x_ptr, w_ptr + adapter * w_stride_l, offs_m, todo & (lora == adapter),
+                                  x_stride_m, w_cols, n_mask, offs_k, K, BLOCK_K, EVEN_K)
                 todo = todo & (lora != adapter)
-                acc = _accumulate(acc, x_ptr, w_ptr + adapter * w_stride_l, offs_m, rows_a, x_stride_m, w_cols,
-                                  n_mask, offs_k, K, BLOCK_K, EVEN_K)
-            _store(acc, out_ptr, offs_m, m_mask, offs_n, n_mask, out_stride_m, ADD_INPUTS)
+            _store(acc, prior, out_ptrs, out_mask, ADD_INPUTS)
     else:
-        # One segment per program; its row tiles pid_m, pid_m + m_programs, ...
-        seg = pid_g
-        if seg < batches:
+        # Program g computes the g-th row tile of the flat list of all segments' row tiles, found
+        # by a prefix sum over the segments, _SEARCH at a time: the grid is sized by the token
+        # count, not by max_seq_length x batches, so a long segment beside many short ones
+        # launches no empty programs.
+        seg = tl.full((), -1, tl.int64)
+        m_tile = tl.zeros((), tl.int64)
+        tiles_before = tl.zeros((), tl.int64)
+        b0 = tl.zeros((), tl.int64)
+        while (b0 < batches) & (seg < 0):
+            segs = b0 + tl.arange(0, _SEARCH)
+            _, start, end, valid = _segments(segs, seq_start_ptr, seq_len_ptr, lora_idx_ptr, batches, num_loras,
+                                             total_tokens)
+            tiles = tl.where(valid, (end - start + BLOCK_M - 1) // BLOCK_M, 0)
+            last = tiles_before + tl.cumsum(tiles, axis=0)
+            hit = (pid_g >= last - tiles) & (pid_g < last)
+            seg = tl.max(tl.where(hit, segs, -1), axis=0)
+            m_tile = tl.sum(tl.where(hit, pid_g - (last - tiles), 0), axis=0)
+            tiles_before += tl.sum(tiles, axis=0)
+            b0 += _SEARCH
+        if seg >= 0:
             lora = tl.load(lora_idx_ptr + seg).to(tl.int64)
             start = tl.load(seq_start_ptr + seg).to(tl.int64)
             end = tl.minimum(start + tl.load(seq_len_ptr + seg).to(tl.int64), total_tokens)
-            if (lora >= 0) & (lora < num_loras) & (start >= 0):
-                for m0 in range(start + pid_m * BLOCK_M, end, m_programs * BLOCK_M):
-                    offs_m = m0 + tl.arange(0, BLOCK_M)
-                    m_mask = offs_m < end
-                    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                    acc = _accumulate(acc, x_ptr, w_ptr + lora * w_stride_l, offs_m, m_mask, x_stride_m, w_cols,
-                                      n_mask, offs_k, K, BLOCK_K, EVEN_K)
-                    _store(acc, out_ptr, offs_m, m_mask, offs_n, n_mask, out_stride_m, ADD_INPUTS)
+            offs_m = start + m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < end
+            out_ptrs, out_mask, prior = _load_prior(out_ptr, offs_m, m_mask, offs_n, n_mask, out_stride_m, ADD_INPUTS)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = _accumulate(acc, x_ptr, w_ptr + lora * w_stride_l, offs_m, m_mask, x_stride_m, w_cols, n_mask,
+                              offs_k, K, BLOCK_K, EVEN_K)
+            _store(acc, prior, out_ptrs, out_mask, ADD_INPUTS)
+
+
+_SEARCH = tl.constexpr(256)
+
+
+@triton.jit
+def _segments(segs, seq_start_ptr, seq_len_ptr, lora_idx_ptr, batches, num_loras, total_tokens):
+    """Adapter, first row, end row and validity of segments `segs`. Metadata is not trusted:
+    unknown adapters, negative starts or lengths are skipped, a segment past the last token is clipped."""
+    in_range = segs < batches
+    lora = tl.load(lora_idx_ptr + segs, mask=in_range, other=-1).to(tl.int64)
+    start = tl.load(seq_start_ptr + segs, mask=in_range, other=0).to(tl.int64)
+    end = tl.minimum(start + tl.load(seq_len_ptr + segs, mask=in_range, other=0).to(tl.int64), total_tokens)
+    valid = in_range & (lora >= 0) & (lora < num_loras) & (start >= 0) & (end > start)
+    return lora, start, end, valid
+
+
+@triton.jit
+def _load_prior(out_ptr, offs_m, m_mask, offs_n, n_mask, out_stride_m, ADD_INPUTS: tl.constexpr):
+    """The output tile's addresses and mask, and with ADD_INPUTS its old values, loaded before
+    the products so that the load overlaps them."""
+    out_ptrs = out_ptr + offs_m[:, None] * out_stride_m + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    prior = tl.load(out_ptrs, mask=out_mask & ADD_INPUTS, other=0.0)  # no load without ADD_INPUTS
+    return out_ptrs, out_mask, prior
 
 
 @triton.jit
@@ -110,10 +147,8 @@ def _accumulate(acc, x_ptr, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, 
 
 
 @triton.jit
-def _store(acc, out_ptr, offs_m, m_mask, offs_n, n_mask, out_stride_m, ADD_INPUTS: tl.constexpr):
-    out_ptrs = out_ptr + offs_m[:, None] * out_stride_m + offs_n[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
+def _store(acc, prior, out_ptrs, out_mask, ADD_INPUTS: tl.constexpr):
     if ADD_INPUTS:
-        # Added in fp32, rounded once.
-        acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        # The old value is added in fp32 to the finished product, and the sum rounded once.
+        acc += prior.to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=out_mask)

@@ -22,12 +22,16 @@ class Array(NamedTuple):
     device: str  # "cuda", "cpu", ...
 
 
+_torch_dtype_names = {}  # torch.dtype -> name, filled as dtypes are seen
+
+
 def describe(a, name):
     """Shape, strides, dtype and address of a torch tensor or a CUDA array interface object."""
-    dtype = getattr(a, "dtype", None)
-    if type(a).__module__.startswith("torch") and hasattr(a, "data_ptr"):
-        return Array(a.data_ptr(), tuple(a.shape), tuple(a.stride()), str(dtype).removeprefix("torch."),
-                     a.device.type)
+    if hasattr(a, "data_ptr") and hasattr(a, "stride"):  # torch, without importing it
+        dt = _torch_dtype_names.get(a.dtype)
+        if dt is None:
+            dt = _torch_dtype_names.setdefault(a.dtype, str(a.dtype).removeprefix("torch."))
+        return Array(a.data_ptr(), tuple(a.shape), a.stride(), dt, "cuda" if a.is_cuda else a.device.type)
     cai = getattr(a, "__cuda_array_interface__", None)
     if cai is None:
         raise TypeError(f"{name} must be a torch tensor or an array with __cuda_array_interface__, "

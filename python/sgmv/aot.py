@@ -1,16 +1,40 @@
 """sgmv_expand through libsgmv.so: no torch, no triton, no JIT."""
+import struct
 import sys
 
 from . import _contract, capi
 
 _DTYPE = {"float16": 0, "bfloat16": 1, "float32": 2, "int32": 3, "int64": 4}
+_FIELDS = ("struct_size", "inputs", "inputs_dtype", "inputs_row_stride", "weights", "weights_dtype",
+           "weights_lora_stride", "weights_row_stride", "output", "output_dtype", "output_row_stride",
+           "total_tokens", "hidden", "rank", "num_loras", "seq_start", "seq_len", "lora_indices", "metadata_dtype",
+           "batches", "max_seq_length", "add_inputs", "stream")
+
+
+def _struct_format():
+    """A struct.pack format for sgmv_expand_args_t, from the layout cffi computed from sgmv.h:
+    one pack_into per call instead of two dozen cffi attribute writes."""
+    ffi, t = capi.ffi, capi.ffi.typeof("sgmv_expand_args_t")
+    fields = dict(t.fields)
+    assert tuple(fields) == _FIELDS, "sgmv.h's sgmv_expand_args_t changed: update aot._FIELDS"
+    fmt, pos = "<", 0
+    for name in _FIELDS:
+        f = fields[name]
+        fmt += "x" * (f.offset - pos)
+        size = ffi.sizeof(f.type)
+        fmt += {8: "q", 4: "i"}[size] if f.type.kind in ("primitive", "enum") else "Q"
+        pos = f.offset + size
+    return struct.Struct(fmt + "x" * (ffi.sizeof(t) - pos))
+
+
+_ARGS = _struct_format()
 
 
 def _current_stream(output_tensor):
     """Torch's or CuPy's current stream for the output's device, else the legacy default stream."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(output_tensor, torch.Tensor):
-        return torch.cuda.current_stream(output_tensor.device).cuda_stream
+        return torch._C._cuda_getCurrentRawStream(output_tensor.device.index)
     cupy = sys.modules.get("cupy")
     if cupy is not None and isinstance(output_tensor, cupy.ndarray):
         return cupy.cuda.get_current_stream().ptr
@@ -36,31 +60,11 @@ def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_
     """
     c = _contract.check(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
                         lora_indices_tensor, batches, max_seq_length, add_inputs)
-    lib = capi.lib
-    a = capi.ffi.new("sgmv_expand_args_t *")
-    a.struct_size = capi.ffi.sizeof("sgmv_expand_args_t")
-    a.inputs = capi.ffi.cast("void *", c.x.ptr)
-    a.inputs_dtype = _DTYPE[c.x.dtype]
-    a.inputs_row_stride = c.x_stride
-    a.weights = capi.ffi.cast("void *", c.w.ptr)
-    a.weights_dtype = _DTYPE[c.w.dtype]
-    a.weights_lora_stride = c.w_lora_stride
-    a.weights_row_stride = c.w_row_stride
-    a.output = capi.ffi.cast("void *", c.out.ptr)
-    a.output_dtype = _DTYPE[c.out.dtype]
-    a.output_row_stride = c.out_stride
-    a.total_tokens = c.total_tokens
-    a.hidden = c.hidden
-    a.rank = c.rank
-    a.num_loras = c.num_loras
-    a.seq_start = capi.ffi.cast("void *", c.seq_start.ptr)
-    a.seq_len = capi.ffi.cast("void *", c.seq_len.ptr)
-    a.lora_indices = capi.ffi.cast("void *", c.lora_idx.ptr)
-    a.metadata_dtype = _DTYPE[c.seq_start.dtype]
-    a.batches = c.batches
-    a.max_seq_length = c.max_seq_length
-    a.add_inputs = add_inputs
-    a.stream = capi.ffi.cast("sgmv_stream_t", _current_stream(output_tensor) if stream is None
-                             else _stream_handle(stream))
-    capi.check(lib.sgmv_expand(a))
+    s = _current_stream(output_tensor) if stream is None else _stream_handle(stream)
+    args = capi.ffi.new("sgmv_expand_args_t *")
+    _ARGS.pack_into(capi.ffi.buffer(args), 0, _ARGS.size, c.x.ptr, _DTYPE[c.x.dtype], c.x_stride, c.w.ptr,
+                    _DTYPE[c.w.dtype], c.w_lora_stride, c.w_row_stride, c.out.ptr, _DTYPE[c.out.dtype],
+                    c.out_stride, c.total_tokens, c.hidden, c.rank, c.num_loras, c.seq_start.ptr, c.seq_len.ptr,
+                    c.lora_idx.ptr, _DTYPE[c.seq_start.dtype], c.batches, c.max_seq_length, add_inputs, s)
+    capi.check(capi.lib.sgmv_expand(args))
     return output_tensor

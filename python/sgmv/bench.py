@@ -86,7 +86,7 @@ class Case:
 
 
 def _copy_bandwidth(torch):
-    a = torch.empty(2**28, dtype=torch.uint8, device="cuda")  # 256 MiB each way
+    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")  # 1 GiB each way
     b = torch.empty_like(a)
     for _ in range(3):
         b.copy_(a)
@@ -174,8 +174,7 @@ def _c_bench(case, nsets):
                        capture_output=True, text=True, timeout=120)
     if r.returncode:
         raise RuntimeError(r.stderr.strip())
-    d = json.loads(r.stdout)
-    return d["gpu_us"], d["host_us"]
+    return json.loads(r.stdout)
 
 
 def _launchers(torch, provider, case, sets, meta):
@@ -219,11 +218,12 @@ def run(out_dir, providers=PROVIDERS, cases=None, progress=True):
         sets, meta = make_sets(torch, case, l2)
         floor_us = case.floor_bytes() / bw * 1e6
         for pi, provider in enumerate(providers):
-            if progress:
+            if progress:  # a bar on a terminal, a line per step in a log
                 done = ci * len(providers) + pi
                 bar = "#" * (30 * done // total)
-                print(f"\r[{bar:30}] {done}/{total} {case.name[:36]:36} {provider:6}", end="", file=sys.stderr,
-                      flush=True)
+                tty = sys.stderr.isatty()
+                print(f"{chr(13) if tty else ''}[{bar:30}] {done}/{total} {case.name[:36]:36} {provider:6}",
+                      end="" if tty else "\n", file=sys.stderr, flush=True)
             r = dict(case=case.name, provider=provider, floor_us=floor_us, tokens=case.tokens,
                      hidden=case.hidden, rank=case.rank, segments=len(case.lens))
             try:
@@ -231,7 +231,7 @@ def run(out_dir, providers=PROVIDERS, cases=None, progress=True):
                     got = _c_bench(case, len(sets))
                     if got is None:
                         continue
-                    r["gpu_us"], r["host_us"] = got
+                    r.update(got)
                 else:
                     fns = _launchers(torch, provider, case, sets, meta)
                     r["gpu_us"] = graph_time_us(torch, fns)
