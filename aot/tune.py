@@ -11,6 +11,7 @@ other archs reuse its choices unless they list their own.
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -74,13 +75,16 @@ def main():
         del data
         torch.cuda.empty_cache()
 
+    names = {}  # class -> tile name; a tile chosen by several classes is compiled once
     for cls, (gm, cand, times) in chosen.items():
-        table["tiles"][cls] = list(cand)
+        names[cls] = next((n for n, t in table["tiles"].items() if t == list(cand) and n in names.values()), cls)
+        table["tiles"][names[cls]] = list(cand)
         print(f"{cls}: {cand} geomean {gm:.2f} us ({', '.join(f'{t:.1f}' for t in times)})")
-    table["rules"][str(arch)] = [[s, r, n] for s, r, n, _ in CLASSES if n in table["tiles"]]
+    table["rules"][str(arch)] = [[s, r, names[n]] for s, r, n, _ in CLASSES if n in names]
     table["note"] = (f"The tile table. Written by aot/tune.py on {torch.cuda.get_device_name()} (sm_{arch}); "
                      "read by aot/variants.py. See benchmarks/NOTES.md.")
-    args.out.write_text(json.dumps(table, indent=1) + "\n")
+    text = json.dumps(table, indent=1)
+    args.out.write_text(re.sub(r"\[\n\s+([^\[\]]*?)\n\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text) + "\n")
     print(f"written {args.out}")
 
 

@@ -74,26 +74,28 @@ def sgmv_expand_kernel(
         # by a prefix sum over the segments, _SEARCH at a time: the grid is sized by the token
         # count, not by max_seq_length x batches, so a long segment beside many short ones
         # launches no empty programs.
-        seg = tl.full((), -1, tl.int64)
-        m_tile = tl.zeros((), tl.int64)
+        found = tl.zeros((), tl.int32)
+        lora = tl.zeros((), tl.int64)
+        row0 = tl.zeros((), tl.int64)
+        end = tl.zeros((), tl.int64)
         tiles_before = tl.zeros((), tl.int64)
         b0 = tl.zeros((), tl.int64)
-        while (b0 < batches) & (seg < 0):
+        while (b0 < batches) & (found == 0):
             segs = b0 + tl.arange(0, _SEARCH)
-            _, start, end, valid = _segments(segs, seq_start_ptr, seq_len_ptr, lora_idx_ptr, batches, num_loras,
-                                             total_tokens)
-            tiles = tl.where(valid, (end - start + BLOCK_M - 1) // BLOCK_M, 0)
+            loras, starts, ends, valid = _segments(segs, seq_start_ptr, seq_len_ptr, lora_idx_ptr, batches, num_loras,
+                                                   total_tokens)
+            tiles = tl.where(valid, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
             last = tiles_before + tl.cumsum(tiles, axis=0)
-            hit = (pid_g >= last - tiles) & (pid_g < last)
-            seg = tl.max(tl.where(hit, segs, -1), axis=0)
-            m_tile = tl.sum(tl.where(hit, pid_g - (last - tiles), 0), axis=0)
+            hit = (pid_g >= last - tiles) & (pid_g < last)  # at most one segment
+            # The hit segment's fields, taken from the vectors already loaded (no second round trip).
+            found = tl.max(hit.to(tl.int32), axis=0)
+            lora = tl.sum(tl.where(hit, loras, 0), axis=0)
+            row0 = tl.sum(tl.where(hit, starts + (pid_g - (last - tiles)) * BLOCK_M, 0), axis=0)
+            end = tl.sum(tl.where(hit, ends, 0), axis=0)
             tiles_before += tl.sum(tiles, axis=0)
             b0 += _SEARCH
-        if seg >= 0:
-            lora = tl.load(lora_idx_ptr + seg).to(tl.int64)
-            start = tl.load(seq_start_ptr + seg).to(tl.int64)
-            end = tl.minimum(start + tl.load(seq_len_ptr + seg).to(tl.int64), total_tokens)
-            offs_m = start + m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        if found != 0:
+            offs_m = row0 + tl.arange(0, BLOCK_M)
             m_mask = offs_m < end
             out_ptrs, out_mask, prior = _load_prior(out_ptr, offs_m, m_mask, offs_n, n_mask, out_stride_m, ADD_INPUTS)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -35,7 +35,13 @@ def test_aot_matches_jit_bitwise_and_reference(case):
     buf.copy_(before)
     sgmv.jit.sgmv_expand(*args)  # the same tile: both apply the rules of aot/variants.py
     torch.cuda.synchronize()
-    assert torch.equal(_bits(aot), _bits(buf)), f"{case}: AOT and JIT differ in {int((_bits(aot) != _bits(buf)).sum())} elements"
+    diff = (_bits(aot) != _bits(buf)).nonzero()
+    if len(diff):
+        r, c = diff[0].tolist()
+        pad = (buf.shape[1] - args[2].shape[1]) // 2
+        raise AssertionError(f"{case}: AOT and JIT differ in {len(diff)} elements, first at ({r}, {c}): aot "
+                             f"{aot[r, c].item()!r} jit {buf[r, c].item()!r} float64 {exp[r, c - pad].item()!r} "
+                             f"before {before[r, c].item()!r}")
 
 
 @pytest.mark.parametrize("tile", sorted(sgmv.jit.TILES))
