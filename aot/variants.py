@@ -15,8 +15,7 @@ Tile = namedtuple("Tile", "block_m block_n block_k short num_warps num_stages")
 # The tile table (aot/tiles.json, written by aot/tune.py). short=False: a program covers
 # BLOCK_M rows of one segment; short=True: row j of BLOCK_M segments (decode and speculative
 # batches), see kernels/sgmv_expand.py. "unaligned" serves operands whose rows are not 16-byte
-# aligned (the other tiles' AOT variants assume they are); "seed" is the seed kernel's fixed
-# tile, kept for the benchmark's baseline and compiled into no variant.
+# aligned (the other tiles' AOT variants assume they are).
 _TABLE = json.loads((Path(__file__).resolve().parent / "tiles.json").read_text())
 TILES = {name: Tile(*v) for name, v in _TABLE["tiles"].items()}
 # Per arch, rules tried in order: (largest max_seq_length, largest rank, tile name); None: any.
@@ -43,15 +42,19 @@ def select_tile(arch, max_seq_length, rank, aligned):
     raise ValueError(f"RULES[{arch}] must end with a catch-all")
 
 
-def grid(tile, batches, hidden, total_tokens, num_loras):
+def grid(tile, batches, hidden, total_tokens, num_loras, max_seq_length):
     """The launch grid (see kernels/sgmv_expand.py); csrc/sgmv.c computes the same."""
     n_tiles = -(-hidden // tile.block_n)
-    if not tile.short:
-        return (-(-total_tokens // tile.block_m) + batches, n_tiles, 1)
-    groups = -(-batches // tile.block_m)
-    # Adapter slots: enough programs to fill the GPU, never more slots than adapters.
-    slots = min(num_loras, max(1, SHORT_PROGRAMS // (groups * n_tiles)), 65535)
-    return (groups, n_tiles, slots)
+    if tile.short:
+        groups = -(-batches // tile.block_m)
+        # Adapter slots: enough programs to fill the GPU, never more slots than adapters.
+        slots = min(num_loras, max(1, SHORT_PROGRAMS // (groups * n_tiles)), 65535)
+        return (groups, n_tiles, slots)
+    flat = -(-total_tokens // tile.block_m) + batches  # > batches: how the kernel tells the grids apart
+    row_tiles = min(max(-(-max_seq_length // tile.block_m), 1), 65535)
+    if batches * row_tiles <= 2 * flat:
+        return (batches, n_tiles, row_tiles)
+    return (flat, n_tiles, 1)
 
 
 # The short path's target program count, which sets its adapter slots.

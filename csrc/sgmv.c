@@ -310,9 +310,18 @@ static int launch(const sgmv_driver_t *cu, const sgmv_expand_args_t *a, CUdevice
     grid_x = (unsigned)groups;
     grid_z = (unsigned)(slots > 65535 ? 65535 : slots);
   } else {
-    int64_t x = (a->total_tokens + tile->block_m - 1) / tile->block_m + a->batches;
-    if (x > INT32_MAX) return INVALID("total_tokens + batches is too large for one launch");
-    grid_x = (unsigned)x;
+    /* By segment unless most of that grid would idle; the flat grid is always wider than batches,
+     * which is how the kernel tells the two apart. */
+    int64_t flat = (a->total_tokens + tile->block_m - 1) / tile->block_m + a->batches;
+    int64_t row_tiles = (a->max_seq_length + tile->block_m - 1) / tile->block_m;
+    row_tiles = row_tiles < 1 ? 1 : row_tiles > 65535 ? 65535 : row_tiles;
+    if (flat > INT32_MAX) return INVALID("total_tokens + batches is too large for one launch");
+    if (a->batches * row_tiles <= 2 * flat) {
+      grid_x = (unsigned)a->batches;
+      grid_z = (unsigned)row_tiles;
+    } else {
+      grid_x = (unsigned)flat;
+    }
   }
 
   /* Parameter order of sgmv_expand_kernel, then Triton's two scratch pointers (unused). */

@@ -4,8 +4,10 @@ The one kernel source of libsgmv. It imports triton only: the AOT build executes
 on a machine without a GPU or torch. Tiles and dtypes are chosen by the caller (aot/variants.py).
 
 Grid (aot/variants.py, grid()): axis 0 is never limited to 65535, axis 1 is the column tile.
-  - SHORT=False: (cdiv(total_tokens, BLOCK_M) + batches, column tiles, 1): program g computes
-    the g-th row tile of all segments' row tiles (at most that many exist);
+  - SHORT=False, by segment: (batches, column tiles, row-tile programs): program (g, n, z) covers
+    segment g's row tiles z, z + num_programs(2), ...;
+  - SHORT=False, flat: (cdiv(total_tokens, BLOCK_M) + batches, column tiles, 1): program g
+    computes the g-th row tile of all segments' row tiles (at most that many exist);
   - SHORT=True: (cdiv(batches, BLOCK_M), column tiles, adapter slots): program (g, n, z) covers
     every row of segments g*BLOCK_M .. g*BLOCK_M + BLOCK_M - 1 whose adapter is z modulo the slots.
 Every row of every valid segment is written once, whatever max_seq_length says (it only picks
@@ -69,11 +71,21 @@ def sgmv_expand_kernel(
                                   x_stride_m, w_cols, n_mask, offs_k, K, BLOCK_K, EVEN_K)
                 todo = todo & (lora != adapter)
             _store(acc, prior, out_ptrs, out_mask, ADD_INPUTS)
+    elif tl.num_programs(0) == batches:
+        # By segment: program (g, n, z) covers segment g's row tiles z, z + num_programs(2), ...
+        # The host picks this grid when segments are of similar length (little of it idles).
+        lora = tl.load(lora_idx_ptr + pid_g).to(tl.int64)
+        start = tl.load(seq_start_ptr + pid_g).to(tl.int64)
+        end = tl.minimum(start + tl.load(seq_len_ptr + pid_g).to(tl.int64), total_tokens)
+        if (lora >= 0) & (lora < num_loras) & (start >= 0):
+            for row0 in range(start + tl.program_id(2) * BLOCK_M, end, tl.num_programs(2) * BLOCK_M):
+                _row_tile(x_ptr, w_ptr + lora * w_stride_l, out_ptr, row0, end, x_stride_m, out_stride_m, w_cols,
+                          offs_n, n_mask, offs_k, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, ADD_INPUTS)
     else:
-        # Program g computes the g-th row tile of the flat list of all segments' row tiles, found
-        # by a prefix sum over the segments, _SEARCH at a time: the grid is sized by the token
-        # count, not by max_seq_length x batches, so a long segment beside many short ones
-        # launches no empty programs.
+        # Flat: program g computes the g-th row tile of the list of all segments' row tiles, found
+        # by a prefix sum over the segments, _SEARCH at a time. The grid is sized by the token
+        # count (cdiv(total_tokens, BLOCK_M) + batches > batches), not by max_seq_length x
+        # batches, so a long segment beside many short ones launches no idle programs.
         found = tl.zeros((), tl.int32)
         lora = tl.zeros((), tl.int64)
         row0 = tl.zeros((), tl.int64)
@@ -95,13 +107,21 @@ def sgmv_expand_kernel(
             tiles_before += tl.sum(tiles, axis=0)
             b0 += _SEARCH
         if found != 0:
-            offs_m = row0 + tl.arange(0, BLOCK_M)
-            m_mask = offs_m < end
-            out_ptrs, out_mask, prior = _load_prior(out_ptr, offs_m, m_mask, offs_n, n_mask, out_stride_m, ADD_INPUTS)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc = _accumulate(acc, x_ptr, w_ptr + lora * w_stride_l, offs_m, m_mask, x_stride_m, w_cols, n_mask,
-                              offs_k, K, BLOCK_K, EVEN_K)
-            _store(acc, prior, out_ptrs, out_mask, ADD_INPUTS)
+            _row_tile(x_ptr, w_ptr + lora * w_stride_l, out_ptr, row0, end, x_stride_m, out_stride_m, w_cols,
+                      offs_n, n_mask, offs_k, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, ADD_INPUTS)
+
+
+@triton.jit
+def _row_tile(x_ptr, w_base, out_ptr, row0, end, x_stride_m, out_stride_m, w_cols, offs_n, n_mask, offs_k, K,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+              ADD_INPUTS: tl.constexpr):
+    """Rows row0 .. min(row0 + BLOCK_M, end) - 1 of one segment, whose adapter's weights are at w_base."""
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < end
+    out_ptrs, out_mask, prior = _load_prior(out_ptr, offs_m, m_mask, offs_n, n_mask, out_stride_m, ADD_INPUTS)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _accumulate(acc, x_ptr, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, K, BLOCK_K, EVEN_K)
+    _store(acc, prior, out_ptrs, out_mask, ADD_INPUTS)
 
 
 _SEARCH = tl.constexpr(256)

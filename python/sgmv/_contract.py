@@ -27,11 +27,12 @@ _torch_dtype_names = {}  # torch.dtype -> name, filled as dtypes are seen
 
 def describe(a, name):
     """Shape, strides, dtype and address of a torch tensor or a CUDA array interface object."""
-    if hasattr(a, "data_ptr") and hasattr(a, "stride"):  # torch, without importing it
-        dt = _torch_dtype_names.get(a.dtype)
-        if dt is None:
-            dt = _torch_dtype_names.setdefault(a.dtype, str(a.dtype).removeprefix("torch."))
-        return Array(a.data_ptr(), tuple(a.shape), a.stride(), dt, "cuda" if a.is_cuda else a.device.type)
+    try:  # torch, without importing it (the hot path: keep it lean)
+        ptr = a.data_ptr()
+        dt = _torch_dtype_names.get(a.dtype) or _torch_dtype_names.setdefault(a.dtype, str(a.dtype)[6:])
+        return Array(ptr, a.shape, a.stride(), dt, "cuda" if a.is_cuda else a.device.type)
+    except AttributeError:
+        pass
     cai = getattr(a, "__cuda_array_interface__", None)
     if cai is None:
         raise TypeError(f"{name} must be a torch tensor or an array with __cuda_array_interface__, "

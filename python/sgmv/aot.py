@@ -34,7 +34,7 @@ def _current_stream(output_tensor):
     """Torch's or CuPy's current stream for the output's device, else the legacy default stream."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(output_tensor, torch.Tensor):
-        return torch._C._cuda_getCurrentRawStream(output_tensor.device.index)
+        return torch._C._cuda_getCurrentRawStream(output_tensor.get_device())
     cupy = sys.modules.get("cupy")
     if cupy is not None and isinstance(output_tensor, cupy.ndarray):
         return cupy.cuda.get_current_stream().ptr

@@ -43,7 +43,6 @@ SUITE = [
     ("zipf 64 segs N8192 r16 fp16", "zipf:64:16384", 8192, 16, 8, "fp16", True),
 ]
 PROVIDERS = ("aot-c", "aot", "jit", "seed", "torch")
-SEED_TILE = "seed"  # the seed kernel's fixed tiles (aot/tiles.json): 32 x 32 x 16, 4 warps, 3 stages
 
 
 def segment_lengths(layout, rng):
@@ -186,7 +185,8 @@ def _launchers(torch, provider, case, sets, meta):
     if provider == "jit":
         return [lambda s=s: jit.sgmv_expand(*args(s)) for s in sets]
     if provider == "seed":
-        return [lambda s=s: jit.sgmv_expand(*args(s), tile=SEED_TILE) for s in sets]
+        from ._seed import seed_expand
+        return [lambda s=s: seed_expand(*args(s)) for s in sets]
     if provider == "torch":
         segs = list(zip(case.starts, case.lens, case.idx))
 

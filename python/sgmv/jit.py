@@ -27,7 +27,7 @@ def cubin_arch(device):
 def launch_config(call, arch, tile=None):
     """(tile, grid) for a validated call: the C dispatcher computes the same."""
     t = TILES[tile or select_tile(arch, call.max_seq_length, call.rank, call.aligned)]
-    g = grid(t, call.batches, call.hidden, call.total_tokens, call.num_loras)
+    g = grid(t, call.batches, call.hidden, call.total_tokens, call.num_loras, call.max_seq_length)
     if g[1] > 65535:
         raise ValueError(f"hidden {call.hidden} needs {g[1]} column tiles of {t.block_n}, more than CUDA's 65535")
     return t, g

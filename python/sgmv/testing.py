@@ -95,6 +95,8 @@ def make_cases(gpu):
         Case("all-skipped", 8, 64, [5, 3], [-1, 7], 2, "fp16", torch.int64, False, seed=101),
         Case("max-seq-length-too-small", 16, 128, [50, 3], [0, 1], 2, "fp16", torch.int32, True,
              max_seq_length=1, seed=102),
+        Case("max-seq-length-lies-by-segment", 16, 128, [50, 3], [1, 0], 2, "fp16", torch.int64, True,
+             max_seq_length=16, seed=108),
         Case("gaps-and-order", 24, 96, [6, 4, 5], [1, 0, 1], 2, "fp32in-fp16", torch.int64, True,
              starts=[20, 2, 10], total_tokens=30, seed=103),
         Case("many-segments", 8, 64, [1] * 300, None, 3, "fp16", torch.int32, False, seed=104),
