@@ -30,6 +30,10 @@ METADATA_DTYPES = ("i32", "i64")
 # and N and every row stride a multiple of this.
 ALIGN_ELEMS = 8
 MAX_RANK = 256
+# 65535 column tiles of the narrowest tile allowed (csrc/sgmv.c's SGMV_MAX_HIDDEN).
+MAX_HIDDEN = 65535 * 64
+if min(t.block_n for t in TILES.values()) < 64:
+    raise ValueError("tiles narrower than 64 columns would let hidden exceed CUDA's grid limit")
 
 
 def select_tile(arch, max_seq_length, rank, aligned):

@@ -8,6 +8,8 @@
 #include "variant.h"
 
 #define INVALID(...) sgmv_set_error(SGMV_ERROR_INVALID_ARGUMENT, "sgmv_expand: " __VA_ARGS__)
+/* 65535 column tiles of the narrowest tile the table may use (64). */
+#define SGMV_MAX_HIDDEN (65535 * 64)
 
 /* ---- inventory ---------------------------------------------------------------------------- */
 
@@ -77,6 +79,9 @@ SGMV_API sgmv_status_t sgmv_device_arch(int device, int *compute_capability, int
 
 /* ---- validation --------------------------------------------------------------------------- */
 
+/* ceil(a / b) for a >= 0, b > 0, without the overflow of (a + b - 1) / b. */
+static int64_t cdiv(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
 static int is_float(int t) { return t == SGMV_DTYPE_FLOAT16 || t == SGMV_DTYPE_BFLOAT16 || t == SGMV_DTYPE_FLOAT32; }
 
 static const char *dtype_name(int t) {
@@ -108,14 +113,16 @@ static int validate(const sgmv_expand_args_t *a, int *noop) {
                           "metadata int32 or int64",
                           dtype_name(a->inputs_dtype), dtype_name(a->weights_dtype), dtype_name(a->output_dtype),
                           dtype_name(a->metadata_dtype));
-  if (a->total_tokens < 0) return INVALID("total_tokens must be >= 0, got %lld", (long long)a->total_tokens);
-  if (a->hidden < 1 || a->hidden > INT32_MAX)
-    return INVALID("hidden must be in [1, 2^31), got %lld", (long long)a->hidden);
+  /* Token and column counts bounded so that every grid dimension fits CUDA's limits. */
+  if (a->total_tokens < 0 || a->total_tokens > INT32_MAX / 2)
+    return INVALID("total_tokens must be in [0, 2^30), got %lld", (long long)a->total_tokens);
+  if (a->hidden < 1 || a->hidden > SGMV_MAX_HIDDEN)
+    return INVALID("hidden must be in [1, %d], got %lld", SGMV_MAX_HIDDEN, (long long)a->hidden);
   if (a->rank < 1 || a->rank > 256) return INVALID("rank must be in [1, 256], got %lld", (long long)a->rank);
   if (a->num_loras < 1 || a->num_loras > INT32_MAX)
     return INVALID("num_loras must be in [1, 2^31), got %lld", (long long)a->num_loras);
-  if (a->batches < 0 || a->batches > INT32_MAX)
-    return INVALID("batches must be in [0, 2^31), got %lld", (long long)a->batches);
+  if (a->batches < 0 || a->batches > INT32_MAX / 2)
+    return INVALID("batches must be in [0, 2^30), got %lld", (long long)a->batches);
   if (a->max_seq_length < 0) return INVALID("max_seq_length must be >= 0, got %lld", (long long)a->max_seq_length);
   if (a->total_tokens > 1 && a->inputs_row_stride < a->rank)
     return INVALID("inputs_row_stride %lld is smaller than rank %lld", (long long)a->inputs_row_stride,
@@ -297,14 +304,14 @@ static int launch(const sgmv_driver_t *cu, const sgmv_expand_args_t *a, CUdevice
   int status = kernel_function(cu, v, dev, &func);
   if (status) return status;
 
-  int64_t n_tiles = (a->hidden + tile->block_n - 1) / tile->block_n;
-  if (n_tiles > 65535)
-    return INVALID("hidden %lld needs %lld column tiles of %d, more than CUDA's 65535", (long long)a->hidden,
-                   (long long)n_tiles, tile->block_n);
+  int64_t n_tiles = cdiv(a->hidden, tile->block_n);
+  if (n_tiles > 65535) /* cannot happen while every tile is at least 64 wide (SGMV_MAX_HIDDEN) */
+    return sgmv_set_error(SGMV_ERROR_INTERNAL, "sgmv_expand: hidden %lld needs %lld column tiles of %d",
+                          (long long)a->hidden, (long long)n_tiles, tile->block_n);
   /* The grid of aot/variants.py (grid). */
   unsigned grid_x, grid_z = 1;
   if (tile->short_segments) {
-    int64_t groups = (a->batches + tile->block_m - 1) / tile->block_m;
+    int64_t groups = cdiv(a->batches, tile->block_m);
     int64_t slots = sgmv_short_programs / (groups * n_tiles);
     slots = slots < 1 ? 1 : slots > a->num_loras ? a->num_loras : slots;
     grid_x = (unsigned)groups;
@@ -312,10 +319,9 @@ static int launch(const sgmv_driver_t *cu, const sgmv_expand_args_t *a, CUdevice
   } else {
     /* By segment unless most of that grid would idle; the flat grid is always wider than batches,
      * which is how the kernel tells the two apart. */
-    int64_t flat = (a->total_tokens + tile->block_m - 1) / tile->block_m + a->batches;
-    int64_t row_tiles = (a->max_seq_length + tile->block_m - 1) / tile->block_m;
+    int64_t flat = cdiv(a->total_tokens, tile->block_m) + a->batches; /* < 2^31: validate() bounds both */
+    int64_t row_tiles = cdiv(a->max_seq_length, tile->block_m);
     row_tiles = row_tiles < 1 ? 1 : row_tiles > 65535 ? 65535 : row_tiles;
-    if (flat > INT32_MAX) return INVALID("total_tokens + batches is too large for one launch");
     if (a->batches * row_tiles <= 2 * flat) {
       grid_x = (unsigned)a->batches;
       grid_z = (unsigned)row_tiles;

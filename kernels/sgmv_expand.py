@@ -17,7 +17,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# K is not specialised when it is 1: the AOT variants serve every rank with one code path, and
+# the JIT must run the same code to give the same bits.
+@triton.jit(do_not_specialize=["K"])
 def sgmv_expand_kernel(
     x_ptr,  # (total_tokens, K) rows, unit stride along K
     w_ptr,  # (num_loras, N, K), unit stride along K

@@ -11,7 +11,7 @@ import torch
 import sgmv
 import sgmv.jit
 from sgmv import capi
-from sgmv.testing import Case, build, check, expected, make_cases
+from sgmv.testing import CORRUPT, Case, build, check, corrupt_case, expected, make_cases
 
 
 pytestmark = pytest.mark.gpu
@@ -55,6 +55,19 @@ def test_every_tile_through_aot_rules(tile):
     sgmv.jit.sgmv_expand(*args, tile=tile)
     torch.cuda.synchronize()
     check(args, before, buf, exp, written, f"jit tile {tile}")
+
+
+@pytest.mark.parametrize("meta_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("name,starts,lens,idx", CORRUPT, ids=[c[0] for c in CORRUPT])
+@pytest.mark.parametrize("path", ["aot", "jit"])
+def test_corrupt_metadata_writes_nothing_outside_valid_rows(path, name, starts, lens, idx, meta_dtype):
+    case = corrupt_case(name, starts, lens, idx, meta_dtype, "bf16")
+    args, buf = build(case, "cuda")
+    before = buf.clone()
+    exp, written = expected(args)
+    (sgmv.sgmv_expand if path == "aot" else sgmv.jit.sgmv_expand)(*args)
+    torch.cuda.synchronize()
+    check(args, before, buf, exp, written, f"{path} {name}")
 
 
 def test_c_program_own_stream_two_contexts(tmp_path):

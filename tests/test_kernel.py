@@ -5,7 +5,7 @@ import torch
 
 import sgmv.jit
 import sgmv.reference
-from sgmv.testing import Case, build, check, expected, make_cases, needs_bf16_dot
+from sgmv.testing import CORRUPT, Case, build, check, corrupt_case, expected, make_cases, needs_bf16_dot
 from conftest import DEVICE, HAS_GPU
 
 CASES = make_cases(gpu=HAS_GPU)
@@ -39,6 +39,12 @@ def test_jit_every_tile(tile):
     case = Case("every-tile", 24, 1000, [37, 1, 0, 5, 1, 20], [1, 0, 2, -1, 1, 0], 3, "fp32in-fp16",
                 torch.int64, True, out_slice=True, seed=200)
     run(sgmv.jit.sgmv_expand, case, tile=tile)
+
+
+@pytest.mark.parametrize("meta_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("name,starts,lens,idx", CORRUPT, ids=[c[0] for c in CORRUPT])
+def test_corrupt_metadata_writes_nothing_outside_valid_rows(name, starts, lens, idx, meta_dtype):
+    run(sgmv.jit.sgmv_expand, corrupt_case(name, starts, lens, idx, meta_dtype, "fp16"))
 
 
 def test_large_offsets_are_int64():

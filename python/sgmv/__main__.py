@@ -121,6 +121,8 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--include-dir", action="store_true", help="print the folder of sgmv.h")
     ap.add_argument("--lib-dir", action="store_true", help="print the folder of libsgmv.so")
+    ap.add_argument("--cmake-dir", action="store_true", help="print the folder of sgmvConfig.cmake (sgmv_DIR)")
+    ap.add_argument("--pkgconfig-dir", action="store_true", help="print the folder of sgmv.pc (PKG_CONFIG_PATH)")
     sub = ap.add_subparsers(dest="cmd")
     sub.add_parser("info", help="version, ABI, cubin archs and variants, driver and GPU")
     sub.add_parser("check", help="self-test: AOT vs JIT vs reference on a GPU, the interpreter without one")
@@ -129,9 +131,11 @@ def main(argv=None):
     b.add_argument("--providers", nargs="*", default=None, help="subset of: aot-c aot jit seed torch")
     b.add_argument("--cases", nargs="*", default=None, help="only cases whose name contains one of these")
     args = ap.parse_args(argv)
-    if args.include_dir or args.lib_dir:
-        print(capi.INCLUDE_DIR if args.include_dir else capi.LIB_DIR)
-        return OK
+    for flag, folder in [(args.include_dir, capi.INCLUDE_DIR), (args.lib_dir, capi.LIB_DIR),
+                         (args.cmake_dir, capi.CMAKE_DIR), (args.pkgconfig_dir, capi.PKGCONFIG_DIR)]:
+        if flag:
+            print(folder)
+            return OK
     if args.cmd is None:
         ap.print_help()
         return UNAVAILABLE

@@ -5,7 +5,7 @@ importing torch: the AOT path must not pay for it.
 """
 from typing import NamedTuple
 
-from ._variants import ALIGN_ELEMS, MAX_RANK
+from ._variants import ALIGN_ELEMS, MAX_HIDDEN, MAX_RANK
 
 FLOATS = ("float16", "bfloat16", "float32")
 INTS = ("int32", "int64")
@@ -153,8 +153,12 @@ def check(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor
     if len({m.dtype for m in meta}) != 1:
         raise TypeError(f"b_seq_start_loc, seq_len_tensor and lora_indices_tensor must share one dtype, "
                         f"got {', '.join(m.dtype for m in meta)}")
-    if batches < 0:
-        raise ValueError(f"batches must be >= 0, got {batches}")
+    if not 0 <= batches < 2**30:
+        raise ValueError(f"batches must be in [0, 2^30), got {batches}")
+    if total_tokens >= 2**30:
+        raise ValueError(f"total_tokens must be below 2^30, got {total_tokens}")
+    if hidden > MAX_HIDDEN:
+        raise ValueError(f"hidden must be at most {MAX_HIDDEN}, got {hidden}")
     if max_seq_length < 0:
         raise ValueError(f"max_seq_length must be >= 0, got {max_seq_length}")
 

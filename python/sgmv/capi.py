@@ -15,6 +15,9 @@ import cffi
 _PKG = Path(os.path.abspath(__file__)).parent
 INCLUDE_DIR = _PKG / "include"
 LIB_DIR = _PKG / "lib"
+# find_package(sgmv CONFIG) and pkg-config files for C/C++ builds.
+CMAKE_DIR = LIB_DIR / "cmake" / "sgmv"
+PKGCONFIG_DIR = LIB_DIR / "pkgconfig"
 HEADER = INCLUDE_DIR / "sgmv.h"
 LIBRARY = LIB_DIR / "libsgmv.so.0"
 

@@ -110,6 +110,22 @@ def make_cases(gpu):
     return cases
 
 
+# Metadata that lies, as (name, starts, lens, idx) over 40 tokens: only the rows of the valid
+# parts of valid segments may change (kernels/sgmv_expand.py clips and skips the rest).
+CORRUPT = [
+    ("negative-lengths", [0, 10, 20], [10, -5, 7], [0, 1, 0]),
+    ("negative-starts", [-4, 10, 20], [10, 5, 7], [0, 1, 0]),
+    ("past-the-end", [0, 30, 1000000], [10, 100, 5], [1, 0, 1]),
+    ("huge-values", [0, 2**30, 20], [10, 5, 2**30], [0, 1, 1]),
+    ("bad-indices", [0, 10, 20], [10, 10, 10], [-7, 2, 1 << 30]),
+]
+
+
+def corrupt_case(name, starts, lens, idx, meta_dtype, dtypes):
+    return Case(name, 16, 512, lens, idx, 2, dtypes, meta_dtype, True, starts=starts, total_tokens=40,
+                max_seq_length=max(0, max(lens)), seed=600)
+
+
 def needs_bf16_dot(case):
     return DTYPES[case.dtypes][1] == torch.bfloat16
 

@@ -1,0 +1,318 @@
+/* Every branch of validate() in csrc/sgmv.c, with its status and exact message, then sgmv_expand
+ * from 8 threads at once (the driver's pthread_once, the thread-local last error). Linked against
+ * the ASan + UBSan build of tests/test_sanitizers.py, where no driver can load (no_driver.c):
+ * arguments that pass validation stop at SGMV_ERROR_NO_DRIVER. Device pointers are fake and point
+ * into a PROT_NONE reservation, so any access through them faults. */
+#define _DEFAULT_SOURCE /* pthread barriers, MAP_ANONYMOUS under -std=c11 */
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "sgmv.h"
+
+#define INVALID SGMV_ERROR_INVALID_ARGUMENT
+#define DTYPE SGMV_ERROR_UNSUPPORTED_DTYPE
+#define FP16 SGMV_DTYPE_FLOAT16
+#define BF16 SGMV_DTYPE_BFLOAT16
+#define FP32 SGMV_DTYPE_FLOAT32
+#define I32 SGMV_DTYPE_INT32
+#define I64 SGMV_DTYPE_INT64
+#define NO_DRIVER_MSG "no CUDA driver: cannot load libcuda.so.1 ("
+#define DTYPE_RULE \
+  "weights are float16 or bfloat16, inputs and output the weights' dtype or float32, metadata int32 or int64"
+
+static unsigned char *reserved; /* PROT_NONE */
+static int failures, cases;
+
+static void *fake(int i) { return reserved + 4096 * i; }
+
+/* The arguments of tests/test_capi.py's valid_args(): they pass validation. */
+static sgmv_expand_args_t valid(void) {
+  sgmv_expand_args_t a;
+  memset(&a, 0, sizeof a);
+  a.struct_size = sizeof a;
+  a.inputs = fake(1);
+  a.inputs_dtype = FP16;
+  a.inputs_row_stride = 16;
+  a.weights = fake(2);
+  a.weights_dtype = FP16;
+  a.weights_lora_stride = 64 * 16;
+  a.weights_row_stride = 16;
+  a.output = fake(3);
+  a.output_dtype = FP16;
+  a.output_row_stride = 64;
+  a.total_tokens = 10;
+  a.hidden = 64;
+  a.rank = 16;
+  a.num_loras = 2;
+  a.seq_start = fake(4);
+  a.seq_len = fake(5);
+  a.lora_indices = fake(6);
+  a.metadata_dtype = I32;
+  a.batches = 2;
+  a.max_seq_length = 5;
+  a.add_inputs = 1;
+  return a;
+}
+
+/* A formatted string; a few live at once. */
+static const char *f(const char *fmt, ...) {
+  static char bufs[4][512];
+  static int next;
+  char *b = bufs[next++ % 4];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(b, 512, fmt, ap);
+  va_end(ap);
+  return b;
+}
+
+/* want_msg: the exact message; for NO_DRIVER, its prefix; for SUCCESS, NULL (the message stays). */
+static void expect(int line, const char *before, sgmv_status_t got, sgmv_status_t want, const char *want_msg) {
+  const char *msg = sgmv_last_error();
+  int ok = got == want;
+  if (want == SGMV_SUCCESS) ok = ok && strcmp(msg, before) == 0;
+  else if (want == SGMV_ERROR_NO_DRIVER) ok = ok && strncmp(msg, want_msg, strlen(want_msg)) == 0;
+  else ok = ok && strcmp(msg, want_msg) == 0;
+  cases++;
+  if (!ok) {
+    printf("validation_cases: FAILED line %d: status %d \"%s\", expected %d \"%s\"\n", line, got, msg, want,
+           want == SGMV_SUCCESS ? before : want_msg);
+    failures++;
+  }
+}
+
+/* CASE(status, message, changes to valid()...): calls sgmv_expand and checks status and message. */
+#define CASE(want, want_msg, ...)                                \
+  do {                                                           \
+    sgmv_expand_args_t a = valid();                              \
+    __VA_ARGS__;                                                 \
+    char before_[512];                                           \
+    snprintf(before_, sizeof before_, "%s", sgmv_last_error());  \
+    expect(__LINE__, before_, sgmv_expand(&a), want, want_msg);  \
+  } while (0)
+#define OK(...) CASE(SGMV_ERROR_NO_DRIVER, NO_DRIVER_MSG, __VA_ARGS__) /* passes validation */
+#define NOOP(...) CASE(SGMV_SUCCESS, NULL, __VA_ARGS__)
+
+static const char *dtype_msg(const char *x, const char *w, const char *o, const char *m) {
+  return f("sgmv_expand: unsupported dtypes (inputs %s, weights %s, output %s, metadata %s): " DTYPE_RULE, x, w, o, m);
+}
+
+static void validation(void) {
+  const size_t size = sizeof(sgmv_expand_args_t);
+  const char *stride_msg = "sgmv_expand: strides must be >= 0";
+  const char *overflow_msg = "sgmv_expand: a stride is so large that element offsets overflow int64";
+  const char *null_msg = "sgmv_expand: inputs, weights and output must not be NULL";
+  const char *null_meta_msg = "sgmv_expand: seq_start, seq_len and lora_indices must not be NULL";
+
+  expect(__LINE__, "", sgmv_expand(NULL), INVALID, "sgmv_expand: args is NULL");
+  OK();
+
+  /* struct_size: smaller is rejected, larger accepted (a newer caller's struct) */
+  const char *size_fmt = "sgmv_expand: args->struct_size is %zu, expected %zu: set it to sizeof(sgmv_expand_args_t)";
+  CASE(INVALID, f(size_fmt, (size_t)0, size), a.struct_size = 0);
+  CASE(INVALID, f(size_fmt, size - 1, size), a.struct_size = size - 1);
+  CASE(INVALID, f(size_fmt, (size_t)8, size), a.struct_size = 8);
+  OK(a.struct_size = size + 64);
+  OK(a.struct_size = SIZE_MAX);
+
+  /* dtypes: every accepted combination, then each rule broken */
+  for (int w = FP16; w <= BF16; w++)
+    for (int x = 0; x < 2; x++)
+      for (int o = 0; o < 2; o++)
+        for (int m = I32; m <= I64; m++)
+          OK(a.weights_dtype = w, a.inputs_dtype = x ? FP32 : w, a.output_dtype = o ? FP32 : w, a.metadata_dtype = m);
+  CASE(DTYPE, dtype_msg("int32", "float16", "float16", "int32"), a.inputs_dtype = I32);
+  CASE(DTYPE, dtype_msg("int64", "float16", "float16", "int32"), a.inputs_dtype = I64);
+  CASE(DTYPE, dtype_msg("unknown", "float16", "float16", "int32"), a.inputs_dtype = (sgmv_dtype_t)-1);
+  CASE(DTYPE, dtype_msg("unknown", "float16", "float16", "int32"), a.inputs_dtype = (sgmv_dtype_t)5);
+  CASE(DTYPE, dtype_msg("float16", "float16", "int32", "int32"), a.output_dtype = I32);
+  CASE(DTYPE, dtype_msg("float16", "float16", "unknown", "int32"), a.output_dtype = (sgmv_dtype_t)INT32_MAX);
+  CASE(DTYPE, dtype_msg("float32", "float32", "float32", "int32"),
+       a.weights_dtype = a.inputs_dtype = a.output_dtype = FP32);
+  CASE(DTYPE, dtype_msg("float16", "int32", "float16", "int32"), a.weights_dtype = I32);
+  CASE(DTYPE, dtype_msg("float16", "unknown", "float16", "int32"), a.weights_dtype = (sgmv_dtype_t)INT32_MIN);
+  CASE(DTYPE, dtype_msg("float16", "float16", "float16", "float16"), a.metadata_dtype = FP16);
+  CASE(DTYPE, dtype_msg("float16", "float16", "float16", "float32"), a.metadata_dtype = FP32);
+  CASE(DTYPE, dtype_msg("float16", "float16", "float16", "unknown"), a.metadata_dtype = (sgmv_dtype_t)77);
+  CASE(DTYPE, dtype_msg("bfloat16", "float16", "float16", "int32"), a.inputs_dtype = BF16);
+  CASE(DTYPE, dtype_msg("float16", "float16", "bfloat16", "int32"), a.output_dtype = BF16);
+  CASE(DTYPE, dtype_msg("float16", "bfloat16", "bfloat16", "int32"), a.weights_dtype = BF16, a.output_dtype = BF16);
+  CASE(DTYPE, dtype_msg("float16", "float16", "int32", "int32"), a.output_dtype = I32, a.rank = 0); /* dtypes first */
+
+  /* sizes */
+  CASE(INVALID, "sgmv_expand: total_tokens must be in [0, 2^30), got -1", a.total_tokens = -1);
+  CASE(INVALID, f("sgmv_expand: total_tokens must be in [0, 2^30), got %lld", (long long)INT64_MIN),
+       a.total_tokens = INT64_MIN);
+  CASE(INVALID, "sgmv_expand: total_tokens must be in [0, 2^30), got 1073741824", a.total_tokens = (int64_t)1 << 30);
+  OK(a.total_tokens = ((int64_t)1 << 30) - 1);
+  CASE(INVALID, "sgmv_expand: hidden must be in [1, 4194240], got 0", a.hidden = 0);
+  CASE(INVALID, "sgmv_expand: hidden must be in [1, 4194240], got -5", a.hidden = -5);
+  CASE(INVALID, "sgmv_expand: hidden must be in [1, 4194240], got 4194241", a.hidden = 4194241,
+       a.output_row_stride = 4194241);
+  OK(a.hidden = 4194240, a.output_row_stride = 4194240, a.num_loras = 1);
+  CASE(INVALID, "sgmv_expand: rank must be in [1, 256], got 0", a.rank = 0);
+  CASE(INVALID, "sgmv_expand: rank must be in [1, 256], got -1", a.rank = -1);
+  CASE(INVALID, "sgmv_expand: rank must be in [1, 256], got 257", a.rank = 257, a.inputs_row_stride = 257,
+       a.weights_row_stride = 257, a.weights_lora_stride = 64 * 257);
+  OK(a.rank = 1);
+  OK(a.rank = 256, a.inputs_row_stride = 256, a.weights_row_stride = 256, a.weights_lora_stride = 64 * 256);
+  CASE(INVALID, "sgmv_expand: num_loras must be in [1, 2^31), got 0", a.num_loras = 0);
+  CASE(INVALID, "sgmv_expand: num_loras must be in [1, 2^31), got 2147483648", a.num_loras = (int64_t)INT32_MAX + 1);
+  OK(a.num_loras = INT32_MAX);
+  CASE(INVALID, "sgmv_expand: batches must be in [0, 2^30), got -1", a.batches = -1);
+  CASE(INVALID, "sgmv_expand: batches must be in [0, 2^30), got 1073741824", a.batches = (int64_t)1 << 30);
+  OK(a.batches = ((int64_t)1 << 30) - 1);
+  CASE(INVALID, "sgmv_expand: max_seq_length must be >= 0, got -1", a.max_seq_length = -1);
+  OK(a.max_seq_length = 0);
+  OK(a.max_seq_length = INT64_MAX);
+
+  /* strides shorter than a row: checked only where there is more than one row */
+  CASE(INVALID, "sgmv_expand: inputs_row_stride 8 is smaller than rank 16", a.inputs_row_stride = 8);
+  CASE(INVALID, "sgmv_expand: inputs_row_stride -16 is smaller than rank 16", a.inputs_row_stride = -16);
+  CASE(INVALID, "sgmv_expand: weights_row_stride 15 is smaller than rank 16", a.weights_row_stride = 15);
+  CASE(INVALID, "sgmv_expand: output_row_stride 32 is smaller than hidden 64", a.output_row_stride = 32);
+  OK(a.total_tokens = 1, a.inputs_row_stride = 0, a.output_row_stride = 0);
+  OK(a.hidden = 1, a.weights_row_stride = 0);
+
+  /* negative strides where no row check catches them */
+  CASE(INVALID, stride_msg, a.total_tokens = 1, a.inputs_row_stride = -1);
+  CASE(INVALID, stride_msg, a.hidden = 1, a.weights_row_stride = -1);
+  CASE(INVALID, stride_msg, a.total_tokens = 1, a.output_row_stride = -1);
+  CASE(INVALID, stride_msg, a.weights_lora_stride = -1);
+  CASE(INVALID, stride_msg, a.num_loras = 1, a.weights_lora_stride = INT64_MIN);
+
+  /* element offsets that overflow int64, each tensor; and the largest that fit */
+  CASE(INVALID, overflow_msg, a.inputs_row_stride = (int64_t)1 << 62);
+  CASE(INVALID, overflow_msg, a.total_tokens = 2, a.inputs_row_stride = INT64_MAX - 15);
+  OK(a.total_tokens = 2, a.inputs_row_stride = INT64_MAX - 16);
+  CASE(INVALID, overflow_msg, a.output_row_stride = (int64_t)1 << 62);
+  CASE(INVALID, overflow_msg, a.total_tokens = 2, a.output_row_stride = INT64_MAX - 63);
+  OK(a.total_tokens = 2, a.output_row_stride = INT64_MAX - 64);
+  CASE(INVALID, overflow_msg, a.weights_row_stride = (int64_t)1 << 62);
+  CASE(INVALID, overflow_msg, a.hidden = 2, a.num_loras = 1, a.weights_row_stride = INT64_MAX - 15);
+  OK(a.hidden = 2, a.num_loras = 1, a.weights_row_stride = INT64_MAX - 16);
+  CASE(INVALID, overflow_msg, a.weights_lora_stride = (int64_t)1 << 62);
+  CASE(INVALID, overflow_msg, a.num_loras = INT32_MAX, a.weights_lora_stride = (int64_t)1 << 33);
+  OK(a.num_loras = 1, a.weights_lora_stride = INT64_MAX);
+
+  /* adapters that overlap */
+  CASE(INVALID, "sgmv_expand: weights_lora_stride 100 is smaller than one adapter's extent 1024",
+       a.weights_lora_stride = 100);
+  CASE(INVALID, "sgmv_expand: weights_lora_stride 1023 is smaller than one adapter's extent 1024",
+       a.weights_lora_stride = 1023);
+  CASE(INVALID, "sgmv_expand: weights_lora_stride 0 is smaller than one adapter's extent 16", a.hidden = 1,
+       a.weights_row_stride = 0, a.weights_lora_stride = 0);
+  OK(a.weights_lora_stride = 1024);
+  OK(a.num_loras = 1, a.weights_lora_stride = 0);
+
+  /* nothing to do: success without a driver or pointers, but only after the checks above */
+  NOOP(a.batches = 0);
+  NOOP(a.batches = 0, a.inputs = a.weights = a.output = NULL, a.seq_start = a.seq_len = a.lora_indices = NULL);
+  NOOP(a.total_tokens = 0);
+  NOOP(a.total_tokens = 0, a.inputs = a.weights = a.output = NULL, a.seq_start = a.seq_len = a.lora_indices = NULL);
+  NOOP(a.total_tokens = 0, a.inputs_row_stride = 0, a.output_row_stride = 0);
+  CASE(INVALID, "sgmv_expand: rank must be in [1, 256], got 0", a.batches = 0, a.rank = 0);
+  CASE(INVALID, stride_msg, a.total_tokens = 0, a.output_row_stride = -1);
+  CASE(DTYPE, dtype_msg("float16", "float16", "float16", "unknown"), a.batches = 0, a.metadata_dtype = (sgmv_dtype_t)9);
+
+  /* null pointers, where there is work */
+  CASE(INVALID, null_msg, a.inputs = NULL);
+  CASE(INVALID, null_msg, a.weights = NULL);
+  CASE(INVALID, null_msg, a.output = NULL);
+  CASE(INVALID, null_meta_msg, a.seq_start = NULL);
+  CASE(INVALID, null_meta_msg, a.seq_len = NULL);
+  CASE(INVALID, null_meta_msg, a.lora_indices = NULL);
+
+  /* what validation does not look at */
+  OK(a.add_inputs = -7, a.stream = (sgmv_stream_t)fake(7));
+  OK(a.inputs = (char *)fake(1) + 1, a.hidden = 63, a.output_row_stride = 63); /* misaligned: the unaligned tile */
+
+  /* the other entry points */
+  for (int s = SGMV_SUCCESS; s <= SGMV_ERROR_INTERNAL; s++) {
+    cases++;
+    if (strcmp(sgmv_status_string((sgmv_status_t)s), "unknown status") == 0) {
+      printf("validation_cases: FAILED: status %d has no description\n", s);
+      failures++;
+    }
+  }
+  const int unknown[] = {-1, 8, 1000, INT32_MIN, INT32_MAX};
+  for (int i = 0; i < 5; i++) {
+    cases++;
+    if (strcmp(sgmv_status_string((sgmv_status_t)unknown[i]), "unknown status") != 0) {
+      printf("validation_cases: FAILED: status %d is described\n", unknown[i]);
+      failures++;
+    }
+  }
+  int count = -1, cc = -1, arch = -1;
+  expect(__LINE__, "", sgmv_device_count(&count), SGMV_ERROR_NO_DRIVER, NO_DRIVER_MSG);
+  cases++;
+  if (count != 0) {
+    printf("validation_cases: FAILED: sgmv_device_count set count %d without a driver\n", count);
+    failures++;
+  }
+  expect(__LINE__, "", sgmv_device_count(NULL), INVALID, "sgmv_device_count: count is NULL");
+  expect(__LINE__, "", sgmv_device_arch(0, &cc, &arch), SGMV_ERROR_NO_DRIVER, NO_DRIVER_MSG);
+  expect(__LINE__, "", sgmv_device_arch(0, NULL, &arch), INVALID, "sgmv_device_arch: NULL output pointer");
+  expect(__LINE__, "", sgmv_device_arch(-1, &cc, NULL), INVALID, "sgmv_device_arch: NULL output pointer");
+}
+
+/* ---- threads ------------------------------------------------------------------------------- */
+
+#define THREADS 8
+#define ROUNDS 2000
+static pthread_barrier_t start;
+
+/* Each thread's messages carry its own numbers: another thread's error must never show. */
+static void *hammer(void *arg) {
+  long id = (long)arg, bad = 0;
+  pthread_barrier_wait(&start); /* all at once: the first calls race for the driver's pthread_once */
+  for (int i = 0; i < ROUNDS; i++) {
+    sgmv_expand_args_t a = valid();
+    if (sgmv_expand(&a) != SGMV_ERROR_NO_DRIVER || strncmp(sgmv_last_error(), NO_DRIVER_MSG, strlen(NO_DRIVER_MSG)))
+      bad++;
+    a.batches = 0; /* a no-op keeps the message */
+    if (sgmv_expand(&a) != SGMV_SUCCESS || strncmp(sgmv_last_error(), NO_DRIVER_MSG, strlen(NO_DRIVER_MSG))) bad++;
+    a = valid();
+    a.rank = -(id * ROUNDS + i) - 1;
+    char want[128];
+    snprintf(want, sizeof want, "sgmv_expand: rank must be in [1, 256], got %lld", (long long)a.rank);
+    if (sgmv_expand(&a) != INVALID || strcmp(sgmv_last_error(), want)) bad++;
+    int count = -1;
+    if (sgmv_device_count(&count) != SGMV_ERROR_NO_DRIVER || count != 0) bad++;
+  }
+  return (void *)bad;
+}
+
+static void threads(void) {
+  pthread_t t[THREADS];
+  pthread_barrier_init(&start, NULL, THREADS);
+  for (long i = 0; i < THREADS; i++)
+    if (pthread_create(&t[i], NULL, hammer, (void *)i)) {
+      printf("validation_cases: FAILED: pthread_create\n");
+      exit(1);
+    }
+  for (int i = 0; i < THREADS; i++) {
+    void *bad;
+    pthread_join(t[i], &bad);
+    cases++;
+    if (bad) {
+      printf("validation_cases: FAILED: thread %d got %ld wrong statuses or messages\n", i, (long)bad);
+      failures++;
+    }
+  }
+  pthread_barrier_destroy(&start);
+}
+
+int main(void) {
+  reserved = mmap(NULL, 1 << 20, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (reserved == MAP_FAILED) return 1;
+  threads(); /* first: no call has loaded the driver yet */
+  validation();
+  printf("validation_cases: %d cases, %d failed%s\n", cases, failures, failures ? "" : "\nvalidation_cases: ok");
+  return failures ? 1 : 0;
+}

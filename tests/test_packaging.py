@@ -1,0 +1,139 @@
+"""The installed package as C/C++ users take it: the folders `sgmv --*-dir` print, the
+examples under examples/ built with find_package(sgmv CONFIG) and with pkg-config, a moved copy
+of the package, and the built programs run (on a GPU: correct results; without one: a clean
+failure, since there is no driver)."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sgmv import capi
+
+from conftest import HAS_GPU
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+TIMEOUT = 60
+
+
+def sgmv_cli(*args):
+    """The installed `sgmv` command (the script beside this interpreter, else `python -m sgmv`)."""
+    script = Path(sys.executable).with_name("sgmv")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "sgmv"]
+    r = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout.strip()
+
+
+def run(cmd, **kw):
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=TIMEOUT, **kw)
+    assert r.returncode == 0, f"{' '.join(map(str, cmd))}\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def cuda_toolkit(tmp_path_factory):
+    """(include dirs, library dir) of the CUDA toolkit, as CMake's FindCUDAToolkit finds it."""
+    if not shutil.which("cmake"):
+        pytest.skip("cmake is not on PATH")
+    src = tmp_path_factory.mktemp("find_cuda")
+    (src / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.18)\nproject(find_cuda LANGUAGES C)\nfind_package(CUDAToolkit)\n"
+        "if(CUDAToolkit_FOUND)\n  message(STATUS \"INC=${CUDAToolkit_INCLUDE_DIRS}\")\n"
+        "  message(STATUS \"LIB=${CUDAToolkit_LIBRARY_DIR}\")\nendif()\n")
+    out = run(["cmake", "-S", src, "-B", src / "build"])
+    found = dict(line.split("-- ", 1)[1].split("=", 1) for line in out.splitlines()
+                 if line.startswith(("-- INC=", "-- LIB=")))
+    if not found.get("INC") or not found.get("LIB"):
+        pytest.skip("no CUDA toolkit found by CMake's FindCUDAToolkit (the examples need cuda_runtime.h and "
+                    "libcudart; put nvcc on PATH or set CUDAToolkit_ROOT)")
+    return found["INC"].split(";"), found["LIB"]
+
+
+def cmake_build(example, build_dir, *defines):
+    """Configures and builds examples/<example> out of tree; returns the program."""
+    run(["cmake", "-S", EXAMPLES / example, "-B", build_dir, *defines])
+    run(["cmake", "--build", build_dir])
+    exe = build_dir / "expand"
+    assert exe.is_file()
+    return exe
+
+
+def check_run(exe, env=None):
+    """On a GPU the example must pass; without one it must fail cleanly (no driver): exit 1
+    with its message, not a crash or a loader error."""
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    out = r.stdout + r.stderr
+    if HAS_GPU:
+        assert r.returncode == 0 and "expand: ok" in r.stdout, out
+    else:
+        assert r.returncode == 1 and "expand:" in r.stderr and "failed" in r.stderr.lower(), out
+
+
+def test_cli_prints_existing_folders():
+    folders = {flag: Path(sgmv_cli(flag)) for flag in ("--include-dir", "--lib-dir", "--cmake-dir", "--pkgconfig-dir")}
+    assert folders["--include-dir"] == capi.INCLUDE_DIR and (capi.INCLUDE_DIR / "sgmv.h").is_file()
+    assert folders["--lib-dir"] == capi.LIB_DIR and capi.LIBRARY.is_file()
+    assert folders["--cmake-dir"] == capi.CMAKE_DIR
+    assert (capi.CMAKE_DIR / "sgmvConfig.cmake").is_file() and (capi.CMAKE_DIR / "sgmvConfigVersion.cmake").is_file()
+    assert folders["--pkgconfig-dir"] == capi.PKGCONFIG_DIR and (capi.PKGCONFIG_DIR / "sgmv.pc").is_file()
+
+
+@pytest.mark.parametrize("example", ["c", "cpp"])
+def test_example_builds_with_cmake(example, cuda_toolkit, tmp_path):
+    exe = cmake_build(example, tmp_path / "build", f"-Dsgmv_DIR={sgmv_cli('--cmake-dir')}")
+    dyn = run(["readelf", "-d", exe])
+    assert "[libsgmv.so.0]" in dyn  # linked by SONAME, not by the file's path
+
+
+def test_c_example_builds_with_pkg_config(cuda_toolkit, tmp_path):
+    if not shutil.which("pkg-config"):
+        pytest.skip("pkg-config is not on PATH (apt-get install pkg-config)")
+    env = dict(os.environ, PKG_CONFIG_PATH=sgmv_cli("--pkgconfig-dir"))
+    assert run(["pkg-config", "--modversion", "sgmv"], env=env).strip() == "0.1.0"
+    flags = run(["pkg-config", "--cflags", "--libs", "sgmv"], env=env).split()
+    inc, libdir = cuda_toolkit
+    exe = tmp_path / "expand"
+    run(["gcc", "-std=c99", "-Wall", "-Wextra", "-Werror", EXAMPLES / "c" / "expand.c", *flags,
+         *[f"-I{d}" for d in inc], f"-L{libdir}", "-lcudart", "-lm", "-o", exe])
+    # libsgmv comes from the rpath pkg-config gave; libcudart (no rpath here) from the toolkit.
+    check_run(exe, env=dict(os.environ, LD_LIBRARY_PATH=libdir))
+
+
+def test_moved_package_is_found_where_it_lies(tmp_path):
+    """Both files compute their paths from their own place: a copy of the package works."""
+    if not shutil.which("cmake") or not shutil.which("pkg-config"):
+        pytest.skip("needs cmake and pkg-config on PATH")
+    moved = tmp_path / "elsewhere" / "sgmv"
+    shutil.copytree(capi.INCLUDE_DIR, moved / "include")
+    shutil.copytree(capi.LIB_DIR, moved / "lib")
+    env = dict(os.environ, PKG_CONFIG_PATH=str(moved / "lib/pkgconfig"))
+    pc = run(["pkg-config", "--cflags", "--libs", "sgmv"], env=env)
+    assert str(moved / "lib/pkgconfig/../../include") in pc and str(capi.LIB_DIR) not in pc
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.18)\nproject(probe LANGUAGES NONE)\n"
+        "find_package(sgmv 0.1 CONFIG REQUIRED)\n"
+        "get_target_property(loc sgmv::sgmv IMPORTED_LOCATION)\n"
+        "get_target_property(inc sgmv::sgmv INTERFACE_INCLUDE_DIRECTORIES)\n"
+        "message(STATUS \"LOC=${loc}\")\nmessage(STATUS \"INC=${inc}\")\n"
+        "find_package(sgmv 1 CONFIG QUIET)\nmessage(STATUS \"V1=${sgmv_FOUND}\")\n")
+    out = run(["cmake", "-S", src, "-B", tmp_path / "build", f"-DCMAKE_PREFIX_PATH={moved}"])
+    assert f"-- LOC={moved / 'lib/libsgmv.so.0'}" in out
+    assert f"-- INC={moved / 'include'}" in out
+    assert "-- V1=0" in out  # SameMajorVersion: 0.x does not satisfy 1
+
+
+@pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU: the no-driver path cannot be observed")
+@pytest.mark.parametrize("example", ["c", "cpp"])
+def test_example_fails_cleanly_without_a_driver(example, cuda_toolkit, tmp_path):
+    check_run(cmake_build(example, tmp_path / "build", f"-Dsgmv_DIR={sgmv_cli('--cmake-dir')}"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("example", ["c", "cpp"])
+def test_example_runs_on_gpu(example, cuda_toolkit, tmp_path):
+    check_run(cmake_build(example, tmp_path / "build", f"-Dsgmv_DIR={sgmv_cli('--cmake-dir')}"))

@@ -1,0 +1,71 @@
+"""The library's C code under sanitizers, built from csrc/ with a fake variant table (no Triton,
+no GPU, no installed sgmv): the C tests under ASan + UBSan (gcc), and a bounded libFuzzer run
+over sgmv_expand's argument validation (clang). See tests/fuzz/."""
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+FUZZ = ROOT / "tests" / "fuzz"
+# The library's C files, the fake table, and no_driver.c, which keeps libcuda out (-Wl,--wrap=dlopen):
+# the tests pass fake device pointers, so no real driver may ever see them.
+LIB_SOURCES = [str(p) for p in sorted(CSRC.glob("*.c"))] + [str(FUZZ / "fake_variants.c"), str(FUZZ / "no_driver.c")]
+INCLUDES = ["-I", str(CSRC), "-I", str(CSRC / "include")]
+SANITIZE = ["-g", "-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+# Any report aborts with a nonzero exit (UBSan too, through -fno-sanitize-recover); leaks are reports.
+ENV = dict(os.environ, ASAN_OPTIONS="abort_on_error=1:detect_leaks=1:strict_string_checks=1",
+           UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
+FUZZ_SECONDS = 60
+
+
+def run(cmd, timeout=300, **kw):
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=ENV, timeout=timeout, **kw)
+
+
+def build(cmd):
+    r = run(cmd)
+    assert r.returncode == 0, f"build failed: {' '.join(map(str, cmd))}\n{r.stdout}{r.stderr}"
+
+
+def test_c_tests_under_asan_and_ubsan(tmp_path):
+    lib = tmp_path / "libsgmv_san.so"
+    # Built like libsgmv.so.0 (hidden symbols, the version script, thread-locals in a shared library).
+    build(["gcc", *SANITIZE, "-Wall", "-Wextra", "-fPIC", "-fvisibility=hidden", "-shared", *INCLUDES, *LIB_SOURCES,
+           f"-Wl,--version-script={CSRC / 'sgmv.map'}", "-Wl,--wrap=dlopen", "-pthread", "-ldl", "-o", lib])
+    for name, src in [("abi_check", ROOT / "tests" / "c" / "abi_check.c"),
+                      ("validation_cases", FUZZ / "validation_cases.c")]:
+        exe = tmp_path / name
+        build(["gcc", *SANITIZE, "-Wall", "-Wextra", "-I", CSRC / "include", src, "-L", tmp_path,
+               f"-l:{lib.name}", f"-Wl,-rpath,{tmp_path}", "-pthread", "-o", exe])
+        r = run([exe])
+        print(r.stdout, end="")
+        assert r.returncode == 0, f"{name} exited {r.returncode}\n{r.stdout}{r.stderr}"
+        assert f"{name}: ok" in r.stdout, r.stdout
+        assert "runtime error" not in r.stderr and "Sanitizer" not in r.stderr, r.stderr
+
+
+def test_fuzz_expand(tmp_path):
+    clang = shutil.which("clang")
+    if not clang:
+        pytest.fail("clang is needed to build the libFuzzer harness tests/fuzz/fuzz_expand.c "
+                    "(Debian/Ubuntu: apt-get install -y clang)")
+    exe = tmp_path / "fuzz_expand"
+    build([clang, *SANITIZE, "-fsanitize=fuzzer", *INCLUDES, FUZZ / "fuzz_expand.c", *LIB_SOURCES,
+           "-Wl,--wrap=dlopen", "-pthread", "-ldl", "-o", exe])
+    # New inputs go to the first corpus folder, so that one is in tmp_path; the seeds are read only.
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    r = run([exe, f"-max_total_time={FUZZ_SECONDS}", "-rss_limit_mb=2048", "-timeout=10", "-print_final_stats=1",
+             f"-artifact_prefix={tmp_path}/", corpus, FUZZ / "corpus"], timeout=FUZZ_SECONDS + 240, cwd=tmp_path)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, f"fuzz_expand failed (crash input under {tmp_path}):\n{log[-6000:]}"
+    done = re.search(r"Done (\d+) runs in (\d+) second", log)
+    assert done, log[-3000:]
+    runs, seconds = int(done.group(1)), int(done.group(2))
+    print(f"fuzz_expand: {runs} runs in {seconds} s")
+    assert runs > 1000, log[-3000:]
