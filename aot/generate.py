@@ -26,7 +26,7 @@ C_DTYPE = {"fp16": "SGMV_DTYPE_FLOAT16", "bf16": "SGMV_DTYPE_BFLOAT16", "fp32": 
 
 
 def variant_name(v):
-    return "sgmv_sm{arch}_{x}_{w}_{out}_{meta}_k{ek}_a{add}_{tile}".format(
+    return "sgmv_sm{arch}_{x}_{w}_{out}_k{ek}_a{add}_{tile}".format(
         ek=int(v["even_k"]), add=int(v["add_inputs"]), **v)
 
 
@@ -49,8 +49,8 @@ def compile_variant(v):
     ptr = lambda t: "*" + TRITON_DTYPE[t]  # noqa: E731
     signature = {
         "x_ptr": ptr(v["x"]), "w_ptr": ptr(v["w"]), "out_ptr": ptr(v["out"]),
-        "seq_start_ptr": ptr(v["meta"]), "seq_len_ptr": ptr(v["meta"]), "lora_idx_ptr": ptr(v["meta"]),
-        "batches": "i32", "num_loras": "i32", "total_tokens": "i64", "N": "i32", "K": "i32",
+        "seq_start_ptr": "*i32", "seq_len_ptr": "*i32", "lora_idx_ptr": "*i32",
+        "batches": "i32", "num_loras": "i32", "total_tokens": "i64", "N": "i32", "K": "i32", "meta_shift": "i32",
         "x_stride_m": "i64", "w_stride_l": "i64", "w_stride_n": "i64", "out_stride_m": "i64",
     }
     constexprs = {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k,
@@ -125,7 +125,7 @@ def main():
           "sgmv_variant_t sgmv_variants[] = {"]
     for v, (name, cubin, shared, warps, kname) in zip(todo, results):
         c.append(f'  {{{{{v["arch"]}, {tile_names.index(v["tile"])}, {C_DTYPE[v["x"]]}, {C_DTYPE[v["w"]]}, '
-                 f'{C_DTYPE[v["out"]]}, {C_DTYPE[v["meta"]]}, {int(v["even_k"])}, {int(v["add_inputs"])}}}, '
+                 f'{C_DTYPE[v["out"]]}, {int(v["even_k"])}, {int(v["add_inputs"])}}}, '
                  f'"{name}", "{kname}", {name}, {name}_end, {shared}, {warps}, NULL, NULL, 0}},')
     c += ["};", f"const int sgmv_num_variants_total = {len(results)};", ""]
     (out / "sgmv_variants.c").write_text("\n".join(c))

@@ -24,7 +24,6 @@ ARCHS = tuple(RULES)
 
 # (inputs, weights, output): inputs and output are the weight dtype or fp32.
 DTYPES = [(i, w, o) for w in ("fp16", "bf16") for i in (w, "fp32") for o in (w, "fp32")]
-METADATA_DTYPES = ("i32", "i64")
 
 # Row alignment the aligned variants assume, in elements: every data pointer 16-byte aligned,
 # and N and every row stride a multiple of this.
@@ -73,7 +72,6 @@ def tiles_for_arch(arch):
 def variants():
     """Every specialisation the AOT build compiles, as dicts."""
     for arch in ARCHS:
-        for tile, (x, w, o), meta, even_k, add in product(
-                tiles_for_arch(arch), DTYPES, METADATA_DTYPES, (False, True), (False, True)):
-            yield dict(arch=arch, tile=tile, x=x, w=w, out=o, meta=meta, even_k=even_k,
-                       add_inputs=add, aligned=tile != "unaligned")
+        for tile, (x, w, o), even_k, add in product(tiles_for_arch(arch), DTYPES, (False, True), (False, True)):
+            yield dict(arch=arch, tile=tile, x=x, w=w, out=o, even_k=even_k, add_inputs=add,
+                       aligned=tile != "unaligned")

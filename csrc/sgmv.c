@@ -294,7 +294,7 @@ static int launch(const sgmv_driver_t *cu, const sgmv_expand_args_t *a, CUdevice
   int tile_id = select_tile(arch, a->max_seq_length, a->rank, aligned);
   if (tile_id < 0) return sgmv_set_error(SGMV_ERROR_INTERNAL, "sgmv_expand: no tile rule for sm_%d", arch);
   const sgmv_tile_t *tile = &sgmv_tiles[tile_id];
-  sgmv_variant_key_t key = {arch, tile_id, a->inputs_dtype, a->weights_dtype, a->output_dtype, a->metadata_dtype,
+  sgmv_variant_key_t key = {arch, tile_id, a->inputs_dtype, a->weights_dtype, a->output_dtype,
                             a->rank % tile->block_k == 0, a->add_inputs != 0};
   sgmv_variant_t *v = find_variant(&key);
   if (!v)
@@ -332,14 +332,14 @@ static int launch(const sgmv_driver_t *cu, const sgmv_expand_args_t *a, CUdevice
 
   /* Parameter order of sgmv_expand_kernel, then Triton's two scratch pointers (unused). */
   int32_t batches = (int32_t)a->batches, num_loras = (int32_t)a->num_loras, n = (int32_t)a->hidden,
-          k = (int32_t)a->rank;
+          k = (int32_t)a->rank, meta_shift = a->metadata_dtype == SGMV_DTYPE_INT64;
   int64_t total_tokens = a->total_tokens, xs = a->inputs_row_stride, wl = a->weights_lora_stride,
           wn = a->weights_row_stride, os = a->output_row_stride;
   const void *x = a->inputs, *w = a->weights, *out = a->output, *start = a->seq_start, *len = a->seq_len,
              *idx = a->lora_indices;
   void *scratch = NULL, *profile_scratch = NULL;
-  void *params[] = {&x,  &w,  &out, &start, &len, &idx, &batches, &num_loras, &total_tokens,
-                    &n,  &k,  &xs,  &wl,    &wn,  &os,  &scratch, &profile_scratch};
+  void *params[] = {&x,  &w,  &out, &start, &len, &idx, &batches,  &num_loras,      &total_tokens,
+                    &n,  &k,  &meta_shift, &xs, &wl, &wn, &os, &scratch, &profile_scratch};
   CUresult res = cu->cuLaunchKernel(func, grid_x, (unsigned)n_tiles, grid_z,
                                     32u * v->num_warps, 1, 1, v->shared, (CUstream)a->stream, params, NULL);
   return res ? sgmv_cuda_error(cu, res, "cuLaunchKernel") : SGMV_SUCCESS;

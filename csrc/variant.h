@@ -19,7 +19,7 @@ typedef struct {
 /* What a variant is specialised on; compared as a whole. */
 typedef struct {
   int arch, tile;
-  int x_dtype, w_dtype, out_dtype, meta_dtype;
+  int x_dtype, w_dtype, out_dtype; /* metadata dtype: a kernel argument, not a variant */
   int even_k, add_inputs;
 } sgmv_variant_key_t;
 

@@ -24,14 +24,15 @@ def sgmv_expand_kernel(
     x_ptr,  # (total_tokens, K) rows, unit stride along K
     w_ptr,  # (num_loras, N, K), unit stride along K
     out_ptr,  # (total_tokens, N) rows, unit stride along N
-    seq_start_ptr,  # (batches,) int32 or int64
-    seq_len_ptr,  # (batches,) int32 or int64
-    lora_idx_ptr,  # (batches,) int32 or int64
+    seq_start_ptr,  # (batches,) int32, or int64 read as pairs of int32 words (meta_shift 1)
+    seq_len_ptr,  # (batches,) likewise
+    lora_idx_ptr,  # (batches,) likewise
     batches,
     num_loras,
     total_tokens,
     N,
     K,
+    meta_shift,  # 0: int32 metadata, 1: int64 (one kernel serves both: half the variants)
     x_stride_m,
     w_stride_l,
     w_stride_n,
@@ -58,8 +59,8 @@ def sgmv_expand_kernel(
         # per adapter present, so an adapter's weight tile is read once per program however
         # many of the program's segments use it, and programs with different adapters run side by side.
         segs = pid_g * BLOCK_M + tl.arange(0, BLOCK_M)
-        lora, start, end, valid = _segments(segs, seq_start_ptr, seq_len_ptr, lora_idx_ptr, batches, num_loras,
-                                            total_tokens)
+        lora, start, end, valid = _segments(segs, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, batches,
+                                            num_loras, total_tokens)
         mine = valid & (lora % tl.num_programs(2) == tl.program_id(2))
         for j in range(0, tl.max(tl.where(mine, end - start, 0), axis=0)):
             offs_m = start + j
@@ -76,10 +77,9 @@ def sgmv_expand_kernel(
     elif tl.num_programs(0) == batches:
         # By segment: program (g, n, z) covers segment g's row tiles z, z + num_programs(2), ...
         # The host picks this grid when segments are of similar length (little of it idles).
-        lora = tl.load(lora_idx_ptr + pid_g).to(tl.int64)
-        start = tl.load(seq_start_ptr + pid_g).to(tl.int64)
-        end = tl.minimum(start + tl.load(seq_len_ptr + pid_g).to(tl.int64), total_tokens)
-        if (lora >= 0) & (lora < num_loras) & (start >= 0):
+        lora, start, end, valid = _segments(pid_g, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, batches,
+                                            num_loras, total_tokens)
+        if valid:
             for row0 in range(start + tl.program_id(2) * BLOCK_M, end, tl.num_programs(2) * BLOCK_M):
                 _row_tile(x_ptr, w_ptr + lora * w_stride_l, out_ptr, row0, end, x_stride_m, out_stride_m, w_cols,
                           offs_n, n_mask, offs_k, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, ADD_INPUTS)
@@ -96,8 +96,8 @@ def sgmv_expand_kernel(
         b0 = tl.zeros((), tl.int64)
         while (b0 < batches) & (found == 0):
             segs = b0 + tl.arange(0, _SEARCH)
-            loras, starts, ends, valid = _segments(segs, seq_start_ptr, seq_len_ptr, lora_idx_ptr, batches, num_loras,
-                                                   total_tokens)
+            loras, starts, ends, valid = _segments(segs, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift,
+                                                   batches, num_loras, total_tokens)
             tiles = tl.where(valid, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
             last = tiles_before + tl.cumsum(tiles, axis=0)
             hit = (pid_g >= last - tiles) & (pid_g < last)  # at most one segment
@@ -130,15 +130,26 @@ _SEARCH = tl.constexpr(256)
 
 
 @triton.jit
-def _segments(segs, seq_start_ptr, seq_len_ptr, lora_idx_ptr, batches, num_loras, total_tokens):
+def _segments(segs, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, batches, num_loras, total_tokens):
     """Adapter, first row, end row and validity of segments `segs`. Metadata is not trusted:
-    unknown adapters, negative starts or lengths are skipped, a segment past the last token is clipped."""
+    unknown adapters, negative starts or lengths, int64 values outside int32 are skipped, and a
+    segment past the last token is clipped."""
     in_range = segs < batches
-    lora = tl.load(lora_idx_ptr + segs, mask=in_range, other=-1).to(tl.int64)
-    start = tl.load(seq_start_ptr + segs, mask=in_range, other=0).to(tl.int64)
-    end = tl.minimum(start + tl.load(seq_len_ptr + segs, mask=in_range, other=0).to(tl.int64), total_tokens)
-    valid = in_range & (lora >= 0) & (lora < num_loras) & (start >= 0) & (end > start)
+    lora, lora_ok = _metadata(lora_idx_ptr, segs, in_range, meta_shift)
+    start, start_ok = _metadata(seq_start_ptr, segs, in_range, meta_shift)
+    length, length_ok = _metadata(seq_len_ptr, segs, in_range, meta_shift)
+    end = tl.minimum(start + length, total_tokens)
+    valid = in_range & lora_ok & start_ok & length_ok & (lora >= 0) & (lora < num_loras) & (start >= 0) & (end > start)
     return lora, start, end, valid
+
+
+@triton.jit
+def _metadata(ptr, segs, mask, meta_shift):
+    """Entries `segs` of an int32 array (meta_shift 0) or of an int64 one read as int32 words
+    (meta_shift 1: low word, and the high word only to check that the value fits in int32)."""
+    lo = tl.load(ptr + (segs << meta_shift), mask=mask, other=0)
+    hi = tl.load(ptr + (segs << meta_shift) + 1, mask=mask & (meta_shift != 0), other=0)
+    return lo.to(tl.int64), (meta_shift == 0) | (hi == (lo >> 31))
 
 
 @triton.jit

@@ -45,10 +45,12 @@ def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_
         return output_tensor
     t, grid = launch_config(c, cubin_arch(output_tensor.device), tile)
     with torch.cuda.device(output_tensor.device) if output_tensor.is_cuda else contextlib.nullcontext():
+        # Metadata goes in as int32 words; int64 entries are word pairs (meta_shift 1).
+        meta = [m if m.dtype == torch.int32 else m.view(torch.int32)
+                for m in (b_seq_start_loc, seq_len_tensor, lora_indices_tensor)]
         sgmv_expand_kernel[grid](
-            inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
-            c.batches, c.num_loras, c.total_tokens, c.hidden, c.rank,
-            c.x_stride, c.w_lora_stride, c.w_row_stride, c.out_stride,
+            inputs, lora_b_weights, output_tensor, *meta, c.batches, c.num_loras, c.total_tokens, c.hidden, c.rank,
+            int(c.seq_start.dtype == "int64"), c.x_stride, c.w_lora_stride, c.w_row_stride, c.out_stride,
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SHORT=t.short,
             EVEN_K=c.rank % t.block_k == 0, ADD_INPUTS=add_inputs,
             num_warps=t.num_warps, num_stages=t.num_stages)

@@ -19,10 +19,10 @@ const int sgmv_short_programs = 4096;
 const char sgmv_archs_list[] = "90";
 
 sgmv_variant_t sgmv_variants[] = {
-    {{90, 0, SGMV_DTYPE_FLOAT16, SGMV_DTYPE_FLOAT16, SGMV_DTYPE_FLOAT16, SGMV_DTYPE_INT32, 1, 0},
+    {{90, 0, SGMV_DTYPE_FLOAT16, SGMV_DTYPE_FLOAT16, SGMV_DTYPE_FLOAT16, 1, 0},
      "fake_sm90_fp16_fp16_fp16_i32_k1_a0_decode", "sgmv_expand_kernel", fake_cubin, fake_cubin + sizeof fake_cubin,
      4608, 4, NULL, NULL, 0},
-    {{90, 1, SGMV_DTYPE_BFLOAT16, SGMV_DTYPE_BFLOAT16, SGMV_DTYPE_FLOAT32, SGMV_DTYPE_INT64, 0, 1},
+    {{90, 1, SGMV_DTYPE_BFLOAT16, SGMV_DTYPE_BFLOAT16, SGMV_DTYPE_FLOAT32, 0, 1},
      "fake_sm90_bf16_bf16_fp32_i64_k0_a1_unaligned", "sgmv_expand_kernel", fake_cubin,
      fake_cubin + sizeof fake_cubin, 8192, 4, NULL, NULL, 0},
 };
