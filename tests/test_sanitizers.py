@@ -52,8 +52,11 @@ def test_c_tests_under_asan_and_ubsan(tmp_path):
 def test_fuzz_expand(tmp_path):
     clang = shutil.which("clang")
     if not clang:
-        pytest.fail("clang is needed to build the libFuzzer harness tests/fuzz/fuzz_expand.c "
-                    "(Debian/Ubuntu: apt-get install -y clang)")
+        # CI installs clang (.ci/run), so there a missing clang is a failure, not a skip.
+        why = "clang is needed to build the libFuzzer harness tests/fuzz/fuzz_expand.c (apt-get install -y clang)"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
     exe = tmp_path / "fuzz_expand"
     build([clang, *SANITIZE, "-fsanitize=fuzzer", *INCLUDES, FUZZ / "fuzz_expand.c", *LIB_SOURCES,
            "-Wl,--wrap=dlopen", "-pthread", "-ldl", "-o", exe])
