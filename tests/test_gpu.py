@@ -70,17 +70,20 @@ def test_corrupt_metadata_writes_nothing_outside_valid_rows(path, name, starts, 
     check(args, before, buf, exp, written, f"{path} {name}")
 
 
-def test_c_program_own_stream_two_contexts(tmp_path):
+@pytest.mark.parametrize("program", ["gpu_expand", "gpu_threads"])
+def test_c_program(tmp_path, program):
+    """gpu_expand: own streams, the primary context and a second one, against a host reference.
+    gpu_threads: 16 threads' first calls at the same moment, each on its own stream."""
     import triton.backends.nvidia as nv
     cuda_inc = Path(nv.__file__).parent / "include"
     lib = capi.library_path()
-    exe = tmp_path / "gpu_expand"
+    exe = tmp_path / program
     subprocess.run(["gcc", "-std=c99", "-O2", "-I", str(capi.INCLUDE_DIR), "-I", str(cuda_inc),
-                    str(HERE / "c" / "gpu_expand.c"), "-L", str(lib.parent), f"-l:{lib.name}",
-                    f"-Wl,-rpath,{lib.parent}", "-lcuda", "-lm", "-o", str(exe)], check=True)
+                    str(HERE / "c" / f"{program}.c"), "-L", str(lib.parent), f"-l:{lib.name}",
+                    f"-Wl,-rpath,{lib.parent}", "-lcuda", "-lm", "-lpthread", "-o", str(exe)], check=True)
     r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     print(r.stdout)
-    assert r.returncode == 0 and "gpu_expand: ok" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and f"{program}: ok" in r.stdout, r.stdout + r.stderr
 
 
 def test_first_calls_from_16_threads_at_once():
