@@ -27,8 +27,8 @@ def problem(device):
     base = torch.randn(TOKENS, HIDDEN, generator=g).to(device, torch.bfloat16)
     starts = torch.tensor([sum(LENS[:i]) for i in range(len(LENS))], dtype=torch.int32, device=device)
     lens = torch.tensor(LENS, dtype=torch.int32, device=device)
-    idx = torch.tensor([i % LORAS - (i % 7 == 6) * (i % LORAS + 1) for i in range(len(LENS))], dtype=torch.int32,
-                       device=device)  # every 7th segment has no adapter (-1)
+    idx = torch.tensor([-1 if i % 7 == 6 else i % LORAS for i in range(len(LENS))], dtype=torch.int32,
+                       device=device)  # every 7th segment has no adapter
     return x, w, base, starts, lens, idx
 
 
@@ -45,14 +45,14 @@ def run(rank, world):
     # Column-parallel: this rank's columns of W and of the output.
     shard = HIDDEN // world
     cols = slice(rank * shard, (rank + 1) * shard)
-    local = base[:, cols].contiguous()
+    local = base[:, cols].clone()  # a copy even when the shard is everything (world size 1)
     sgmv.sgmv_expand(x, w[:, cols].contiguous(), local, *meta, add_inputs=True)
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local)
     column = torch.cat(parts, dim=1)
 
     # Row-parallel: x arrives as per-rank partial sums of the shrink; all-reduce, then full expand.
-    partial = (x.float() / world).to(torch.bfloat16) if world > 1 else x
+    partial = (x.float() / world).to(torch.bfloat16)
     dist.all_reduce(partial)
     row = base.clone()
     sgmv.sgmv_expand(partial, w, row, *meta, add_inputs=True)
