@@ -76,8 +76,8 @@ typedef struct {
   sgmv_dtype_t output_dtype;     /* the weights' dtype, or fp32 */
   int64_t output_row_stride;     /* >= hidden: the output may be a column slice */
 
-  int64_t total_tokens;
-  int64_t hidden;
+  int64_t total_tokens;          /* 0 .. 2^30 - 1 */
+  int64_t hidden;                /* 1 .. 4194240 (65535 column tiles of 64) */
   int64_t rank;                  /* 1 .. 256 */
   int64_t num_loras;             /* >= 1 */
 
@@ -85,7 +85,7 @@ typedef struct {
   const void *seq_len;           /* (batches,) rows of each segment */
   const void *lora_indices;      /* (batches,) adapter of each segment, -1: skipped */
   sgmv_dtype_t metadata_dtype;   /* int32 or int64, for all three */
-  int64_t batches;               /* >= 0 */
+  int64_t batches;               /* 0 .. 2^30 - 1; segments must not overlap */
   int64_t max_seq_length;        /* >= 0: sizes the grid; any value gives correct results */
 
   int32_t add_inputs;            /* nonzero: out += product; zero: out = product */
