@@ -3,7 +3,7 @@ Triton's compiler (no GPU needed) and writes, into an output folder:
 
   cubins/<name>.cubin     one per variant
   sgmv_cubins.S           embeds them (.incbin), hidden symbols
-  sgmv_variants.c         the dispatch table that csrc/dispatch.c searches, and the tile rules
+  sgmv_variants.c         the dispatch table that csrc/sgmv.c searches, and the tile rules
 
 Usage: python aot/generate.py OUT_DIR [--jobs N] [--arch 90 ...]
 """
@@ -20,9 +20,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import variants as V  # noqa: E402
 
-TRITON_DTYPE = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32", "i32": "i32", "i64": "i64"}
-C_DTYPE = {"fp16": "SGMV_DTYPE_FLOAT16", "bf16": "SGMV_DTYPE_BFLOAT16", "fp32": "SGMV_DTYPE_FLOAT32",
-           "i32": "SGMV_DTYPE_INT32", "i64": "SGMV_DTYPE_INT64"}
+C_DTYPE = {"fp16": "SGMV_DTYPE_FLOAT16", "bf16": "SGMV_DTYPE_BFLOAT16", "fp32": "SGMV_DTYPE_FLOAT32"}
 
 
 def variant_name(v):
@@ -46,9 +44,8 @@ def compile_variant(v):
 
     kernel = _load_kernel()
     tile = V.TILES[v["tile"]]
-    ptr = lambda t: "*" + TRITON_DTYPE[t]  # noqa: E731
     signature = {
-        "x_ptr": ptr(v["x"]), "w_ptr": ptr(v["w"]), "out_ptr": ptr(v["out"]),
+        "x_ptr": "*" + v["x"], "w_ptr": "*" + v["w"], "out_ptr": "*" + v["out"],
         "seq_start_ptr": "*i32", "seq_len_ptr": "*i32", "lora_idx_ptr": "*i32",
         "batches": "i32", "num_loras": "i32", "total_tokens": "i64", "N": "i32", "K": "i32", "meta_shift": "i32",
         "x_stride_m": "i64", "w_stride_l": "i64", "w_stride_n": "i64", "out_stride_m": "i64",
@@ -59,7 +56,7 @@ def compile_variant(v):
         signature[name] = "constexpr"
     attrs = {}
     if v["aligned"]:
-        # What the dispatcher checks before it picks an aligned variant (see dispatch.c).
+        # What the dispatcher checks before it picks an aligned variant (see csrc/sgmv.c).
         names = list(kernel.arg_names)
         for a in ("x_ptr", "w_ptr", "out_ptr"):
             attrs[(names.index(a),)] = [["tt.divisibility", 16]]

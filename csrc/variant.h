@@ -30,7 +30,7 @@ typedef struct {
   const unsigned char *cubin, *cubin_end;
   int shared;               /* bytes of shared memory per program */
   int num_warps;
-  /* Filled at run time, under the loader's lock (dispatch.c). */
+  /* Filled at run time, under the loader's lock (csrc/sgmv.c). */
   void *library;            /* CUlibrary */
   void *kernel;             /* CUkernel, published last */
   uint64_t smem_devices;    /* devices whose shared-memory limit was raised for it */
