@@ -16,7 +16,8 @@ def _struct_format():
     one pack_into per call instead of two dozen cffi attribute writes."""
     ffi, t = capi.ffi, capi.ffi.typeof("sgmv_expand_args_t")
     fields = dict(t.fields)
-    assert tuple(fields) == _FIELDS, "sgmv.h's sgmv_expand_args_t changed: update aot._FIELDS"
+    if tuple(fields) != _FIELDS:
+        raise ImportError("sgmv.h's sgmv_expand_args_t does not match this binding (aot._FIELDS)")
     fmt, pos = "<", 0
     for name in _FIELDS:
         f = fields[name]
