@@ -1,9 +1,10 @@
-"""AOT generator: compiles kernels/sgmv_expand.py for every variant of aot/variants.py with
+"""AOT generator: compiles python/sgmv/kernels.py for every variant of aot/variants.py with
 Triton's compiler (no GPU needed) and writes, into an output folder:
 
   cubins/<name>.cubin     one per variant
   sgmv_cubins.S           embeds them (.incbin), hidden symbols
   sgmv_variants.c         the dispatch table that csrc/sgmv.c searches, and the tile rules
+  sgmv_params.h           each kernel's parameters in signature order, for the C launch
 
 Usage: python aot/generate.py OUT_DIR [--jobs N] [--arch 90 ...]
 """
@@ -16,56 +17,74 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+KERNELS = HERE.parent / "python" / "sgmv" / "kernels.py"
 sys.path.insert(0, str(HERE))
 import variants as V  # noqa: E402
 
 C_DTYPE = {"fp16": "SGMV_DTYPE_FLOAT16", "bf16": "SGMV_DTYPE_BFLOAT16", "fp32": "SGMV_DTYPE_FLOAT32"}
+C_SCALAR = {"i32": "int32_t", "i64": "int64_t"}
+
+
+def _kernels():
+    """The kernel source, loaded by path: the generator does not import the package it builds."""
+    spec = importlib.util.spec_from_file_location("sgmv_kernels_src", KERNELS)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def parameters(mod, kernel_name):
+    """(name, type) of a kernel's runtime parameters in signature order: '*' for pointers (their
+    dtype comes from the variant), else the type from kernels.SIGNATURES, which must name every
+    scalar parameter, in order."""
+    fn = getattr(mod, kernel_name)
+    scalars = mod.SIGNATURES[kernel_name]
+    params = [p for p in fn.params if not p.is_constexpr]
+    names = [p.name for p in params if not p.name.endswith("_ptr")]
+    if names != list(scalars):
+        raise ValueError(f"kernels.SIGNATURES[{kernel_name!r}] lists {list(scalars)}, the signature has {names}")
+    return [(p.name, "*" if p.name.endswith("_ptr") else scalars[p.name]) for p in params]
 
 
 def variant_name(v):
-    return "sgmv_sm{arch}_{x}_{w}_{out}_k{ek}_a{add}_{tile}".format(
-        ek=int(v["even_k"]), add=int(v["add_inputs"]), **v)
-
-
-def _load_kernel():
-    path = ROOT / "kernels" / "sgmv_expand.py"
-    spec = importlib.util.spec_from_file_location("sgmv_expand_kernel_src", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.sgmv_expand_kernel
+    if v["kernel"] == "sgmv_plan_kernel":
+        return "sgmv_sm{arch}_plan{b}".format(b=V.PLAN_SIZES[v["tile"]].block_b, **v)
+    return "sgmv_sm{arch}_{x}_{w}_{out}_k{ek}_{tile}_{path}".format(ek=int(v["even_k"]), **v)
 
 
 def compile_variant(v):
-    """Compile one variant; returns (name, cubin bytes, shared bytes, num_warps)."""
+    """Compile one variant; returns (name, cubin bytes, shared bytes, num_warps, kernel name)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = _load_kernel()
-    tile = V.TILES[v["tile"]]
-    signature = {
-        "x_ptr": "*" + v["x"], "w_ptr": "*" + v["w"], "out_ptr": "*" + v["out"],
-        "seq_start_ptr": "*i32", "seq_len_ptr": "*i32", "lora_idx_ptr": "*i32",
-        "batches": "i32", "num_loras": "i32", "total_tokens": "i64", "N": "i32", "K": "i32", "meta_shift": "i32",
-        "x_stride_m": "i64", "w_stride_l": "i64", "w_stride_n": "i64", "out_stride_m": "i64",
-    }
-    constexprs = {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k,
-                  "SHORT": tile.short, "EVEN_K": v["even_k"], "ADD_INPUTS": v["add_inputs"]}
-    for name in constexprs:
-        signature[name] = "constexpr"
+    mod = _kernels()
+    kernel = getattr(mod, v["kernel"])
+    params = parameters(mod, v["kernel"])
     attrs = {}
-    if v["aligned"]:
-        # What the dispatcher checks before it picks an aligned variant (see csrc/sgmv.c).
-        names = list(kernel.arg_names)
-        for a in ("x_ptr", "w_ptr", "out_ptr"):
-            attrs[(names.index(a),)] = [["tt.divisibility", 16]]
-        for a in ("N", "x_stride_m", "w_stride_l", "w_stride_n", "out_stride_m"):
-            attrs[(names.index(a),)] = [["tt.divisibility", V.ALIGN_ELEMS]]
+    if v["kernel"] == "sgmv_plan_kernel":
+        size = V.PLAN_SIZES[v["tile"]]
+        ptr_types = dict.fromkeys((n for n, t in params if t == "*"), "*i32")
+        constexprs = {"BLOCK_B": size.block_b, "ROWS": size.rows}
+        options = {"num_warps": size.num_warps, "num_stages": 1}
+    else:
+        tile = V.TILES[v["tile"]]
+        ptr_types = {"x_ptr": "*" + v["x"], "w_ptr": "*" + v["w"], "out_ptr": "*" + v["out"],
+                     "seq_start_ptr": "*i32", "seq_len_ptr": "*i32", "lora_idx_ptr": "*i32", "plan_ptr": "*i32"}
+        constexprs = {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k,
+                      "PATH": V.PATHS[v["path"]], "EVEN_K": v["even_k"]}
+        options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages}
+        if v["aligned"]:
+            # What the planner checks before it picks an aligned variant (csrc/planner.c, is_aligned).
+            names = list(kernel.arg_names)
+            for a in ("x_ptr", "w_ptr", "out_ptr"):
+                attrs[(names.index(a),)] = [["tt.divisibility", 16]]
+            for a in ("N", "x_stride_m", "w_stride_l", "w_stride_n", "out_stride_m"):
+                attrs[(names.index(a),)] = [["tt.divisibility", V.ALIGN_ELEMS]]
+    signature = {n: ptr_types[n] if t == "*" else t for n, t in params}
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    target = GPUTarget("cuda", v["arch"], 32)
-    ck = triton.compile(src, target=target,
-                        options={"num_warps": tile.num_warps, "num_stages": tile.num_stages})
+    ck = triton.compile(src, target=GPUTarget("cuda", v["arch"], 32), options=options)
     md = ck.metadata
     if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
         raise RuntimeError(f"{variant_name(v)} needs scratch memory, which the launcher does not provide")
@@ -77,6 +96,16 @@ def _worker_init(cache_dir):
     os.environ.setdefault("TRITON_DISABLE_LINE_INFO", "1")
 
 
+def params_header(mod):
+    """X-macros of each kernel's parameters in signature order: the C launch builds its argument
+    array from these, so the order is written only in python/sgmv/kernels.py."""
+    h = ["/* generated by aot/generate.py from python/sgmv/kernels.py: do not edit */", "#include <stdint.h>", ""]
+    for kernel in mod.SIGNATURES:
+        items = " ".join(f"X({n}, {'const void *' if t == '*' else C_SCALAR[t]})" for n, t in parameters(mod, kernel))
+        h.append(f"#define {kernel.upper()[:-len('_KERNEL')]}_KERNEL_PARAMS(X) {items}")
+    return "\n".join(h) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir", type=Path)
@@ -84,6 +113,8 @@ def main():
     ap.add_argument("--arch", type=int, action="append", help="only these archs (default: all)")
     args = ap.parse_args()
 
+    mod = _kernels()
+    V.check(mod.PLAN_ALIGN.value)
     out = args.out_dir.resolve()
     (out / "cubins").mkdir(parents=True, exist_ok=True)
     archs = args.arch or V.ARCHS
@@ -100,6 +131,7 @@ def main():
                 f'.incbin "{out}/cubins/{name}.cubin"', f".globl {name}_end", f".hidden {name}_end", f"{name}_end:"]
     asm.append('.section .note.GNU-stack, "", @progbits')
     (out / "sgmv_cubins.S").write_text("\n".join(asm) + "\n")
+    (out / "sgmv_params.h").write_text(params_header(mod))
 
     tile_names = list(V.TILES)
     c = ["/* generated by aot/generate.py: do not edit */", '#include "variant.h"', ""]
@@ -108,22 +140,34 @@ def main():
     c += ["", "const sgmv_tile_t sgmv_tiles[] = {"]
     for name in tile_names:
         t = V.TILES[name]
-        c.append(f'  {{"{name}", {t.block_m}, {t.block_n}, {t.block_k}, {int(t.short)}, {t.num_warps}, {t.num_stages}}},')
+        c.append(f'  {{"{name}", {t.block_m}, {t.block_n}, {t.block_k}, {t.num_warps}, {t.num_stages}}},')
     c += ["};", "", "const sgmv_rule_t sgmv_rules[] = {"]
+    opt = lambda v: -1 if v is None else v  # noqa: E731
     for arch, rules in V.RULES.items():
-        for max_seq, max_rank, name in rules:
-            c.append(f"  {{{arch}, {-1 if max_seq is None else max_seq}, {-1 if max_rank is None else max_rank}, "
-                     f"{tile_names.index(name)}}},")
+        for max_seq, max_rank, name, path in rules:
+            c.append(f"  {{{arch}, {opt(max_seq)}, {opt(max_rank)}, {tile_names.index(name)}, {int(path == 'short')}}},")
     c += ["};", f"const int sgmv_num_rules = {sum(len(r) for r in V.RULES.values())};", "",
+          "const sgmv_grouped_rule_t sgmv_grouped_rules[] = {"]
+    for arch, rules in V.GROUPED_RULES.items():
+        for max_rows, max_rank, name in rules:
+            c.append(f"  {{{arch}, {opt(max_rows)}, {opt(max_rank)}, {tile_names.index(name)}}},")
+    c += ["};", f"const int sgmv_num_grouped_rules = {sum(len(r) for r in V.GROUPED_RULES.values())};", "",
+          "const sgmv_plan_size_t sgmv_plan_sizes[] = {"]
+    c += [f"  {{{s.block_b}, {s.rows}, {s.num_warps}}}," for s in V.PLAN_SIZES]
+    c += ["};", f"const int sgmv_num_plan_sizes = {len(V.PLAN_SIZES)};", "",
           f"const int sgmv_unaligned_tile = {tile_names.index('unaligned')};",
           f"const int sgmv_align_elems = {V.ALIGN_ELEMS};",
           f"const int sgmv_short_programs = {V.SHORT_PROGRAMS};",
+          f"const int sgmv_plan_header = {mod.PLAN_HEADER.value}, sgmv_plan_align = {mod.PLAN_ALIGN.value};",
           f'const char sgmv_archs_list[] = "{",".join(str(a) for a in V.ARCHS if a in archs)}";', "",
           "sgmv_variant_t sgmv_variants[] = {"]
     for v, (name, cubin, shared, warps, kname) in zip(todo, results):
-        c.append(f'  {{{{{v["arch"]}, {tile_names.index(v["tile"])}, {C_DTYPE[v["x"]]}, {C_DTYPE[v["w"]]}, '
-                 f'{C_DTYPE[v["out"]]}, {int(v["even_k"])}, {int(v["add_inputs"])}}}, '
-                 f'"{name}", "{kname}", {name}, {name}_end, {shared}, {warps}, NULL, NULL, 0}},')
+        if v["kernel"] == "sgmv_plan_kernel":
+            key = f'{v["arch"]}, SGMV_KERNEL_PLAN, {v["tile"]}, 0, 0, 0, 0, 0'
+        else:
+            key = (f'{v["arch"]}, SGMV_KERNEL_EXPAND, {tile_names.index(v["tile"])}, {V.PATHS[v["path"]]}, {C_DTYPE[v["x"]]}, '
+                   f'{C_DTYPE[v["w"]]}, {C_DTYPE[v["out"]]}, {int(v["even_k"])}')
+        c.append(f'  {{{{{key}}}, "{name}", "{kname}", {name}, {name}_end, {shared}, {warps}, NULL, NULL, 0}},')
     c += ["};", f"const int sgmv_num_variants_total = {len(results)};", ""]
     (out / "sgmv_variants.c").write_text("\n".join(c))
     size = sum(len(r[1]) for r in results)

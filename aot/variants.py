@@ -1,77 +1,62 @@
-"""The variant table: the one place where tiles are chosen.
-
-Read by the AOT generator (aot/generate.py, at build time), which compiles every variant below
-and emits the C dispatch table, and by the JIT path (installed as sgmv/_variants.py), which
-picks its tile with select_tile() exactly as the C dispatcher does from the generated rules.
-Pure data and plain Python: no torch, no triton.
+"""The variant table, at build time: what aot/generate.py compiles and writes into the dispatch
+table. The tile table itself is data (aot/tiles.json, written by hand or by aot/tune.py); which
+tile and grid a call gets is decided in C (csrc/planner.c) from the rules generated here.
+Plain Python: no torch, no triton, no import of the sgmv package.
 """
 import json
 from collections import namedtuple
 from itertools import product
 from pathlib import Path
 
-Tile = namedtuple("Tile", "block_m block_n block_k short num_warps num_stages")
+Tile = namedtuple("Tile", "block_m block_n block_k num_warps num_stages")
+PlanSize = namedtuple("PlanSize", "block_b rows num_warps")
 
-# The tile table (aot/tiles.json, written by aot/tune.py). short=False: a program covers
-# BLOCK_M rows of one segment; short=True: row j of BLOCK_M segments (decode and speculative
-# batches), see kernels/sgmv_expand.py. "unaligned" serves operands whose rows are not 16-byte
-# aligned (the other tiles' AOT variants assume they are).
 _TABLE = json.loads((Path(__file__).resolve().parent / "tiles.json").read_text())
 TILES = {name: Tile(*v) for name, v in _TABLE["tiles"].items()}
-# Per arch, rules tried in order: (largest max_seq_length, largest rank, tile name); None: any.
+# Per arch, rules tried in order; None: any.
 RULES = {int(arch): [tuple(r) for r in rules] for arch, rules in _TABLE["rules"].items()}
+GROUPED_RULES = {int(arch): [tuple(r) for r in rules] for arch, rules in _TABLE["grouped_rules"].items()}
+PLAN_SIZES = [PlanSize(*v) for v in _TABLE["plan_sizes"]]
 ARCHS = tuple(RULES)
 
 # (inputs, weights, output): inputs and output are the weight dtype or fp32.
 DTYPES = [(i, w, o) for w in ("fp16", "bf16") for i in (w, "fp32") for o in (w, "fp32")]
 
 # Row alignment the aligned variants assume, in elements: every data pointer 16-byte aligned,
-# and N and every row stride a multiple of this.
+# and N and every row stride a multiple of this ("unaligned" serves the rest).
 ALIGN_ELEMS = 8
-MAX_RANK = 256
-# 65535 column tiles of the narrowest tile allowed (csrc/sgmv.c's SGMV_MAX_HIDDEN).
-MAX_HIDDEN = 65535 * 64
-if min(t.block_n for t in TILES.values()) < 64:
-    raise ValueError("tiles narrower than 64 columns would let hidden exceed CUDA's grid limit")
-
-
-def select_tile(arch, max_seq_length, rank, aligned):
-    """Tile name for a call; the C dispatcher applies the same rules (generated from RULES)."""
-    if not aligned:
-        return "unaligned"
-    for max_seq, max_rank, name in RULES[arch]:
-        if (max_seq is None or max_seq_length <= max_seq) and (max_rank is None or rank <= max_rank):
-            return name
-    raise ValueError(f"RULES[{arch}] must end with a catch-all")
-
-
-def grid(tile, batches, hidden, total_tokens, num_loras, max_seq_length):
-    """The launch grid (see kernels/sgmv_expand.py); csrc/sgmv.c computes the same."""
-    n_tiles = -(-hidden // tile.block_n)
-    if tile.short:
-        groups = -(-batches // tile.block_m)
-        # Adapter slots: enough programs to fill the GPU, never more slots than adapters.
-        slots = min(num_loras, max(1, SHORT_PROGRAMS // (groups * n_tiles)), 65535)
-        return (groups, n_tiles, slots)
-    flat = -(-total_tokens // tile.block_m) + batches  # > batches: how the kernel tells the grids apart
-    row_tiles = min(max(-(-max_seq_length // tile.block_m), 1), 65535)
-    if batches * row_tiles <= 2 * flat:
-        return (batches, n_tiles, row_tiles)
-    return (flat, n_tiles, 1)
-
-
 # The short path's target program count, which sets its adapter slots.
 SHORT_PROGRAMS = 4096
 
 
+def check(plan_align):
+    """The table's invariants, which the planner relies on."""
+    if min(t.block_n for t in TILES.values()) < 64:
+        raise ValueError("tiles narrower than 64 columns would let hidden exceed CUDA's grid limit")
+    if any(plan_align % t.block_m for t in TILES.values()):
+        raise ValueError(f"every block_m must divide the plan's alignment ({plan_align})")
+    if set(GROUPED_RULES) != set(RULES) or "unaligned" not in TILES:
+        raise ValueError("every arch needs rules with and without a plan, and an 'unaligned' tile")
+    for rules in list(RULES.values()) + list(GROUPED_RULES.values()):
+        if rules[-1][0] is not None or rules[-1][1] is not None:
+            raise ValueError("every rule list must end with a catch-all")
+
+
+# The kernel's PATH constexpr (python/sgmv/kernels.py, csrc/include/sgmv.h sgmv_path_t).
+PATHS = {"rows": 0, "short": 1, "grouped": 2}
+
+
 def tiles_for_arch(arch):
-    names = list(dict.fromkeys(name for *_, name in RULES[arch]))
-    return names + ["unaligned"]
+    """(tile, path) pairs the rules of arch can select."""
+    pairs = [(r[2], r[3]) for r in RULES[arch]] + [(r[2], "grouped") for r in GROUPED_RULES[arch]]
+    return list(dict.fromkeys(pairs + [("unaligned", "rows"), ("unaligned", "grouped")]))
 
 
 def variants():
     """Every specialisation the AOT build compiles, as dicts."""
     for arch in ARCHS:
-        for tile, (x, w, o), even_k, add in product(tiles_for_arch(arch), DTYPES, (False, True), (False, True)):
-            yield dict(arch=arch, tile=tile, x=x, w=w, out=o, even_k=even_k, add_inputs=add,
+        for (tile, path), (x, w, o), even_k in product(tiles_for_arch(arch), DTYPES, (False, True)):
+            yield dict(kernel="sgmv_expand_kernel", arch=arch, tile=tile, path=path, x=x, w=w, out=o, even_k=even_k,
                        aligned=tile != "unaligned")
+        for i, _ in enumerate(PLAN_SIZES):
+            yield dict(kernel="sgmv_plan_kernel", arch=arch, tile=i)

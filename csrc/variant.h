@@ -1,4 +1,5 @@
-/* Types of the dispatch table that aot/generate.py emits (sgmv_variants.c in the build folder). */
+/* Types of the tables that aot/generate.py emits (sgmv_variants.c in the build folder), and the
+ * planner's internal interface. */
 #ifndef SGMV_VARIANT_H
 #define SGMV_VARIANT_H
 
@@ -6,26 +7,39 @@
 
 typedef struct {
   const char *name;
-  int block_m, block_n, block_k;
-  int short_segments; /* 1: the rows of a tile are block_m segments (kernels/sgmv_expand.py) */
-  int num_warps, num_stages;
+  int block_m, block_n, block_k, num_warps, num_stages;
 } sgmv_tile_t;
 
-/* On arch, max_seq_length <= max_seq and rank <= max_rank (-1: any) select tile. */
+/* Without a plan: on arch, max_seq_length <= max_seq and rank <= max_rank (-1: any) select tile,
+ * on the short path if short_path. */
 typedef struct {
-  int arch, max_seq, max_rank, tile;
+  int arch, max_seq, max_rank, tile, short_path;
 } sgmv_rule_t;
 
-/* What a variant is specialised on; compared as a whole. */
+/* With a plan: rows per adapter (estimated as cdiv(total_tokens, min(batches, num_loras))) <=
+ * max_rows and rank <= max_rank select tile. */
 typedef struct {
-  int arch, tile;
-  int x_dtype, w_dtype, out_dtype; /* metadata dtype: a kernel argument, not a variant */
-  int even_k, add_inputs;
+  int arch, max_rows, max_rank, tile;
+} sgmv_grouped_rule_t;
+
+/* The plan kernel's sizes: up to block_b segments, rows per segment per store. */
+typedef struct {
+  int block_b, rows, num_warps;
+} sgmv_plan_size_t;
+
+enum { SGMV_KERNEL_EXPAND = 0, SGMV_KERNEL_PLAN = 1 };
+
+/* What a variant is specialised on; compared as a whole. For the plan kernel, tile indexes
+ * sgmv_plan_sizes and the rest is 0. */
+typedef struct {
+  int arch, kernel, tile, path;
+  int x_dtype, w_dtype, out_dtype;
+  int even_k;
 } sgmv_variant_key_t;
 
 typedef struct {
   sgmv_variant_key_t key;
-  const char *name;         /* e.g. sgmv_sm90_bf16_bf16_bf16_i32_k1_a1_prefill */
+  const char *name;         /* e.g. sgmv_sm90_bf16_bf16_bf16_k1_prefill_r16 */
   const char *kernel_name;  /* the function's name inside the cubin */
   const unsigned char *cubin, *cubin_end;
   int shared;               /* bytes of shared memory per program */
@@ -39,11 +53,29 @@ typedef struct {
 extern const sgmv_tile_t sgmv_tiles[];
 extern const sgmv_rule_t sgmv_rules[];
 extern const int sgmv_num_rules;
+extern const sgmv_grouped_rule_t sgmv_grouped_rules[];
+extern const int sgmv_num_grouped_rules;
+extern const sgmv_plan_size_t sgmv_plan_sizes[];
+extern const int sgmv_num_plan_sizes;
 extern const int sgmv_unaligned_tile;
 extern const int sgmv_align_elems;
 extern const int sgmv_short_programs;
+extern const int sgmv_plan_header, sgmv_plan_align;
 extern const char sgmv_archs_list[];
 extern sgmv_variant_t sgmv_variants[];
 extern const int sgmv_num_variants_total;
+
+/* ---- csrc/planner.c -------------------------------------------------------------------------- */
+
+/* A launch, fully decided: the variant to load and the configuration to launch it with. */
+typedef struct {
+  sgmv_launch_config_t config;
+  sgmv_variant_key_t key;
+} sgmv_launch_t;
+
+/* Copies a caller's struct of any supported size into *out (fields it lacks zeroed). */
+int sgmv_expand_args_read(const sgmv_expand_args_t *args, sgmv_expand_args_t *out);
+int sgmv_decide_expand(const sgmv_expand_args_t *a, int arch, sgmv_launch_t *out);
+int sgmv_decide_batch_plan(const sgmv_batch_plan_args_t *a, int arch, sgmv_launch_t *out);
 
 #endif

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 import sgmv
-from sgmv import _variants, capi
+from sgmv import capi
 from sgmv.capi import ffi
 
-from conftest import HAS_GPU
+from conftest import HAS_GPU, aot_variants
 
 LIB = capi.library_path()
 HERE = Path(__file__).resolve().parent
@@ -30,8 +30,9 @@ def nvidia_tool(name):
 def valid_args(**over):
     """Arguments that pass validation (fake device addresses: the call must stop before using them)."""
     a = ffi.new("sgmv_expand_args_t *")
+    capi.lib.sgmv_expand_args_init(a)
     fields = dict(
-        struct_size=ffi.sizeof("sgmv_expand_args_t"), inputs=0x10000, inputs_dtype=S["SGMV_DTYPE_FLOAT16"],
+        inputs=0x10000, inputs_dtype=S["SGMV_DTYPE_FLOAT16"],
         inputs_row_stride=16, weights=0x20000, weights_dtype=S["SGMV_DTYPE_FLOAT16"], weights_lora_stride=64 * 16,
         weights_row_stride=16, output=0x30000, output_dtype=S["SGMV_DTYPE_FLOAT16"], output_row_stride=64,
         total_tokens=10, hidden=64, rank=16, num_loras=2, seq_start=0x40000, seq_len=0x50000,
@@ -52,8 +53,8 @@ def test_loads_and_reports_inventory():
     assert capi.lib.sgmv_version() == S["SGMV_VERSION"] == 10000 * S["SGMV_VERSION_MAJOR"] + \
         100 * S["SGMV_VERSION_MINOR"] + S["SGMV_VERSION_PATCH"]
     archs = ffi.string(capi.lib.sgmv_archs()).decode()
-    assert archs == ",".join(map(str, _variants.ARCHS))
-    assert capi.lib.sgmv_num_variants() == len(list(_variants.variants()))
+    assert archs == ",".join(map(str, aot_variants.ARCHS))
+    assert capi.lib.sgmv_num_variants() == len(list(aot_variants.variants()))
     for status in range(8):
         assert ffi.string(capi.lib.sgmv_status_string(status)).decode() != "unknown status"
     assert ffi.string(capi.lib.sgmv_status_string(99)).decode() == "unknown status"
@@ -141,12 +142,14 @@ def test_python_binding_raises_sgmv_error_with_status():
 
 def test_header_compiles_as_c99_and_cpp(tmp_path):
     src = tmp_path / "h.c"
-    src.write_text('#include "sgmv.h"\nint main(void) { sgmv_expand_args_t a = {0}; (void)a; return 0; }\n')
+    src.write_text('#include "sgmv.h"\nint main(void) { sgmv_expand_args_t a = SGMV_EXPAND_ARGS_INIT; '
+                   'sgmv_expand_tensors_t t = SGMV_EXPAND_TENSORS_INIT; sgmv_batch_plan_args_t p = '
+                   'SGMV_BATCH_PLAN_ARGS_INIT; (void)a; (void)t; (void)p; return 0; }\n')
     inc = str(capi.INCLUDE_DIR)
     subprocess.run(["gcc", "-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-I", inc, "-c", str(src),
                     "-o", str(tmp_path / "h.o")], check=True)
     cpp = tmp_path / "h.cpp"
-    cpp.write_text('#include "sgmv.h"\nint main() { sgmv_expand_args_t a = {}; (void)a; '
+    cpp.write_text('#include "sgmv.h"\nint main() { sgmv_expand_args_t a = SGMV_EXPAND_ARGS_INIT; (void)a; '
                    'return sgmv_version() > 0 ? 0 : 1; }\n')
     subprocess.run(["g++", "-std=c++11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-I", inc, "-c", str(cpp),
                     "-o", str(tmp_path / "h2.o")], check=True)
@@ -211,8 +214,8 @@ def test_cubin_inventory_covers_every_arch_and_variant(tmp_path):
                              check=True).stdout
         arch = re.search(r"sm=(\d+)", out).group(1)
         per_arch[int(arch)] = per_arch.get(int(arch), 0) + 1
-        assert ".text.sgmv_expand_kernel" in out
+        assert ".text.sgmv_expand_kernel" in out or ".text.sgmv_plan_kernel" in out
     want = {}
-    for v in _variants.variants():
+    for v in aot_variants.variants():
         want[v["arch"]] = want.get(v["arch"], 0) + 1
     assert per_arch == want

@@ -11,6 +11,7 @@ import torch
 import sgmv
 import sgmv.jit
 from sgmv import capi
+import sgmv.reference
 from sgmv.testing import CORRUPT, Case, build, check, corrupt_case, expected, make_cases
 
 
@@ -23,17 +24,30 @@ def _bits(t):
     return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
+def _plan(args):
+    x, w, _, starts, lens, idx, batches, *_ = args
+    return sgmv.batch_plan(starts, lens, idx, batches, x.shape[0], w.shape[0])
+
+
+@pytest.mark.parametrize("with_plan", [False, True], ids=["no-plan", "plan"])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_aot_matches_jit_bitwise_and_reference(case):
+def test_aot_matches_jit_bitwise_and_reference(case, with_plan):
+    """The AOT library and the JIT launch the planner's choice alike: the same bits, both within
+    tolerance of the float64 result; with a plan (AOT-built, then a JIT-built one compared)."""
     args, buf = build(case, "cuda")
     before = buf.clone()
     exp, written = expected(args)
-    sgmv.sgmv_expand(*args)
+    plan = _plan(args) if with_plan else None
+    sgmv.sgmv_expand(*args, batch_plan=plan)
     torch.cuda.synchronize()
     check(args, before, buf, exp, written, f"aot {case}")
     aot = buf.clone()
     buf.copy_(before)
-    sgmv.jit.sgmv_expand(*args)  # the same tile: both apply the rules of aot/variants.py
+    if with_plan:
+        x, w, _, starts, lens, idx, batches, *_ = args
+        jit_plan = sgmv.jit.batch_plan(starts, lens, idx, batches, x.shape[0], w.shape[0])
+        assert torch.equal(plan, jit_plan) or torch.equal(plan[:int(plan[0]) + 4], jit_plan[:int(plan[0]) + 4])
+    sgmv.jit.sgmv_expand(*args, batch_plan=plan)
     torch.cuda.synchronize()
     diff = (_bits(aot) != _bits(buf)).nonzero()
     if len(diff):
@@ -44,28 +58,48 @@ def test_aot_matches_jit_bitwise_and_reference(case):
                              f"before {before[r, c].item()!r}")
 
 
-@pytest.mark.parametrize("tile", sorted(sgmv.jit.TILES))
-def test_every_tile_through_aot_rules(tile):
-    """Each tile of the table, run through the JIT (AOT reaches each through its rules above)."""
-    case = Case("every-tile", 24, 1000, [37, 1, 0, 5, 1, 20], [1, 0, 2, -1, 1, 0], 3, "fp32in-bf16",
-                torch.int64, True, out_slice=True, seed=300)
-    args, buf = build(case, "cuda")
-    before = buf.clone()
-    exp, written = expected(args)
-    sgmv.jit.sgmv_expand(*args, tile=tile)
-    torch.cuda.synchronize()
-    check(args, before, buf, exp, written, f"jit tile {tile}")
+def test_plan_in_a_cuda_graph_with_changing_metadata():
+    """Plan build and expand captured once, replayed after the metadata change in place: each
+    replay groups the new batch and gives the new result."""
+    T, N, R, L, B = 96, 256, 16, 5, 40
+    x = torch.randn(T, R, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(L, N, R, dtype=torch.bfloat16, device="cuda") * 0.2
+    out = torch.zeros(T, N, dtype=torch.bfloat16, device="cuda")
+    starts, lens, idx = (torch.zeros(B, dtype=torch.int32, device="cuda") for _ in range(3))
+    plan = torch.empty(sgmv.batch_plan_bytes(B, T) // 4, dtype=torch.int32, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(g, stream=s):
+            sgmv.batch_plan(starts, lens, idx, B, T, L, out=plan)
+            torch.ops.sgmv.expand(x, w, out, starts, lens, idx, B, 4, False, plan)
+    rng = torch.Generator().manual_seed(3)
+    for step in range(4):
+        n = torch.randint(1, 4, (B,), generator=rng)
+        n[n.cumsum(0) > T] = 0
+        st = torch.cat([torch.zeros(1, dtype=torch.long), n.cumsum(0)[:-1]])
+        ix = torch.randint(-1, L, (B,), generator=rng)
+        starts.copy_(st), lens.copy_(n), idx.copy_(ix)
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        ref = torch.full((T, N), float("nan"), dtype=torch.bfloat16)
+        sgmv.reference.sgmv_expand(x.cpu(), w.cpu(), ref, st.int(), n.int(), ix.int(), B, 4)
+        assert torch.equal(out.cpu().isnan(), ref.isnan()), f"step {step}: rows written differ"
+        ok = ~ref.isnan()
+        assert torch.allclose(out.cpu()[ok].float(), ref[ok].float(), atol=2e-2, rtol=2e-2), f"step {step}"
 
 
 @pytest.mark.parametrize("meta_dtype", [torch.int32, torch.int64], ids=str)
 @pytest.mark.parametrize("name,starts,lens,idx", CORRUPT, ids=[c[0] for c in CORRUPT])
-@pytest.mark.parametrize("path", ["aot", "jit"])
+@pytest.mark.parametrize("path", ["aot", "jit", "aot-plan"])
 def test_corrupt_metadata_writes_nothing_outside_valid_rows(path, name, starts, lens, idx, meta_dtype):
     case = corrupt_case(name, starts, lens, idx, meta_dtype, "bf16")
     args, buf = build(case, "cuda")
     before = buf.clone()
     exp, written = expected(args)
-    (sgmv.sgmv_expand if path == "aot" else sgmv.jit.sgmv_expand)(*args)
+    plan = _plan(args) if path == "aot-plan" else None
+    (sgmv.jit.sgmv_expand if path == "jit" else sgmv.sgmv_expand)(*args, batch_plan=plan)
     torch.cuda.synchronize()
     check(args, before, buf, exp, written, f"{path} {name}")
 
@@ -138,6 +172,12 @@ def test_output_and_weights_past_2_31_elements():
     before = out[rows].clone()
     sgmv.sgmv_expand(x, w, out, starts, lens, idx, 3, 39_990, add_inputs=True)
     torch.cuda.synchronize()
+    first = out[rows].clone()
+    out[rows] = before  # again through a plan, from the same old values
+    plan = sgmv.batch_plan(starts, lens, idx, 3, T, L)
+    sgmv.sgmv_expand(x, w, out, starts, lens, idx, 3, 39_990, add_inputs=True, batch_plan=plan)
+    torch.cuda.synchronize()
+    assert torch.equal(first, out[rows]) or ((first.double() - out[rows].double()).abs().max() < 0.1)
     seg_of = [0, 0, 1, 1, 1, 2, 2]
     ref = torch.stack([(x[r].double() @ w[idx[s]].double().T + before[i].double())
                        for i, (r, s) in enumerate(zip(rows.tolist(), seg_of))])

@@ -16,6 +16,17 @@ FUZZ = ROOT / "tests" / "fuzz"
 # the tests pass fake device pointers, so no real driver may ever see them.
 LIB_SOURCES = [str(p) for p in sorted(CSRC.glob("*.c"))] + [str(FUZZ / "fake_variants.c"), str(FUZZ / "no_driver.c")]
 INCLUDES = ["-I", str(CSRC), "-I", str(CSRC / "include")]
+
+
+@pytest.fixture(autouse=True)
+def params_header(tmp_path):
+    """The generated sgmv_params.h (the kernels' parameter lists), made here as the build makes it."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sgmv_generate", ROOT / "aot" / "generate.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    (tmp_path / "sgmv_params.h").write_text(gen.params_header(gen._kernels()))
+    INCLUDES[4:] = ["-I", str(tmp_path)]
 SANITIZE = ["-g", "-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
 # Any report aborts with a nonzero exit (UBSan too, through -fno-sanitize-recover); leaks are reports.
 ENV = dict(os.environ, ASAN_OPTIONS="abort_on_error=1:detect_leaks=1:strict_string_checks=1",

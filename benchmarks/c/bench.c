@@ -1,8 +1,9 @@
 /* The AOT library timed from C: host time per sgmv_expand call, and GPU time per launch by CUDA
  * graph replay over buffer sets rotated so that they overflow the L2 cache.
  *
- * usage: bench HIDDEN RANK NUM_LORAS DTYPE(0 fp16, 1 bf16) ADD NSETS LENS IDX
- *        LENS and IDX: comma-separated segment lengths and adapter indices
+ * usage: bench HIDDEN RANK NUM_LORAS DTYPE(0 fp16, 1 bf16) ADD NSETS LENS IDX [PLAN]
+ *        LENS and IDX: comma-separated segment lengths and adapter indices; PLAN 1: with a batch
+ *        plan (built once, before timing)
  * prints one JSON line: {"gpu_us": ..., "host_us": ...}
  */
 #include <cuda.h>
@@ -42,8 +43,8 @@ static double now_s(void) {
 }
 
 int main(int argc, char **argv) {
-  if (argc != 9) {
-    fprintf(stderr, "usage: bench HIDDEN RANK NUM_LORAS DTYPE ADD NSETS LENS IDX\n");
+  if (argc != 9 && argc != 10) {
+    fprintf(stderr, "usage: bench HIDDEN RANK NUM_LORAS DTYPE ADD NSETS LENS IDX [PLAN]\n");
     return 2;
   }
   int64_t hidden = atoll(argv[1]), rank = atoll(argv[2]), loras = atoll(argv[3]);
@@ -91,9 +92,7 @@ int main(int argc, char **argv) {
   CU(cuMemcpyHtoD(dlen, lens, 4 * batches));
   CU(cuMemcpyHtoD(didx, idx, 4 * batches));
 
-  sgmv_expand_args_t a;
-  memset(&a, 0, sizeof a);
-  a.struct_size = sizeof a;
+  sgmv_expand_args_t a = SGMV_EXPAND_ARGS_INIT;
   a.inputs_dtype = a.weights_dtype = a.output_dtype = dtype ? SGMV_DTYPE_BFLOAT16 : SGMV_DTYPE_FLOAT16;
   a.inputs_row_stride = rank;
   a.weights_lora_stride = hidden * rank;
@@ -111,6 +110,26 @@ int main(int argc, char **argv) {
   a.max_seq_length = max_len;
   a.add_inputs = add;
   a.stream = (sgmv_stream_t)stream;
+  if (argc == 10 && atoi(argv[9])) {
+    sgmv_batch_plan_args_t p = SGMV_BATCH_PLAN_ARGS_INIT;
+    CUdeviceptr plan;
+    p.plan_bytes = sgmv_batch_plan_bytes(batches, total);
+    CU(cuMemAlloc(&plan, p.plan_bytes));
+    p.plan = (void *)plan;
+    const void *meta[3] = {(const void *)dstart, (const void *)dlen, (const void *)didx};
+    sgmv_tensor_t *t[3] = {&p.seq_start, &p.seq_len, &p.lora_indices};
+    for (int i = 0; i < 3; i++) {
+      t[i]->data = meta[i], t[i]->dtype = SGMV_DTYPE_INT32, t[i]->ndim = 1;
+      t[i]->shape[0] = batches, t[i]->strides[0] = 1;
+    }
+    p.batches = batches, p.total_tokens = total, p.num_loras = loras, p.stream = (sgmv_stream_t)stream;
+    sgmv_status_t st = sgmv_batch_plan_build(&p);
+    if (st) {
+      fprintf(stderr, "bench: sgmv_batch_plan_build: %s: %s\n", sgmv_status_string(st), sgmv_last_error());
+      return 1;
+    }
+    a.batch_plan = p.plan, a.batch_plan_bytes = p.plan_bytes;
+  }
 
 #define LAUNCH(s)                                                                      \
   do {                                                                                 \

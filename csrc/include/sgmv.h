@@ -18,10 +18,10 @@
 #include <stdint.h>
 
 #define SGMV_VERSION_MAJOR 0
-#define SGMV_VERSION_MINOR 1
+#define SGMV_VERSION_MINOR 2
 #define SGMV_VERSION_PATCH 0
 /* MAJOR * 10000 + MINOR * 100 + PATCH, as returned by sgmv_version(). */
-#define SGMV_VERSION 100
+#define SGMV_VERSION 200
 
 #if defined(_WIN32)
 #define SGMV_API
@@ -57,9 +57,11 @@ typedef enum {
 /* The same type as CUstream and cudaStream_t. NULL is the legacy default stream. */
 typedef struct CUstream_st *sgmv_stream_t;
 
-/* Arguments of sgmv_expand. Set struct_size = sizeof(sgmv_expand_args_t): fields are only ever
- * appended, and a caller built against an older header keeps working. Strides are in elements;
- * the last dimension of every tensor has unit stride. */
+/* Arguments of sgmv_expand. Initialise with SGMV_EXPAND_ARGS_INIT (or sgmv_expand_args_init), which
+ * sets struct_size: fields are only ever appended, a caller built against an older header keeps
+ * working (the fields it lacks take their defaults, zero), and a caller built against a newer
+ * header gets SGMV_ERROR_INVALID_ARGUMENT from an older library. Strides are in elements; the
+ * last dimension of every tensor has unit stride. */
 typedef struct {
   size_t struct_size;
 
@@ -86,15 +88,114 @@ typedef struct {
   const void *lora_indices;      /* (batches,) adapter of each segment, -1: skipped */
   sgmv_dtype_t metadata_dtype;   /* int32 or int64, for all three */
   int64_t batches;               /* 0 .. 2^30 - 1; segments must not overlap */
-  int64_t max_seq_length;        /* >= 0: sizes the grid; any value gives correct results */
+  int64_t max_seq_length;        /* >= 0: picks the tile; any value gives correct results */
 
   int32_t add_inputs;            /* nonzero: out += product; zero: out = product */
   sgmv_stream_t stream;
+  /* ---- end of version 0.1 ---- */
+
+  /* A batch plan built by sgmv_batch_plan_build from these metadata, or NULL. With a plan every
+   * program computes a dense tile of one adapter's rows (decode, speculative and mixed batches
+   * run several times faster); the metadata pointers are then not read. */
+  const void *batch_plan;
+  size_t batch_plan_bytes;
 } sgmv_expand_args_t;
+
+#define SGMV_EXPAND_ARGS_INIT SGMV_STRUCT_INIT(sgmv_expand_args_t)
+/* Zeroes *args and sets its struct_size (for callers without the macro). */
+SGMV_API void sgmv_expand_args_init(sgmv_expand_args_t *args);
 
 /* Launches SGMV expand on args->stream (asynchronous). All arguments are checked before the
  * driver is touched; on error nothing is launched and sgmv_last_error() says why. */
 SGMV_API sgmv_status_t sgmv_expand(const sgmv_expand_args_t *args);
+
+/* ---- tensors: what a binding describes (Python's sgmv.sgmv_expand goes through these) -------- */
+
+/* An array in GPU memory: dims 1 to 4, strides in elements. */
+typedef struct {
+  const void *data;
+  sgmv_dtype_t dtype;
+  int32_t ndim;
+  int64_t shape[4];
+  int64_t strides[4];
+} sgmv_tensor_t;
+
+/* sgmv_expand's arguments as tensors, with the shape rules checked by the library: inputs
+ * (total_tokens, rank); weights (num_loras, hidden, rank) or (num_loras, 1, hidden, rank); output
+ * (total_tokens, hidden); metadata 1-D, contiguous, one integer dtype, at least batches entries. */
+typedef struct {
+  size_t struct_size;
+  sgmv_tensor_t inputs, weights, output, seq_start, seq_len, lora_indices;
+  int64_t batches;
+  int64_t max_seq_length;
+  int32_t add_inputs;
+  sgmv_stream_t stream;
+  const void *batch_plan;
+  size_t batch_plan_bytes;
+} sgmv_expand_tensors_t;
+
+#define SGMV_EXPAND_TENSORS_INIT SGMV_STRUCT_INIT(sgmv_expand_tensors_t)
+
+/* Checks the tensors' shapes and fills *args (struct_size set by the library). */
+SGMV_API sgmv_status_t sgmv_expand_args_from_tensors(const sgmv_expand_tensors_t *tensors, sgmv_expand_args_t *args);
+/* sgmv_expand_args_from_tensors, then sgmv_expand. */
+SGMV_API sgmv_status_t sgmv_expand_tensors(const sgmv_expand_tensors_t *tensors);
+
+/* ---- the per-step batch plan ----------------------------------------------------------------- */
+
+/* Device bytes of a plan for up to max_batches segments (at most SGMV_PLAN_MAX_BATCHES) and
+ * max_tokens rows; 0 if either is out of range. One plan serves every expand call of a step. */
+#define SGMV_PLAN_MAX_BATCHES 4096
+SGMV_API size_t sgmv_batch_plan_bytes(int64_t max_batches, int64_t max_tokens);
+
+typedef struct {
+  size_t struct_size;
+  void *plan;                    /* device memory the caller owns, 4-byte aligned */
+  size_t plan_bytes;             /* >= sgmv_batch_plan_bytes(batches, total_tokens) */
+  sgmv_tensor_t seq_start, seq_len, lora_indices;  /* 1-D, contiguous, one integer dtype */
+  int64_t batches;               /* 0 .. SGMV_PLAN_MAX_BATCHES */
+  int64_t total_tokens;
+  int64_t num_loras;
+  sgmv_stream_t stream;
+} sgmv_batch_plan_args_t;
+
+#define SGMV_BATCH_PLAN_ARGS_INIT SGMV_STRUCT_INIT(sgmv_batch_plan_args_t)
+
+/* Builds the plan on args->stream: one small launch, no allocation, no host synchronisation, so
+ * it can be captured in a CUDA graph with the expand calls that use it. The plan reads the
+ * metadata when it runs; rebuild it when they change. */
+SGMV_API sgmv_status_t sgmv_batch_plan_build(const sgmv_batch_plan_args_t *args);
+
+/* ---- launch configuration: the planner, without the driver ---------------------------------- */
+
+/* The kernel's paths (python/sgmv/kernels.py): ROWS tiles segment by segment (by segment or,
+ * with flat, over all segments' row tiles), SHORT takes row j of block_m segments (decode), both
+ * without a plan; GROUPED computes tiles of one adapter's rows listed by a batch plan. */
+typedef enum { SGMV_PATH_ROWS = 0, SGMV_PATH_SHORT = 1, SGMV_PATH_GROUPED = 2 } sgmv_path_t;
+
+/* Everything a launch of one of the library's kernels needs beyond the arguments themselves.
+ * sgmv_expand launches exactly this; the Triton JIT path launches the same. */
+typedef struct {
+  size_t struct_size;
+  int32_t noop;                  /* 1: nothing to launch (no rows) */
+  const char *kernel;            /* "sgmv_expand_kernel" or "sgmv_plan_kernel" */
+  const char *tile;              /* name in the tile table (aot/tiles.json) */
+  int32_t block_m, block_n, block_k, num_warps, num_stages;
+  int32_t even_k;
+  int32_t block_b, rows;         /* the plan kernel's constexprs */
+  int32_t path;                  /* sgmv_path_t, the PATH constexpr */
+  int32_t flat;                  /* SGMV_PATH_ROWS: 1 over all segments' row tiles, 0 by segment */
+  int32_t meta_shift;            /* 0: int32 metadata, 1: int64 */
+  int64_t plan_capacity;         /* row slots of the batch plan */
+  uint32_t grid[3];
+} sgmv_launch_config_t;
+
+/* The launch sgmv_expand would make on a GPU of cubin family cubin_arch (80, 90, 100, 120),
+ * after the same checks (same statuses and messages). */
+SGMV_API sgmv_status_t sgmv_expand_config(const sgmv_expand_args_t *args, int cubin_arch, sgmv_launch_config_t *config);
+/* Likewise for sgmv_batch_plan_build. */
+SGMV_API sgmv_status_t sgmv_batch_plan_config(const sgmv_batch_plan_args_t *args, int cubin_arch,
+                                              sgmv_launch_config_t *config);
 
 /* SGMV_VERSION of the loaded library. */
 SGMV_API int sgmv_version(void);
@@ -112,9 +213,20 @@ SGMV_API sgmv_status_t sgmv_device_count(int *count);
  * uses on it (80, 90, 100 or 120; 0 if none fits: sgmv_expand then returns
  * SGMV_ERROR_UNSUPPORTED_ARCH). */
 SGMV_API sgmv_status_t sgmv_device_arch(int device, int *compute_capability, int *cubin_arch);
+/* The cubin family this build uses for a compute capability (major * 10 + minor); 0 if none. */
+SGMV_API int sgmv_cubin_arch(int compute_capability);
 
 #ifdef __cplusplus
 }
+#endif
+
+/* SGMV_STRUCT_INIT(T): a T with every field zero but struct_size = sizeof(T). */
+#ifdef __cplusplus
+template <typename T> inline T sgmv_struct_init() { T t = T(); t.struct_size = sizeof(T); return t; }
+#define SGMV_STRUCT_INIT(T) sgmv_struct_init<T>()
+#endif
+#ifndef __cplusplus
+#define SGMV_STRUCT_INIT(T) {.struct_size = sizeof(T)}
 #endif
 
 #endif /* SGMV_H */

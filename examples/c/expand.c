@@ -69,9 +69,7 @@ int main(void) {
   CUDA_CHECK(cudaMemcpy(didx, idx, sizeof idx, cudaMemcpyHostToDevice));
 
   /* Zero the struct first: fields added by later versions then read as their defaults. */
-  sgmv_expand_args_t a;
-  memset(&a, 0, sizeof a);
-  a.struct_size = sizeof a;
+  sgmv_expand_args_t a = SGMV_EXPAND_ARGS_INIT;
   a.inputs = dx;
   a.inputs_dtype = SGMV_DTYPE_BFLOAT16;
   a.inputs_row_stride = R;

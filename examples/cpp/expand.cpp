@@ -86,8 +86,7 @@ int run() {
   DeviceVector<float> dout(out0);
   DeviceVector<int32_t> dstart(start), dlen(len), didx(idx);
 
-  sgmv_expand_args_t a{};  // zeroed: fields added by later versions read as their defaults
-  a.struct_size = sizeof a;
+  sgmv_expand_args_t a = SGMV_EXPAND_ARGS_INIT;  // fields added by later versions read as their defaults
   a.inputs = dx.ptr;
   a.inputs_dtype = SGMV_DTYPE_BFLOAT16;
   a.inputs_row_stride = R;

@@ -16,33 +16,35 @@ import tempfile
 import time
 from pathlib import Path
 
-# name, layout, hidden, rank, adapters, dtype, add_inputs
+# name, layout, hidden, rank, adapters, dtype, add_inputs. The first twelve are the serving
+# batches of the performance issue (same names; peers measured there on the same H100 kind).
 SUITE = [
-    ("decode 256x1 N4096 r16 a4", "decode:256", 4096, 16, 4, "bf16", True),
-    ("decode 256x1 N4096 r64 a16", "decode:256", 4096, 64, 16, "bf16", True),
-    ("decode 64x1 N4096 r8 a4", "decode:64", 4096, 8, 4, "bf16", True),
-    ("decode 32x1 N14336 r64 a8", "decode:32", 14336, 64, 8, "bf16", True),
-    ("decode 128x1 N8192 r32 a64", "decode:128", 8192, 32, 64, "bf16", True),
-    ("decode 256x1 N28672 r16 a8", "decode:256", 28672, 16, 8, "bf16", True),
-    ("spec 64x4 N4096 r16 a8", "spec:64:4", 4096, 16, 8, "bf16", True),
-    ("spec 32x2-8 N5120 r64 a16", "spec:32:2-8", 5120, 64, 16, "bf16", True),
-    ("short 128x16 N4096 r16 a8", "uniform:128:16", 4096, 16, 8, "bf16", True),
-    ("prefill 4x512 N4096 r16 a4", "uniform:4:512", 4096, 16, 4, "bf16", True),
-    ("prefill 8x1024 N4096 r64 a8", "uniform:8:1024", 4096, 64, 8, "bf16", True),
-    ("prefill 16x4096 N4096 r32 a4", "uniform:16:4096", 4096, 32, 4, "bf16", True),
-    ("prefill 4x2048 N14336 r16 a2", "uniform:4:2048", 14336, 16, 2, "bf16", True),
-    ("prefill 2x4096 N28672 r8 a1", "uniform:2:4096", 28672, 8, 1, "bf16", True),
-    ("prefill 8x1024 N8192 r128 a8", "uniform:8:1024", 8192, 128, 8, "bf16", True),
-    ("chunked 2048+64x1 N4096 r16 a8", "chunked:2048:64", 4096, 16, 8, "bf16", True),
-    ("chunked 2x1024+128x1 N5120 r32", "chunked:1024,1024:128", 5120, 32, 16, "bf16", True),
-    ("skewed 4000+8x10 N4096 r16 a4", "skewed:4000:8:10", 4096, 16, 4, "bf16", True),
-    ("skewed 8000+32x1 N14336 r64 a8", "skewed:8000:32:1", 14336, 64, 8, "bf16", True),
-    ("zipf 32 segs N4096 r32 a16", "zipf:32:8192", 4096, 32, 16, "bf16", True),
-    ("decode 256x1 N4096 r16 fp16 noadd", "decode:256", 4096, 16, 4, "fp16", False),
-    ("prefill 8x1024 N4096 r64 fp16 noadd", "uniform:8:1024", 4096, 64, 8, "fp16", False),
-    ("zipf 64 segs N8192 r16 fp16", "zipf:64:16384", 8192, 16, 8, "fp16", True),
+    ("decode 256x1 N4096 r16, 4 adapters", "decode:256", 4096, 16, 4, "bf16", True),
+    ("decode 64x1 N14336 r64, 8", "decode:64", 14336, 64, 8, "bf16", True),
+    ("decode 128x1 N8192 r32, 64", "decode:128", 8192, 32, 64, "bf16", True),
+    ("decode 512x1 N4096 r16, 32", "decode:512", 4096, 16, 32, "bf16", True),
+    ("spec 64x4 N4096 r16, 8", "uniform:64:4", 4096, 16, 8, "bf16", True),
+    ("mixed 2048+64x1 N4096 r16, 8", "chunked:2048:64", 4096, 16, 8, "bf16", True),
+    ("mixed 512+192x1 N6144 r32, 16", "chunked:512:192", 6144, 32, 16, "bf16", True),
+    ("mixed 3x700+100x1 N14336 r16, 8", "chunked:700,700,700:100", 14336, 16, 8, "bf16", True),
+    ("skewed 4000+8x10 N4096 r16, 4", "skewed:4000:8:10", 4096, 16, 4, "bf16", True),
+    ("prefill 8x1024 N4096 r64, 8", "uniform:8:1024", 4096, 64, 8, "bf16", True),
+    ("prefill 16x4096 N4096 r32, 4", "uniform:16:4096", 4096, 32, 4, "bf16", True),
+    ("prefill 2x4096 N28672 r8, 1", "uniform:2:4096", 28672, 8, 1, "bf16", True),
+    ("prefill 4x2048 N14336 r16, 2", "uniform:4:2048", 14336, 16, 2, "bf16", True),
+    ("zipf 64 segs N8192 r16, 8 fp16", "zipf:64:16384", 8192, 16, 8, "fp16", True),
+    ("decode 256x1 N4096 r16, 4 fp16 noadd", "decode:256", 4096, 16, 4, "fp16", False),
 ]
-PROVIDERS = ("aot-c", "aot", "jit", "seed", "torch")
+# The peers' figures from the issue (us; vLLM lora_expand, SGLang csgmv), H100, same method.
+PEERS = {
+    "decode 256x1 N4096 r16, 4 adapters": (6.9, 6.2), "decode 64x1 N14336 r64, 8": (15.1, 27.5),
+    "decode 128x1 N8192 r32, 64": (22.6, 26.2), "decode 512x1 N4096 r16, 32": (17.1, 11.7),
+    "spec 64x4 N4096 r16, 8": (7.1, 6.4), "mixed 2048+64x1 N4096 r16, 8": (21.8, 24.5),
+    "mixed 512+192x1 N6144 r32, 16": (18.6, 24.7), "mixed 3x700+100x1 N14336 r16, 8": (68.2, 76.6),
+    "skewed 4000+8x10 N4096 r16, 4": (31.8, 46.2), "prefill 8x1024 N4096 r64, 8": (72.7, 368.4),
+    "prefill 16x4096 N4096 r32, 4": (472.1, 1076.8), "prefill 2x4096 N28672 r8, 1": (581.9, 518.9),
+}
+PROVIDERS = ("plan", "aot", "aot-c-plan", "aot-c", "jit-plan", "torch")
 
 
 def segment_lengths(layout, rng):
@@ -72,15 +74,22 @@ class Case:
         rng = random.Random(name)
         self.name, self.hidden, self.rank, self.adapters, self.dtype, self.add = name, hidden, rank, adapters, dtype, add
         self.lens = segment_lengths(layout, rng)
-        self.idx = [rng.randrange(adapters) for _ in self.lens]
+        # Adapters drawn zipf-distributed; batches of 32 or more segments have 1/16 of them at -1.
+        self.idx = rng.choices(range(adapters), weights=[1 / (a + 1) for a in range(adapters)], k=len(self.lens))
+        if len(self.lens) >= 32:
+            for i in rng.sample(range(len(self.lens)), len(self.lens) // 16):
+                self.idx[i] = -1
         self.starts = [sum(self.lens[:i]) for i in range(len(self.lens))]
         self.tokens = sum(self.lens)
 
     def floor_bytes(self):
+        """Bytes that must move: the rows of segments with an adapter (inputs, output read with
+        add_inputs and written) and each adapter's weights once."""
         esize = 2
-        x = self.tokens * self.rank * esize
-        w = len(set(self.idx)) * self.hidden * self.rank * esize
-        out = self.tokens * self.hidden * esize * (2 if self.add else 1)
+        rows = sum(n for n, i in zip(self.lens, self.idx) if i >= 0)
+        x = rows * self.rank * esize
+        w = len({i for i in self.idx if i >= 0}) * self.hidden * self.rank * esize
+        out = rows * self.hidden * esize * (2 if self.add else 1)
         return x + w + out
 
 
@@ -154,14 +163,16 @@ def make_sets(torch, case, l2_bytes):
     return sets, meta
 
 
-def _c_bench(case, nsets):
+def _c_bench(case, nsets, plan):
     """(gpu_us, host_us) from benchmarks/c/bench.c, compiled here against the installed library."""
     from . import capi
     src = Path(os.path.abspath(__file__)).parent / "bench_c" / "bench.c"
+    if not src.exists():  # a source checkout
+        src = Path(os.path.abspath(__file__)).parent.parent.parent / "benchmarks" / "c" / "bench.c"
     if not src.exists() or not shutil.which("gcc"):
         return None
     import triton.backends.nvidia as nv
-    exe = Path(tempfile.gettempdir()) / "sgmv_bench_c"
+    exe = Path(tempfile.gettempdir()) / f"sgmv_bench_c_{os.getpid()}"
     if not exe.exists():
         lib = capi.library_path()
         subprocess.run(["gcc", "-std=c99", "-O2", "-D_POSIX_C_SOURCE=199309L", "-I", str(capi.INCLUDE_DIR),
@@ -169,24 +180,25 @@ def _c_bench(case, nsets):
                         f"-l:{lib.name}", f"-Wl,-rpath,{lib.parent}", "-lcuda", "-o", str(exe)], check=True)
     r = subprocess.run([str(exe), str(case.hidden), str(case.rank), str(case.adapters),
                         "1" if case.dtype == "bf16" else "0", str(int(case.add)), str(nsets),
-                        ",".join(map(str, case.lens)), ",".join(map(str, case.idx))],
+                        ",".join(map(str, case.lens)), ",".join(map(str, case.idx)), str(int(plan))],
                        capture_output=True, text=True, timeout=120)
     if r.returncode:
         raise RuntimeError(r.stderr.strip())
     return json.loads(r.stdout)
 
 
-def _launchers(torch, provider, case, sets, meta):
-    from . import aot, jit
+def _launchers(torch, provider, case, sets, meta, plan):
+    from . import binding, jit
     max_len = max(case.lens)
     args = lambda s: (*s, *meta, len(case.lens), max_len, case.add)  # noqa: E731
     if provider == "aot":
-        return [lambda s=s: aot.sgmv_expand(*args(s)) for s in sets]
-    if provider == "jit":
-        return [lambda s=s: jit.sgmv_expand(*args(s)) for s in sets]
-    if provider == "seed":
-        from ._seed import seed_expand
-        return [lambda s=s: seed_expand(*args(s)) for s in sets]
+        return [lambda s=s: binding.sgmv_expand(*args(s)) for s in sets]
+    if provider == "plan":
+        return [lambda s=s: binding.sgmv_expand(*args(s), batch_plan=plan) for s in sets]
+    if provider == "jit-plan":
+        return [lambda s=s: jit.sgmv_expand(*args(s), batch_plan=plan) for s in sets]
+    if provider == "plan-build":
+        return [lambda: binding.batch_plan(*meta, len(case.lens), case.tokens, case.adapters, out=plan)]
     if provider == "torch":
         segs = list(zip(case.starts, case.lens, case.idx))
 
@@ -202,7 +214,12 @@ def _launchers(torch, provider, case, sets, meta):
 
 
 def run(out_dir, providers=PROVIDERS, cases=None, progress=True):
-    import torch
+    try:
+        import torch
+    except ImportError:
+        print("sgmv bench: needs torch (pip install torch) and a CUDA GPU")
+        return 2
+    from . import binding
     if not torch.cuda.is_available():
         print("sgmv bench: no CUDA GPU visible to torch: there is nothing to time on this machine.")
         return 2
@@ -216,7 +233,10 @@ def run(out_dir, providers=PROVIDERS, cases=None, progress=True):
     total = len(suite) * len(providers)
     for ci, case in enumerate(suite):
         sets, meta = make_sets(torch, case, l2)
+        plan = binding.batch_plan(*meta, len(case.lens), case.tokens, case.adapters)
         floor_us = case.floor_bytes() / bw * 1e6
+        build = _launchers(torch, "plan-build", case, sets, meta, plan)
+        plan_build = dict(gpu_us=graph_time_us(torch, build), host_us=host_time_us(torch, build))
         for pi, provider in enumerate(providers):
             if progress:  # a bar on a terminal, a line per step in a log
                 done = ci * len(providers) + pi
@@ -225,15 +245,15 @@ def run(out_dir, providers=PROVIDERS, cases=None, progress=True):
                 print(f"{chr(13) if tty else ''}[{bar:30}] {done}/{total} {case.name[:36]:36} {provider:6}",
                       end="" if tty else "\n", file=sys.stderr, flush=True)
             r = dict(case=case.name, provider=provider, floor_us=floor_us, tokens=case.tokens,
-                     hidden=case.hidden, rank=case.rank, segments=len(case.lens))
+                     hidden=case.hidden, rank=case.rank, segments=len(case.lens), plan_build=plan_build)
             try:
-                if provider == "aot-c":
-                    got = _c_bench(case, len(sets))
+                if provider in ("aot-c", "aot-c-plan"):
+                    got = _c_bench(case, len(sets), provider == "aot-c-plan")
                     if got is None:
                         continue
                     r.update(got)
                 else:
-                    fns = _launchers(torch, provider, case, sets, meta)
+                    fns = _launchers(torch, provider, case, sets, meta, plan)
                     r["gpu_us"] = graph_time_us(torch, fns)
                     r["host_us"] = host_time_us(torch, fns)
                 r["pct_floor"] = 100 * floor_us / r["gpu_us"]
@@ -241,15 +261,11 @@ def run(out_dir, providers=PROVIDERS, cases=None, progress=True):
             except Exception as e:  # a provider that fails is reported, not fatal
                 r["error"] = f"{type(e).__name__}: {e}"[:200]
             results.append(r)
-        del sets
+        del sets, plan
         torch.cuda.empty_cache()
     if progress:
         print(f"\r[{'#' * 30}] {total}/{total}" + " " * 50, file=sys.stderr)
 
-    for r in results:
-        base = next((b for b in results if b["case"] == r["case"] and b["provider"] == "seed" and "gpu_us" in b), None)
-        if base and "gpu_us" in r:
-            r["speedup_vs_seed"] = base["gpu_us"] / r["gpu_us"]
     meta = dict(device=props.name, copy_bandwidth_tbps=bw / 1e12, l2_bytes=l2, torch=torch.__version__,
                 command="sgmv bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "sgmv bench")
     (out_dir / "results.json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))
@@ -266,26 +282,32 @@ def run(out_dir, providers=PROVIDERS, cases=None, progress=True):
 
 def format_table(results, providers):
     cases = list(dict.fromkeys(r["case"] for r in results))
-    head = "| case | floor us | " + " | ".join(providers) + " | aot host us (C / py) |"
-    lines = [head, "|" + "---|" * (len(providers) + 3)]
+    head = ("| case | floor us | " + " | ".join(providers) +
+            " | vLLM / SGLang (issue) | plan build us (GPU / host) | host us (C / C plan / py / py plan) |")
+    lines = [head, "|" + "---|" * (len(providers) + 5)]
     for c in cases:
         rs = {r["provider"]: r for r in results if r["case"] == c}
         cells = []
         for p in providers:
             r = rs.get(p, {})
             cells.append(f"{r['gpu_us']:.1f} ({r['pct_floor']:.0f}%)" if "gpu_us" in r else r.get("error", "-")[:20])
-        host = " / ".join(f"{rs[p]['host_us']:.1f}" if "host_us" in rs.get(p, {}) else "-" for p in ("aot-c", "aot"))
-        floor = next(iter(rs.values()))["floor_us"]
-        lines.append(f"| {c} | {floor:.1f} | " + " | ".join(cells) + f" | {host} |")
+        host = " / ".join(f"{rs[p]['host_us']:.1f}" if "host_us" in rs.get(p, {}) else "-"
+                          for p in ("aot-c", "aot-c-plan", "aot", "plan"))
+        first = next(iter(rs.values()))
+        peers = " / ".join(f"{v:.1f}" for v in PEERS[c]) if c in PEERS else "-"
+        build = first["plan_build"]
+        lines.append(f"| {c} | {first['floor_us']:.1f} | " + " | ".join(cells) +
+                     f" | {peers} | {build['gpu_us']:.1f} / {build['host_us']:.1f} | {host} |")
     return "\n".join(lines)
 
 
 def _summary(results):
-    aot = {r["case"]: r for r in results if r["provider"] == "aot" and "gpu_us" in r}
-    sp = [r["speedup_vs_seed"] for r in aot.values() if "speedup_vs_seed" in r]
-    if sp:
-        print(f"aot vs seed tiles: geometric mean speedup {math.exp(sum(map(math.log, sp)) / len(sp)):.2f}x "
-              f"over {len(sp)} cases")
+    """Each issue case: the plan path against the faster peer."""
+    for r in results:
+        if r["provider"] == "plan" and "gpu_us" in r and r["case"] in PEERS:
+            best = min(PEERS[r["case"]])
+            print(f"{r['case']:36} plan {r['gpu_us']:7.1f} us, faster peer {best:7.1f} us: "
+                  f"{best / r['gpu_us']:.2f}x")
 
 
 def _plot(results, providers, path, device):

@@ -18,7 +18,11 @@ LIB_DIR = _PKG / "lib"
 # find_package(sgmv CONFIG) and pkg-config files for C/C++ builds.
 CMAKE_DIR = LIB_DIR / "cmake" / "sgmv"
 PKGCONFIG_DIR = LIB_DIR / "pkgconfig"
+# Installed beside the package; in a source checkout, csrc/include.
 HEADER = INCLUDE_DIR / "sgmv.h"
+if not HEADER.exists():
+    INCLUDE_DIR = _PKG.parent.parent / "csrc" / "include"
+    HEADER = INCLUDE_DIR / "sgmv.h"
 LIBRARY = LIB_DIR / "libsgmv.so.0"
 
 
@@ -54,6 +58,17 @@ class SgmvError(RuntimeError):
         self.status = status
 
 
+class InvalidArgument(SgmvError, ValueError):
+    """SGMV_ERROR_INVALID_ARGUMENT: an argument outside the contract."""
+
+
+class UnsupportedDtype(SgmvError, TypeError):
+    """SGMV_ERROR_UNSUPPORTED_DTYPE: a dtype or dtype combination the library does not serve."""
+
+
+_ERRORS = {1: InvalidArgument, 2: UnsupportedDtype}
+
+
 def library_path():
     return Path(os.environ.get("SGMV_LIBRARY") or LIBRARY)
 
@@ -86,8 +101,10 @@ def __getattr__(name):
 
 
 def check(status):
-    """Raises SgmvError for a non-zero status, with this thread's last error message."""
+    """Raises for a non-zero status, with this thread's last error message: ValueError and
+    TypeError (as InvalidArgument, UnsupportedDtype) for bad arguments, else SgmvError."""
     if status:
         lib = _lib or _load()
-        raise SgmvError(int(status), ffi.string(lib.sgmv_last_error()).decode(errors="replace")
-                        or ffi.string(lib.sgmv_status_string(status)).decode())
+        raise _ERRORS.get(int(status), SgmvError)(
+            int(status), ffi.string(lib.sgmv_last_error()).decode(errors="replace")
+            or ffi.string(lib.sgmv_status_string(status)).decode())

@@ -1,58 +1,87 @@
-"""SGMV expand through Triton's JIT: the same kernel source and tile table as libsgmv.so.
+"""SGMV expand through Triton's JIT: the same kernel source as libsgmv.so, launched with the
+configuration the library's planner gives (sgmv_expand_config), so both paths choose alike.
 
 On a machine without a GPU, set TRITON_INTERPRET=1 before importing this module to run the
-kernel on CPU tensors under Triton's interpreter (which does not support bfloat16 dots).
+kernel on CPU tensors under Triton's interpreter (which does not support bfloat16 dots); the
+interpreter is given sm_90's launch configuration.
 """
 import contextlib
 import os
 
 import torch
 
-from . import _contract
-from ._kernel import sgmv_expand_kernel
-from ._variants import ARCHS, TILES, grid, select_tile
+from . import binding, capi
+from .kernels import sgmv_expand_kernel, sgmv_plan_kernel
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def cubin_arch(device):
-    """The arch family whose tile rules apply on `device` (as the C dispatcher picks cubins)."""
-    if device.type != "cuda":
-        return 90  # the interpreter: use the H100's tiles
+    """The cubin family whose launch configuration applies on `device` (0: none)."""
+    if device < 0:
+        return 90  # the interpreter
     major, minor = torch.cuda.get_device_capability(device)
-    arch = 80 if major == 8 else major * 10 + minor
-    return arch if arch in ARCHS else 90
+    return capi.lib.sgmv_cubin_arch(major * 10 + minor)
 
 
-def launch_config(call, arch, tile=None):
-    """(tile, grid) for a validated call: the C dispatcher computes the same."""
-    t = TILES[tile or select_tile(arch, call.max_seq_length, call.rank, call.aligned)]
-    g = grid(t, call.batches, call.hidden, call.total_tokens, call.num_loras, call.max_seq_length)
-    if g[1] > 65535:
-        raise ValueError(f"hidden {call.hidden} needs {g[1]} column tiles of {t.block_n}, more than CUDA's 65535")
-    return t, g
+def _config(fn, args, device):
+    cfg = capi.ffi.new("sgmv_launch_config_t *")
+    capi.check(fn(args, cubin_arch(device), cfg))
+    return cfg
+
+
+def _words(m):
+    """Metadata as int32 words: int64 entries are word pairs (the kernel's meta_shift 1)."""
+    return m if m.dtype == torch.int32 else m.view(torch.int32)
+
+
+def _on(device):
+    return torch.cuda.device(device) if device >= 0 else contextlib.nullcontext()
+
+
+def launch_config(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                  batches, max_seq_length, add_inputs=False, batch_plan=None):
+    """(sgmv_expand_args_t, sgmv_launch_config_t, device) the library gives this call."""
+    tensors, device = binding.expand_tensors(inputs, lora_b_weights, output_tensor, b_seq_start_loc,
+                                             seq_len_tensor, lora_indices_tensor, batches, max_seq_length,
+                                             add_inputs, 0, batch_plan, allow_cpu=INTERPRETED)
+    a = capi.ffi.new("sgmv_expand_args_t *")
+    capi.check(capi.lib.sgmv_expand_args_from_tensors(tensors, a))
+    return a, _config(capi.lib.sgmv_expand_config, a, device), device
 
 
 def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
-                batches, max_seq_length, add_inputs=False, tile=None):
-    """Same contract as sgmv.sgmv_expand. `tile` names an entry of the tile table to force it."""
-    devices = ("cuda", "cpu") if INTERPRETED else ("cuda",)
-    c = _contract.check(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
-                        lora_indices_tensor, batches, max_seq_length, add_inputs, devices=devices)
-    if tile is not None and tile not in TILES:
-        raise ValueError(f"tile must be one of {sorted(TILES)}, got {tile!r}")
+                batches, max_seq_length, add_inputs=False, batch_plan=None):
+    """Same contract as sgmv.sgmv_expand, on torch's current stream."""
+    a, c, device = launch_config(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
+                                 lora_indices_tensor, batches, max_seq_length, add_inputs, batch_plan)
     if c.noop:
         return output_tensor
-    t, grid = launch_config(c, cubin_arch(output_tensor.device), tile)
-    with torch.cuda.device(output_tensor.device) if output_tensor.is_cuda else contextlib.nullcontext():
-        # Metadata goes in as int32 words; int64 entries are word pairs (meta_shift 1).
-        meta = [m if m.dtype == torch.int32 else m.view(torch.int32)
-                for m in (b_seq_start_loc, seq_len_tensor, lora_indices_tensor)]
-        sgmv_expand_kernel[grid](
-            inputs, lora_b_weights, output_tensor, *meta, c.batches, c.num_loras, c.total_tokens, c.hidden, c.rank,
-            int(c.seq_start.dtype == "int64"), c.x_stride, c.w_lora_stride, c.w_row_stride, c.out_stride,
-            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SHORT=t.short,
-            EVEN_K=c.rank % t.block_k == 0, ADD_INPUTS=add_inputs,
-            num_warps=t.num_warps, num_stages=t.num_stages)
+    meta = [_words(m) for m in (b_seq_start_loc, seq_len_tensor, lora_indices_tensor)]
+    with _on(device):
+        sgmv_expand_kernel[tuple(c.grid)](
+            x_ptr=inputs, w_ptr=lora_b_weights, out_ptr=output_tensor, seq_start_ptr=meta[0], seq_len_ptr=meta[1],
+            lora_idx_ptr=meta[2], plan_ptr=meta[0] if batch_plan is None else batch_plan, batches=a.batches,
+            num_loras=a.num_loras, total_tokens=a.total_tokens, N=a.hidden, K=a.rank, meta_shift=c.meta_shift,
+            add_inputs=int(a.add_inputs), flat=c.flat, plan_capacity=c.plan_capacity, x_stride_m=a.inputs_row_stride,
+            w_stride_l=a.weights_lora_stride, w_stride_n=a.weights_row_stride, out_stride_m=a.output_row_stride,
+            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, PATH=c.path, EVEN_K=bool(c.even_k),
+            num_warps=c.num_warps, num_stages=c.num_stages)
     return output_tensor
 
+
+def batch_plan(seq_start, seq_len, lora_indices, batches, total_tokens, num_loras, out=None, max_batches=None,
+               max_tokens=None):
+    """Same contract as sgmv.batch_plan, on torch's current stream."""
+    if out is None:
+        out = binding.new_plan(seq_start, batches, total_tokens, max_batches, max_tokens)
+    args, device = binding.plan_args(seq_start, seq_len, lora_indices, batches, total_tokens, num_loras, out, 0,
+                                     allow_cpu=INTERPRETED)
+    c = _config(capi.lib.sgmv_batch_plan_config, args, device)
+    meta = [_words(m) for m in (seq_start, seq_len, lora_indices)]
+    with _on(device):
+        sgmv_plan_kernel[tuple(c.grid)](
+            plan_ptr=out, seq_start_ptr=meta[0], seq_len_ptr=meta[1], lora_idx_ptr=meta[2], batches=args.batches,
+            num_loras=args.num_loras, total_tokens=args.total_tokens, meta_shift=c.meta_shift,
+            plan_capacity=c.plan_capacity, BLOCK_B=c.block_b, ROWS=c.rows, num_warps=c.num_warps, num_stages=1)
+    return out

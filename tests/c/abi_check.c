@@ -19,9 +19,7 @@ int main(void) {
 
   EXPECT(sgmv_expand(NULL) == SGMV_ERROR_INVALID_ARGUMENT);
 
-  sgmv_expand_args_t a;
-  memset(&a, 0, sizeof a);
-  a.struct_size = sizeof a;
+  sgmv_expand_args_t a = SGMV_EXPAND_ARGS_INIT;
   a.inputs_dtype = a.weights_dtype = a.output_dtype = SGMV_DTYPE_FLOAT16;
   a.metadata_dtype = SGMV_DTYPE_INT32;
   a.total_tokens = 4;

@@ -62,9 +62,7 @@ static double run_once(const char *where) {
   CU(cuMemcpyHtoD(dlen, len, sizeof len));
   CU(cuMemcpyHtoD(didx, idx, sizeof idx));
 
-  sgmv_expand_args_t a;
-  memset(&a, 0, sizeof a);
-  a.struct_size = sizeof a;
+  sgmv_expand_args_t a = SGMV_EXPAND_ARGS_INIT;
   a.inputs = (const void *)dx;
   a.inputs_dtype = SGMV_DTYPE_BFLOAT16;
   a.inputs_row_stride = R;

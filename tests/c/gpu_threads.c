@@ -20,9 +20,7 @@ static uint16_t expected[T * N], results[THREADS][T * N];
 static int failures;
 
 static int call(CUdeviceptr out, CUstream stream) {
-  sgmv_expand_args_t a;
-  memset(&a, 0, sizeof a);
-  a.struct_size = sizeof a;
+  sgmv_expand_args_t a = SGMV_EXPAND_ARGS_INIT;
   a.inputs = (const void *)dx;
   a.weights = (const void *)dw;
   a.output = (void *)out;

@@ -2,7 +2,7 @@
  * sgmv_last_error, sgmv_device_count and sgmv_device_arch. tests/test_sanitizers.py builds it:
  *
  *   clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -Icsrc -Icsrc/include
- *         tests/fuzz/fuzz_expand.c csrc/sgmv.c csrc/driver.c tests/fuzz/fake_variants.c tests/fuzz/no_driver.c
+ *         tests/fuzz/fuzz_expand.c csrc/sgmv.c csrc/planner.c csrc/driver.c tests/fuzz/fake_variants.c tests/fuzz/no_driver.c
  *         -Wl,--wrap=dlopen -pthread -ldl -o fuzz_expand
  *
  * No driver can load (no_driver.c), so every call either fails validation or stops at
@@ -18,6 +18,7 @@
  * A value is a tag byte, then by tag % 4: 0: int16; 1: special[byte] + int8; 2, 3: int64 (little endian).
  */
 #define _DEFAULT_SOURCE /* pthread barriers, MAP_ANONYMOUS under -std=c11 */
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -172,7 +173,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
   if (flags & 1) {
     CHECK(st == SGMV_ERROR_INVALID_ARGUMENT && strcmp(msg, "sgmv_expand: args is NULL") == 0);
-  } else if (a.struct_size < sizeof a) {
+  } else if (a.struct_size < offsetof(sgmv_expand_args_t, stream) + sizeof a.stream || a.struct_size > sizeof a) {
+    /* smaller than version 0.1's struct, or from a newer header */
     CHECK(st == SGMV_ERROR_INVALID_ARGUMENT && strstr(msg, "struct_size"));
   } else if (!dtypes_ok(&a)) {
     CHECK(st == SGMV_ERROR_UNSUPPORTED_DTYPE);

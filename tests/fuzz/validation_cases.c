@@ -6,6 +6,7 @@
 #define _DEFAULT_SOURCE /* pthread barriers, MAP_ANONYMOUS under -std=c11 */
 #include <pthread.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,9 +33,7 @@ static void *fake(int i) { return reserved + 4096 * i; }
 
 /* The arguments of tests/test_capi.py's valid_args(): they pass validation. */
 static sgmv_expand_args_t valid(void) {
-  sgmv_expand_args_t a;
-  memset(&a, 0, sizeof a);
-  a.struct_size = sizeof a;
+  sgmv_expand_args_t a = SGMV_EXPAND_ARGS_INIT;
   a.inputs = fake(1);
   a.inputs_dtype = FP16;
   a.inputs_row_stride = 16;
@@ -112,13 +111,30 @@ static void validation(void) {
   expect(__LINE__, "", sgmv_expand(NULL), INVALID, "sgmv_expand: args is NULL");
   OK();
 
-  /* struct_size: smaller is rejected, larger accepted (a newer caller's struct) */
-  const char *size_fmt = "sgmv_expand: args->struct_size is %zu, expected %zu: set it to sizeof(sgmv_expand_args_t)";
-  CASE(INVALID, f(size_fmt, (size_t)0, size), a.struct_size = 0);
-  CASE(INVALID, f(size_fmt, size - 1, size), a.struct_size = size - 1);
-  CASE(INVALID, f(size_fmt, (size_t)8, size), a.struct_size = 8);
-  OK(a.struct_size = size + 64);
-  OK(a.struct_size = SIZE_MAX);
+  /* struct_size: version 0.1's struct (without batch_plan) and today's are served, the fields a
+   * 0.1 caller lacks taking their defaults (a bad batch_plan past its struct_size is not read);
+   * smaller, and a newer header's larger struct, are rejected with their own messages. */
+  const size_t v0_1 = offsetof(sgmv_expand_args_t, stream) + sizeof(sgmv_stream_t);
+  const char *small_fmt = "sgmv_expand: args->struct_size is %zu, smaller than any version of sgmv_expand_args_t: "
+                          "initialise it with SGMV_EXPAND_ARGS_INIT";
+  const char *newer_fmt = "sgmv_expand: args->struct_size is %zu: the caller was built against a newer sgmv.h than "
+                          "this libsgmv %d.%d.%d (struct size %zu); update libsgmv";
+  CASE(INVALID, f(small_fmt, (size_t)0), a.struct_size = 0);
+  CASE(INVALID, f(small_fmt, (size_t)8), a.struct_size = 8);
+  CASE(INVALID, f(small_fmt, v0_1 - 1), a.struct_size = v0_1 - 1);
+  OK(a.struct_size = v0_1, a.batch_plan = (const void *)1, a.batch_plan_bytes = 3);
+  OK(a.struct_size = size);
+  CASE(INVALID, f(newer_fmt, size + 64, SGMV_VERSION_MAJOR, SGMV_VERSION_MINOR, SGMV_VERSION_PATCH, size),
+       a.struct_size = size + 64);
+  CASE(INVALID, f(newer_fmt, (size_t)SIZE_MAX, SGMV_VERSION_MAJOR, SGMV_VERSION_MINOR, SGMV_VERSION_PATCH, size),
+       a.struct_size = SIZE_MAX);
+  /* batch_plan: aligned and large enough, or rejected; with a plan the metadata are not read */
+  const char *plan_msg = "sgmv_expand: batch_plan_bytes 100 is smaller than sgmv_batch_plan_bytes(2, 10) = %zu";
+  CASE(INVALID, "sgmv_expand: batch_plan must be 4-byte aligned", a.batch_plan = (const char *)fake(7) + 2,
+       a.batch_plan_bytes = 1 << 20);
+  CASE(INVALID, f(plan_msg, sgmv_batch_plan_bytes(2, 10)), a.batch_plan = fake(7), a.batch_plan_bytes = 100);
+  OK(a.batch_plan = fake(7), a.batch_plan_bytes = sgmv_batch_plan_bytes(2, 10), a.seq_start = NULL, a.seq_len = NULL,
+     a.lora_indices = NULL);
 
   /* dtypes: every accepted combination, then each rule broken */
   for (int w = FP16; w <= BF16; w++)

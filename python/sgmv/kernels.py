@@ -1,0 +1,291 @@
+"""The Triton kernels of libsgmv: SGMV expand and the per-step batch plan it can use.
+
+    out[start_b + m, :] (+)= x[start_b + m, :K] @ W[idx_b, :, :K]^T
+
+This file imports triton only: the AOT build executes it on a machine without a GPU or torch.
+Nothing here chooses a tile, a grid or a path: csrc/planner.c does (sgmv_expand_config), for the
+AOT launch and for the JIT alike. The generator (aot/generate.py) takes the launcher's argument
+layout from these signatures and the scalar types in SIGNATURES.
+
+Paths of sgmv_expand_kernel (PATH, a constexpr; the grid the planner gives each):
+  ROWS    without a plan, by segment or flat (`flat`, a runtime argument):
+          by segment (batches, column tiles, row-tile programs): program (g, n, z) covers segment
+          g's row tiles z, z + num_programs(2), ...: uniform prefill;
+          flat (cdiv(total_tokens, BLOCK_M) + batches, column tiles, 1): program g computes the
+          g-th row tile of all segments' row tiles, found by a prefix search: a long segment
+          beside many short ones;
+  SHORT   (cdiv(batches, BLOCK_M), column tiles, adapter slots): row j of BLOCK_M segments,
+          one pass per distinct adapter: decode without a plan;
+  GROUPED (tiles the plan may hold, column tiles, 1): program g computes BLOCK_M rows of one
+          adapter, listed by the batch plan (sgmv_plan_kernel): every batch, with a plan.
+Every row of every valid segment is written once, whatever max_seq_length says (it only picks
+the tile), provided segments do not overlap.
+"""
+import triton
+import triton.language as tl
+
+PATH_ROWS, PATH_SHORT, PATH_GROUPED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+# The batch plan, in int32 words (csrc/planner.c sizes it): a header, then `capacity` row slots,
+# then one adapter per PLAN_ALIGN slots. Each adapter's rows start at a multiple of PLAN_ALIGN,
+# so a tile of BLOCK_M rows (a divisor of PLAN_ALIGN) never mixes adapters. Slot value -1: no row.
+PLAN_HEADER = tl.constexpr(4)  # [0] slots used (a multiple of PLAN_ALIGN), [1] batches, [2] capacity, [3] unused
+PLAN_ALIGN = tl.constexpr(64)
+
+# Scalar parameter types, in signature order (pointers, named *_ptr, take their dtype from the
+# variant). aot/generate.py checks these against the signatures.
+SIGNATURES = {
+    "sgmv_expand_kernel": {
+        "batches": "i32", "num_loras": "i32", "total_tokens": "i64", "N": "i32", "K": "i32",
+        "meta_shift": "i32", "add_inputs": "i32", "flat": "i32", "plan_capacity": "i64",
+        "x_stride_m": "i64", "w_stride_l": "i64", "w_stride_n": "i64", "out_stride_m": "i64",
+    },
+    "sgmv_plan_kernel": {
+        "batches": "i32", "num_loras": "i32", "total_tokens": "i64", "meta_shift": "i32", "plan_capacity": "i64",
+    },
+}
+
+
+# K is not specialised when it is 1: the AOT variants serve every rank with one code path, and
+# the JIT must run the same code to give the same bits.
+@triton.jit(do_not_specialize=["K"])
+def sgmv_expand_kernel(
+    x_ptr,  # (total_tokens, K) rows, unit stride along K
+    w_ptr,  # (num_loras, N, K), unit stride along K
+    out_ptr,  # (total_tokens, N) rows, unit stride along N
+    seq_start_ptr,  # (batches,) int32, or int64 read as pairs of int32 words (meta_shift 1)
+    seq_len_ptr,  # (batches,) likewise
+    lora_idx_ptr,  # (batches,) likewise
+    plan_ptr,  # int32 batch plan (GROUPED), else unused
+    batches,
+    num_loras,
+    total_tokens,
+    N,
+    K,
+    meta_shift,  # 0: int32 metadata, 1: int64 (one kernel serves both)
+    add_inputs,  # nonzero: out += product
+    flat,  # PATH_ROWS: 0 by segment, 1 flat
+    plan_capacity,  # row slots of the plan
+    x_stride_m,
+    w_stride_l,
+    w_stride_n,
+    out_stride_m,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PATH: tl.constexpr,  # PATH_*
+    EVEN_K: tl.constexpr,
+):
+    pid_g = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+
+    # All addresses are formed in int64: 87k tokens x 12288 columns already overflows int32.
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    w_cols = offs_n[None, :] * w_stride_n + offs_k[:, None]  # (BLOCK_K, BLOCK_N)
+
+    if PATH == PATH_GROUPED:  # the plan lists, per tile, BLOCK_M rows of one adapter
+        p0 = pid_g * BLOCK_M
+        if p0 < tl.load(plan_ptr):
+            rows = tl.load(plan_ptr + PLAN_HEADER + p0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+            lora = tl.load(plan_ptr + PLAN_HEADER + plan_capacity + p0 // PLAN_ALIGN).to(tl.int64)
+            # The plan is not trusted further than the metadata: rows and adapter are bounded here.
+            m_mask = (rows >= 0) & (rows < total_tokens)
+            if (lora >= 0) & (lora < num_loras) & (tl.max(m_mask.to(tl.int32), 0) > 0):
+                _tile(x_ptr, w_ptr + lora * w_stride_l, out_ptr, rows, m_mask, x_stride_m, out_stride_m, w_cols,
+                      offs_n, n_mask, offs_k, K, add_inputs, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+    elif PATH == PATH_SHORT:
+        # The BLOCK_M rows of a tile are BLOCK_M segments, row j of each. Program z takes the
+        # adapters a with a % num_programs(2) == z, one pass per adapter present, so an adapter's
+        # weight tile is read once per program however many of its segments use it.
+        segs = pid_g * BLOCK_M + tl.arange(0, BLOCK_M)
+        loras, starts, ends, valid = _segments(segs, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, batches,
+                                            num_loras, total_tokens)
+        mine = valid & (loras % tl.num_programs(2) == tl.program_id(2))
+        for j in range(0, tl.max(tl.where(mine, ends - starts, 0), axis=0)):
+            offs_m = starts + j
+            m_mask = mine & (offs_m < ends)
+            out_ptrs, out_mask, prior = _load_prior(out_ptr, offs_m, m_mask, offs_n, n_mask, out_stride_m, add_inputs)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            todo = m_mask
+            while tl.max(todo.to(tl.int32), axis=0) > 0:
+                adapter = tl.min(tl.where(todo, loras, num_loras), axis=0)
+                acc = _accumulate(acc, x_ptr, w_ptr + adapter * w_stride_l, offs_m, todo & (loras == adapter),
+                                  x_stride_m, w_cols, n_mask, offs_k, K, BLOCK_K, EVEN_K)
+                todo = todo & (loras != adapter)
+            _store(acc, prior, out_ptrs, out_mask, add_inputs)
+    elif flat == 0:  # PATH_ROWS by segment: program (g, n, z) covers segment g's row tiles z, z + num_programs(2), ...
+        lora, start, end, valid = _segments(pid_g, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, batches,
+                                            num_loras, total_tokens)
+        if valid:
+            for row0 in range(start + tl.program_id(2) * BLOCK_M, end, tl.num_programs(2) * BLOCK_M):
+                offs_m = row0 + tl.arange(0, BLOCK_M)
+                _tile(x_ptr, w_ptr + lora * w_stride_l, out_ptr, offs_m, offs_m < end, x_stride_m, out_stride_m,
+                      w_cols, offs_n, n_mask, offs_k, K, add_inputs, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+    else:  # PATH_ROWS, flat
+        # Program g computes the g-th row tile of the list of all segments' row tiles, found by a
+        # prefix sum over the segments, _SEARCH at a time; programs past the last tile idle.
+        found = tl.zeros((), tl.int32)
+        lora = tl.zeros((), tl.int64)
+        row0 = tl.zeros((), tl.int64)
+        end = tl.zeros((), tl.int64)
+        tiles_before = tl.zeros((), tl.int64)
+        b0 = tl.zeros((), tl.int64)
+        while (b0 < batches) & (found == 0):
+            segs = b0 + tl.arange(0, _SEARCH)
+            loras, starts, ends, valid = _segments(segs, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift,
+                                                   batches, num_loras, total_tokens)
+            tiles = tl.where(valid, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+            last = tiles_before + tl.cumsum(tiles, axis=0)
+            hit = (pid_g >= last - tiles) & (pid_g < last)  # at most one segment
+            # The hit segment's fields, taken from the vectors already loaded (no second round trip).
+            found = tl.max(hit.to(tl.int32), axis=0)
+            lora = tl.sum(tl.where(hit, loras, 0), axis=0)
+            row0 = tl.sum(tl.where(hit, starts + (pid_g - (last - tiles)) * BLOCK_M, 0), axis=0)
+            end = tl.sum(tl.where(hit, ends, 0), axis=0)
+            tiles_before += tl.sum(tiles, axis=0)
+            b0 += _SEARCH
+        if found != 0:
+            offs_m = row0 + tl.arange(0, BLOCK_M)
+            _tile(x_ptr, w_ptr + lora * w_stride_l, out_ptr, offs_m, offs_m < end, x_stride_m, out_stride_m, w_cols,
+                  offs_n, n_mask, offs_k, K, add_inputs, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+
+
+@triton.jit
+def sgmv_plan_kernel(
+    plan_ptr,  # int32, PLAN_HEADER + plan_capacity + plan_capacity // PLAN_ALIGN words
+    seq_start_ptr,
+    seq_len_ptr,
+    lora_idx_ptr,
+    batches,  # <= BLOCK_B
+    num_loras,
+    total_tokens,
+    meta_shift,
+    plan_capacity,  # a multiple of PLAN_ALIGN
+    BLOCK_B: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    """One program groups the step's rows by adapter: segments sorted by (adapter, index), each
+    adapter's rows given consecutive slots from a multiple of PLAN_ALIGN. Invalid segments get
+    none; rows past the capacity (only overlapping segments can need them) are dropped."""
+    segs = tl.arange(0, BLOCK_B)
+    lora, start, end, valid = _segments(segs, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, batches,
+                                        num_loras, total_tokens)
+    # Invalid segments sort last, as one empty group (adapter num_loras).
+    key = tl.where(valid, lora, num_loras) * BLOCK_B + segs
+    key = tl.sort(key)
+    seg = key % BLOCK_B
+    lora, start, end, valid = _segments(seg, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, batches,
+                                        num_loras, total_tokens)
+    group = key // BLOCK_B  # non-decreasing
+    length = tl.where(valid, end - start, 0)  # >= 1 where valid
+    # Row counts of the group up to and including (upto) and from (from_) each segment.
+    _, upto = tl.associative_scan((group, length), 0, _group_sum)
+    _, from_ = tl.associative_scan((group, length), 0, _group_sum, reverse=True)
+    count = upto + from_ - length
+    is_last = (from_ == length) & valid
+    padded = tl.where(is_last, (count + PLAN_ALIGN - 1) // PLAN_ALIGN * PLAN_ALIGN, 0)
+    group_begin = tl.cumsum(padded, 0) - padded  # slots of the groups before this one
+    first = group_begin + upto - length  # this segment's first slot
+    used = tl.minimum(tl.sum(padded, 0), plan_capacity)
+
+    rows_ptr = plan_ptr + PLAN_HEADER
+    lora_ptr = plan_ptr + PLAN_HEADER + plan_capacity
+    # Each segment's rows, ROWS per segment at a time.
+    r = tl.arange(0, ROWS)
+    for r0 in range(0, tl.max(length, 0), ROWS):
+        slot = first[:, None] + r0 + r[None, :]
+        mask = (r0 + r[None, :] < length[:, None]) & (slot < used)
+        tl.store(rows_ptr + slot, (start[:, None] + r0 + r[None, :]).to(tl.int32), mask=mask)
+    # The unused slots at the end of each group, and the group's adapter, once per PLAN_ALIGN slots.
+    a = tl.arange(0, PLAN_ALIGN)
+    hole = group_begin[:, None] + count[:, None] + a[None, :]
+    tl.store(rows_ptr + hole, -1, mask=is_last[:, None] & (count[:, None] + a[None, :] < padded[:, None]) &
+             (hole < used))
+    for c0 in range(0, tl.max(padded, 0) // PLAN_ALIGN, ROWS):
+        chunk = (group_begin[:, None] // PLAN_ALIGN) + c0 + r[None, :]
+        mask = is_last[:, None] & ((c0 + r[None, :]) * PLAN_ALIGN < padded[:, None]) & (chunk * PLAN_ALIGN < used)
+        tl.store(lora_ptr + chunk, lora[:, None].to(tl.int32) + 0 * r[None, :], mask=mask)
+    tl.store(plan_ptr + 1, batches)
+    tl.store(plan_ptr + 2, plan_capacity.to(tl.int32))
+    tl.store(plan_ptr, used.to(tl.int32))
+
+
+@triton.jit
+def _group_sum(ga, va, gb, vb):
+    """Sum within runs of equal group ids; associative because the ids are sorted."""
+    return gb, tl.where(ga == gb, va + vb, vb)
+
+
+@triton.jit
+def _tile(x_ptr, w_base, out_ptr, offs_m, m_mask, x_stride_m, out_stride_m, w_cols, offs_n, n_mask, offs_k, K,
+          add_inputs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """Rows offs_m (where m_mask) of one adapter, whose weights are at w_base."""
+    out_ptrs, out_mask, prior = _load_prior(out_ptr, offs_m, m_mask, offs_n, n_mask, out_stride_m, add_inputs)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _accumulate(acc, x_ptr, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, K, BLOCK_K, EVEN_K)
+    _store(acc, prior, out_ptrs, out_mask, add_inputs)
+
+
+_SEARCH = tl.constexpr(256)
+
+
+@triton.jit
+def _segments(segs, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, batches, num_loras, total_tokens):
+    """Adapter, first row, end row and validity of segments `segs`. Metadata is not trusted:
+    unknown adapters, negative starts or lengths, int64 values outside int32 are skipped, and a
+    segment past the last token is clipped."""
+    in_range = segs < batches
+    lora, lora_ok = _metadata(lora_idx_ptr, segs, in_range, meta_shift)
+    start, start_ok = _metadata(seq_start_ptr, segs, in_range, meta_shift)
+    length, length_ok = _metadata(seq_len_ptr, segs, in_range, meta_shift)
+    end = tl.minimum(start + length, total_tokens)
+    valid = in_range & lora_ok & start_ok & length_ok & (lora >= 0) & (lora < num_loras) & (start >= 0) & (end > start)
+    return lora, start, end, valid
+
+
+@triton.jit
+def _metadata(ptr, segs, mask, meta_shift):
+    """Entries `segs` of an int32 array (meta_shift 0) or of an int64 one read as int32 words
+    (meta_shift 1: low word, and the high word only to check that the value fits in int32)."""
+    lo = tl.load(ptr + (segs << meta_shift), mask=mask, other=0)
+    hi = tl.load(ptr + (segs << meta_shift) + 1, mask=mask & (meta_shift != 0), other=0)
+    return lo.to(tl.int64), (meta_shift == 0) | (hi == (lo >> 31))
+
+
+@triton.jit
+def _load_prior(out_ptr, offs_m, m_mask, offs_n, n_mask, out_stride_m, add_inputs):
+    """The output tile's addresses and mask, and with add_inputs its old values, loaded before
+    the products so that the load overlaps them."""
+    out_ptrs = out_ptr + offs_m[:, None] * out_stride_m + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    prior = tl.load(out_ptrs, mask=out_mask & (add_inputs != 0), other=0.0)
+    return out_ptrs, out_mask, prior
+
+
+@triton.jit
+def _accumulate(acc, x_ptr, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, K, BLOCK_K: tl.constexpr,
+                EVEN_K: tl.constexpr):
+    """acc += x[offs_m, :K] @ w_base[cols, :K]^T over the rows in m_mask (others add zero)."""
+    x_rows = x_ptr + offs_m[:, None] * x_stride_m
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x_mask = m_mask[:, None]
+            w_mask = n_mask[None, :]
+        else:
+            x_mask = m_mask[:, None] & (offs_k[None, :] < K - k0)
+            w_mask = n_mask[None, :] & (offs_k[:, None] < K - k0)
+        x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=x_mask, other=0.0)
+        w = tl.load(w_base + w_cols + k0, mask=w_mask, other=0.0)
+        # fp32 inputs are rounded to the weight dtype first, as LoRAX does.
+        acc += tl.dot(x.to(w.dtype), w)
+    return acc
+
+
+@triton.jit
+def _store(acc, prior, out_ptrs, out_mask, add_inputs):
+    # The old value is added in fp32 to the finished product, and the sum rounded once; without
+    # add_inputs the product is stored as is (keeping the sign of a zero).
+    acc = tl.where(add_inputs != 0, acc + prior.to(tl.float32), acc)
+    tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=out_mask)

@@ -1,0 +1,111 @@
+"""The Python binding on the CPU: what Python itself refuses (non-arrays, non-int counts, arrays
+not on one CUDA device), and each library status as the exception Python raises, with C's message.
+Tensors here are stand-ins with torch's methods at fake device addresses: no kernel runs."""
+import pytest
+
+import sgmv
+from sgmv import capi
+
+from conftest import HAS_GPU
+
+S = {name: getattr(capi.lib, name) for name in dir(capi.lib) if name.startswith("SGMV_")}
+
+
+class Fake:
+    """A tensor as the binding reads it (torch's methods), on CUDA device `device`."""
+
+    def __init__(self, shape, dtype="float16", device=0, ptr=0x100000, strides=None):
+        self.shape, self.dtype, self._device, self._ptr = tuple(shape), f"torch.{dtype}", device, ptr
+        if strides is None:
+            strides, s = [], 1
+            for n in reversed(self.shape):
+                strides.insert(0, s)
+                s *= n
+        self._strides = tuple(strides)
+
+    def data_ptr(self):
+        return self._ptr
+
+    def stride(self):
+        return self._strides
+
+    def get_device(self):
+        return self._device
+
+
+def call(**over):
+    a = dict(inputs=Fake((10, 16)), lora_b_weights=Fake((2, 64, 16)), output_tensor=Fake((10, 64)),
+             b_seq_start_loc=Fake((2,), "int32"), seq_len_tensor=Fake((2,), "int32"),
+             lora_indices_tensor=Fake((2,), "int32"), batches=2, max_seq_length=5, add_inputs=True, stream=0)
+    a.update(over)
+    return sgmv.sgmv_expand(**a)
+
+
+@pytest.mark.parametrize("over,exc,words", [
+    (dict(inputs=[[1.0]]), TypeError, "inputs must be a torch tensor or an array with __cuda_array_interface__"),
+    (dict(batches=2.0), TypeError, "batches must be an int"),
+    (dict(batches=True), TypeError, "batches must be an int"),
+    (dict(max_seq_length="5"), TypeError, "max_seq_length must be an int"),
+    (dict(add_inputs=1), TypeError, "add_inputs must be a bool"),
+    (dict(stream=1.5), TypeError, "stream must be an int handle"),
+    (dict(output_tensor=Fake((10, 64), device=-1)), ValueError, "CUDA tensors on one device"),
+    (dict(lora_indices_tensor=Fake((2,), "int32", device=1)), ValueError, "lora_indices_tensor: cuda:1"),
+    (dict(inputs=Fake((1, 2, 3, 4, 5))), ValueError, "at most 4"),
+])
+def test_python_side_errors(over, exc, words):
+    with pytest.raises(exc) as e:
+        call(**over)
+    assert words in str(e.value)
+    assert not isinstance(e.value, sgmv.SgmvError)  # raised before the library is called
+
+
+@pytest.mark.parametrize("over,status,exc,words", [
+    (dict(inputs=Fake((10, 8))), "SGMV_ERROR_INVALID_ARGUMENT", ValueError, "inputs has rank 8"),
+    (dict(output_tensor=Fake((9, 64))), "SGMV_ERROR_INVALID_ARGUMENT", ValueError, "output must be"),
+    (dict(lora_b_weights=Fake((2, 3, 64, 16))), "SGMV_ERROR_INVALID_ARGUMENT", ValueError, "weights must be"),
+    (dict(lora_b_weights=Fake((2, 64, 300)), inputs=Fake((10, 300))), "SGMV_ERROR_INVALID_ARGUMENT", ValueError,
+     "rank must be in [1, 256]"),
+    (dict(output_tensor=Fake((10, 64), strides=(64, 2))), "SGMV_ERROR_INVALID_ARGUMENT", ValueError, "unit stride"),
+    (dict(seq_len_tensor=Fake((1,), "int32")), "SGMV_ERROR_INVALID_ARGUMENT", ValueError, "fewer than batches"),
+    (dict(max_seq_length=-1), "SGMV_ERROR_INVALID_ARGUMENT", ValueError, "max_seq_length must be >= 0"),
+    (dict(batches=-1), "SGMV_ERROR_INVALID_ARGUMENT", ValueError, "batches must be in [0, 2^30)"),
+    (dict(inputs=Fake((10, 16), "bfloat16")), "SGMV_ERROR_UNSUPPORTED_DTYPE", TypeError, "unsupported dtypes"),
+    (dict(lora_b_weights=Fake((2, 64, 16), "float32")), "SGMV_ERROR_UNSUPPORTED_DTYPE", TypeError, "weights float32"),
+    (dict(seq_len_tensor=Fake((2,), "int64")), "SGMV_ERROR_UNSUPPORTED_DTYPE", TypeError, "share one dtype"),
+    (dict(b_seq_start_loc=Fake((2,), "float32")), "SGMV_ERROR_UNSUPPORTED_DTYPE", TypeError, "int32 or int64"),
+])
+def test_library_statuses_as_python_exceptions(over, status, exc, words):
+    with pytest.raises(exc) as e:
+        call(**over)
+    assert isinstance(e.value, sgmv.SgmvError) and e.value.status == S[status]
+    assert words in str(e.value) and str(e.value).startswith("sgmv_expand: ")
+
+
+@pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU: the no-driver path cannot be observed")
+def test_valid_call_reaches_the_driver_status():
+    with pytest.raises(sgmv.SgmvError) as e:
+        call()
+    assert e.value.status in (S["SGMV_ERROR_NO_DRIVER"], S["SGMV_ERROR_NO_DEVICE"])
+    assert not isinstance(e.value, (ValueError, TypeError))
+
+
+def test_nothing_to_do_succeeds_without_a_driver():
+    out = Fake((0, 64))
+    assert call(inputs=Fake((0, 16)), output_tensor=out) is out
+    assert call(batches=0) is not None
+
+
+def test_plan_argument_errors():
+    with pytest.raises(ValueError, match="batch_plan must be a contiguous 1-D int32 array"):
+        call(batch_plan=Fake((100,), "float32"))
+    with pytest.raises(ValueError, match="batch_plan_bytes 400 is smaller"):
+        call(batch_plan=Fake((100,), "int32"))
+    with pytest.raises(ValueError, match="no plan serves max_batches = 5000"):
+        sgmv.batch_plan_bytes(5000, 10)
+    with pytest.raises(TypeError, match="pass out="):
+        sgmv.batch_plan(Fake((2,), "int32"), Fake((2,), "int32"), Fake((2,), "int32"), 2, 10, 2)
+
+
+def test_every_status_has_a_string():
+    for status in range(8):
+        assert capi.ffi.string(capi.lib.sgmv_status_string(status)).decode() != "unknown status"
