@@ -48,7 +48,7 @@ def parameters(mod, kernel_name):
 
 def variant_name(v):
     if v["kernel"] == "sgmv_plan_kernel":
-        return "sgmv_sm{arch}_plan{b}".format(b=V.PLAN_SIZES[v["tile"]].block_b, **v)
+        return "sgmv_sm{arch}_plan".format(**v)
     return "sgmv_sm{arch}_{x}_{w}_{out}_k{ek}_{tile}_{path}".format(ek=int(v["even_k"]), **v)
 
 
@@ -63,9 +63,9 @@ def compile_variant(v):
     params = parameters(mod, v["kernel"])
     attrs = {}
     if v["kernel"] == "sgmv_plan_kernel":
-        size = V.PLAN_SIZES[v["tile"]]
+        size = V.PLAN_SIZE
         ptr_types = dict.fromkeys((n for n, t in params if t == "*"), "*i32")
-        constexprs = {"BLOCK_B": size.block_b, "ROWS": size.rows}
+        constexprs = {"SEGS": size.segs, "ROWS": size.rows}
         options = {"num_warps": size.num_warps, "num_stages": 1}
     else:
         tile = V.TILES[v["tile"]]
@@ -114,7 +114,7 @@ def main():
     args = ap.parse_args()
 
     mod = _kernels()
-    V.check(mod.PLAN_ALIGN.value)
+    V.check()
     out = args.out_dir.resolve()
     (out / "cubins").mkdir(parents=True, exist_ok=True)
     archs = args.arch or V.ARCHS
@@ -152,18 +152,17 @@ def main():
         for max_rows, max_rank, name in rules:
             c.append(f"  {{{arch}, {opt(max_rows)}, {opt(max_rank)}, {tile_names.index(name)}}},")
     c += ["};", f"const int sgmv_num_grouped_rules = {sum(len(r) for r in V.GROUPED_RULES.values())};", "",
-          "const sgmv_plan_size_t sgmv_plan_sizes[] = {"]
-    c += [f"  {{{s.block_b}, {s.rows}, {s.num_warps}}}," for s in V.PLAN_SIZES]
-    c += ["};", f"const int sgmv_num_plan_sizes = {len(V.PLAN_SIZES)};", "",
+          f"const sgmv_plan_size_t sgmv_plan_size = {{{V.PLAN_SIZE.segs}, {V.PLAN_SIZE.rows}, "
+          f"{V.PLAN_SIZE.num_warps}}};",
           f"const int sgmv_unaligned_tile = {tile_names.index('unaligned')};",
           f"const int sgmv_align_elems = {V.ALIGN_ELEMS};",
           f"const int sgmv_short_programs = {V.SHORT_PROGRAMS};",
-          f"const int sgmv_plan_header = {mod.PLAN_HEADER.value}, sgmv_plan_align = {mod.PLAN_ALIGN.value};",
+          f"const int sgmv_plan_header = {mod.PLAN_HEADER.value};",
           f'const char sgmv_archs_list[] = "{",".join(str(a) for a in V.ARCHS if a in archs)}";', "",
           "sgmv_variant_t sgmv_variants[] = {"]
     for v, (name, cubin, shared, warps, kname) in zip(todo, results):
         if v["kernel"] == "sgmv_plan_kernel":
-            key = f'{v["arch"]}, SGMV_KERNEL_PLAN, {v["tile"]}, 0, 0, 0, 0, 0'
+            key = f'{v["arch"]}, SGMV_KERNEL_PLAN, 0, 0, 0, 0, 0, 0'
         else:
             key = (f'{v["arch"]}, SGMV_KERNEL_EXPAND, {tile_names.index(v["tile"])}, {V.PATHS[v["path"]]}, {C_DTYPE[v["x"]]}, '
                    f'{C_DTYPE[v["w"]]}, {C_DTYPE[v["out"]]}, {int(v["even_k"])}')

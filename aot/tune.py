@@ -1,91 +1,89 @@
-"""Offline tuner: on a GPU, time candidate tiles per shape class through the JIT path and write
-the winners into aot/tiles.json, the tile table that the AOT build and the JIT path both read.
+"""Offline tuner for the tile table's adapter-grouped rules (aot/tiles.json, "grouped_rules"): on
+a GPU, times candidate tiles per class through the JIT with a batch plan, each launched with the
+path and grid the library's planner gives that tile (sgmv_expand_config with a requested tile),
+and writes the winners and their tiles into the table.
 
-    python aot/tune.py [--out aot/tiles.json]      (needs torch, triton and an installed sgmv)
+    PYTHONPATH=python SGMV_LIBRARY=build/libsgmv.so.0 python aot/tune.py [--out aot/tiles.json]
 
-A shape class is a rule of the table: (largest max_seq_length, largest rank). Each class is
-timed on a few representative shapes (bf16, add_inputs on, operands rotated past the L2) and
-gets the candidate with the lowest geometric-mean time. Only the measured arch's rules change;
-other archs reuse its choices unless they list their own.
+It uses the source tree's sgmv (the JIT and the bench's timing) and an already built library
+for the planner; it does not patch either. A class is a grouped rule: (largest rows per adapter,
+largest rank); its shapes are serving batches (decode, speculative, mixed, many adapters). Each
+class gets the candidate with the lowest geometric-mean time (bf16, add_inputs, operands rotated
+past the L2, CUDA-graph replay). Only the measured arch's rules change; sm_80 copies sm_90's.
 """
 import argparse
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "python"))
 
-# (max_seq, max_rank, name): the classes, in rule order; shapes as in sgmv.bench (layout, hidden, rank, adapters)
+# (max rows per adapter, max rank, shapes as in sgmv.bench: layout, hidden, rank, adapters)
 CLASSES = [
-    (1, None, "decode", [("decode:256", 4096, 16, 4), ("decode:64", 4096, 8, 4), ("decode:32", 14336, 64, 8),
-                         ("decode:128", 8192, 32, 64), ("decode:256", 4096, 64, 16)]),
-    (8, None, "spec", [("spec:64:4", 4096, 16, 8), ("spec:32:2-8", 5120, 64, 16)]),
-    (64, None, "short", [("uniform:128:16", 4096, 16, 8), ("uniform:64:32", 8192, 32, 8)]),
-    (None, 16, "prefill_r16", [("uniform:4:512", 4096, 16, 4), ("skewed:4000:8:10", 4096, 16, 4),
-                               ("uniform:4:2048", 14336, 16, 2), ("uniform:2:4096", 28672, 8, 1)]),
-    (None, 64, "prefill_r64", [("uniform:8:1024", 4096, 64, 8), ("uniform:16:4096", 4096, 32, 4),
-                               ("zipf:32:8192", 4096, 32, 16), ("skewed:8000:32:1", 14336, 64, 8)]),
-    (None, None, "prefill_r256", [("uniform:8:1024", 8192, 128, 8), ("uniform:4:1024", 4096, 256, 4)]),
+    (32, None, [("decode:256", 4096, 16, 32), ("decode:512", 4096, 16, 32), ("decode:128", 8192, 32, 64),
+                ("uniform:64:4", 4096, 16, 8)]),
+    (None, 16, [("decode:256", 4096, 16, 4), ("chunked:2048:64", 4096, 16, 8),
+                ("chunked:700,700,700:100", 14336, 16, 8), ("skewed:4000:8:10", 4096, 16, 4)]),
+    (None, 64, [("decode:64", 14336, 64, 8), ("chunked:512:192", 6144, 32, 16), ("zipf:32:8192", 4096, 32, 16)]),
+    (None, None, [("decode:64", 4096, 128, 8), ("chunked:1024:64", 8192, 128, 8)]),
 ]
-SHORT = [(bm, bn, 16, True, 4, 2) for bm in (16, 32, 64) for bn in (64, 128, 256)]
-REGULAR = [(16, 128, 16, False, 4, 2), (16, 256, 16, False, 4, 2), (32, 128, 16, False, 4, 2),
-           (32, 256, 16, False, 8, 2), (64, 128, 16, False, 4, 2), (64, 128, 32, False, 4, 2),
-           (64, 256, 16, False, 8, 2), (64, 256, 32, False, 8, 2), (128, 128, 32, False, 8, 2),
-           (128, 256, 32, False, 8, 2), (64, 128, 64, False, 4, 2), (64, 128, 32, False, 4, 3)]
-CANDIDATES = {"decode": SHORT + REGULAR[:4], "spec": SHORT + REGULAR[:4], "short": SHORT[3:] + REGULAR[:7]}
+# (block_m, block_n, block_k, num_warps, num_stages); block_k is capped by the rank below.
+CANDIDATES = [(bm, bn, bk, 8 if bm * bn >= 64 * 256 else 4, 2) for bm in (16, 32, 64) for bn in (64, 128, 256)
+              for bk in (16, 32, 64)]
+
+
+def tile_name(t):
+    return "m{}n{}k{}w{}s{}".format(*t)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=HERE / "tiles.json")
-    ap.add_argument("--classes", nargs="*", help="only these classes (default: all)")
     args = ap.parse_args()
 
     import torch
-    from sgmv import bench, jit
-    from sgmv._variants import Tile
+    from sgmv import batch_plan, bench, jit
 
     table = json.loads((HERE / "tiles.json").read_text())
     major, minor = torch.cuda.get_device_capability()
-    arch = 80 if major == 8 else major * 10 + minor
+    arch = str(major * 10 + minor)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    chosen, report = {}, []
-    for max_seq, max_rank, cls, shapes in CLASSES:
-        if args.classes and cls not in args.classes:
-            continue
-        cases = [bench.Case(f"{cls} {layout} N{h} r{r}", layout, h, r, a, "bf16", True) for layout, h, r, a in shapes]
-        data = [bench.make_sets(torch, c, l2) for c in cases]
-        best = None
-        for cand in CANDIDATES.get(cls, REGULAR):
-            name = "tune_" + "_".join(str(int(v)) for v in cand)
-            jit.TILES[name] = Tile(*cand)
-            times = []
-            for case, (sets, meta) in zip(cases, data):
-                fns = [lambda s=s, case=case, meta=meta: jit.sgmv_expand(
-                    *s, *meta, len(case.lens), max(case.lens), True, tile=name) for s in sets]
-                times.append(bench.graph_time_us(torch, fns))
-            gm = math.exp(sum(map(math.log, times)) / len(times))
-            report.append(f"{cls:13} {str(cand):32} geomean {gm:8.2f} us  " + " ".join(f"{t:.1f}" for t in times))
-            print(report[-1], file=sys.stderr, flush=True)
-            if best is None or gm < best[0]:
-                best = (gm, cand, times)
-        chosen[cls] = best
-        del data
-        torch.cuda.empty_cache()
-
-    names = {}  # class -> tile name; a tile chosen by several classes is compiled once
-    for cls, (gm, cand, times) in chosen.items():
-        names[cls] = next((n for n, t in table["tiles"].items() if t == list(cand) and n in names.values()), cls)
-        table["tiles"][names[cls]] = list(cand)
-        print(f"{cls}: {cand} geomean {gm:.2f} us ({', '.join(f'{t:.1f}' for t in times)})")
-    table["rules"][str(arch)] = [[s, r, names[n]] for s, r, n, _ in CLASSES if n in names]
-    table["note"] = (f"The tile table. Written by aot/tune.py on {torch.cuda.get_device_name()} (sm_{arch}); "
-                     "read by aot/variants.py. See benchmarks/NOTES.md.")
-    text = json.dumps(table, indent=1)
-    args.out.write_text(re.sub(r"\[\n\s+([^\[\]]*?)\n\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text) + "\n")
-    print(f"written {args.out}")
+    rules = []
+    for max_rows, max_rank, shapes in CLASSES:
+        times = {}
+        for layout, hidden, rank, adapters in shapes:
+            case = bench.Case(f"tune {layout} {hidden} {rank} {adapters}", layout, hidden, rank, adapters, "bf16",
+                              True)
+            sets, meta = bench.make_sets(torch, case, l2)
+            plan = batch_plan(*meta, len(case.lens), case.tokens, case.adapters)
+            for t in CANDIDATES:
+                if t[2] > max(16, min(rank, 32)) or (t[2] < 32 and rank >= 128) or (t[2] == 64 and rank < 128):
+                    continue
+                fns = [lambda s=s: jit.sgmv_expand(*s, *meta, len(case.lens), max(case.lens), True, batch_plan=plan,
+                                                   tile=t) for s in sets]
+                try:
+                    times.setdefault(t, []).append(bench.graph_time_us(torch, fns))
+                except Exception as e:  # a tile that does not compile (shared memory) loses
+                    print(f"  {tile_name(t)}: {type(e).__name__}: {str(e)[:80]}", file=sys.stderr)
+            del sets, plan
+            torch.cuda.empty_cache()
+        n = max(len(v) for v in times.values())
+        score = {t: math.exp(sum(map(math.log, v)) / n) for t, v in times.items() if len(v) == n}
+        best = min(score, key=score.get)
+        print(f"rows <= {max_rows}, rank <= {max_rank}: {tile_name(best)} {score[best]:.2f} us "
+              f"(geomean over {n} shapes; runner-up {sorted(score.values())[1]:.2f} us)")
+        table["tiles"][tile_name(best)] = list(best)
+        rules.append([max_rows, max_rank, tile_name(best)])
+    table["grouped_rules"][arch] = rules
+    if arch == "90":
+        table["grouped_rules"]["80"] = rules
+    used = {r[2] for rs in table["rules"].values() for r in rs} | {r[2] for rs in table["grouped_rules"].values()
+                                                                   for r in rs} | {"unaligned"}
+    table["tiles"] = {k: v for k, v in table["tiles"].items() if k in used}
+    args.out.write_text(json.dumps(table, indent=1) + "\n")
+    print(f"written: {args.out}")
 
 
 if __name__ == "__main__":

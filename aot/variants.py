@@ -9,14 +9,14 @@ from itertools import product
 from pathlib import Path
 
 Tile = namedtuple("Tile", "block_m block_n block_k num_warps num_stages")
-PlanSize = namedtuple("PlanSize", "block_b rows num_warps")
+PlanSize = namedtuple("PlanSize", "segs rows num_warps")
 
 _TABLE = json.loads((Path(__file__).resolve().parent / "tiles.json").read_text())
 TILES = {name: Tile(*v) for name, v in _TABLE["tiles"].items()}
 # Per arch, rules tried in order; None: any.
 RULES = {int(arch): [tuple(r) for r in rules] for arch, rules in _TABLE["rules"].items()}
 GROUPED_RULES = {int(arch): [tuple(r) for r in rules] for arch, rules in _TABLE["grouped_rules"].items()}
-PLAN_SIZES = [PlanSize(*v) for v in _TABLE["plan_sizes"]]
+PLAN_SIZE = PlanSize(*_TABLE["plan"])
 ARCHS = tuple(RULES)
 
 # (inputs, weights, output): inputs and output are the weight dtype or fp32.
@@ -29,12 +29,10 @@ ALIGN_ELEMS = 8
 SHORT_PROGRAMS = 4096
 
 
-def check(plan_align):
+def check():
     """The table's invariants, which the planner relies on."""
     if min(t.block_n for t in TILES.values()) < 64:
         raise ValueError("tiles narrower than 64 columns would let hidden exceed CUDA's grid limit")
-    if any(plan_align % t.block_m for t in TILES.values()):
-        raise ValueError(f"every block_m must divide the plan's alignment ({plan_align})")
     if set(GROUPED_RULES) != set(RULES) or "unaligned" not in TILES:
         raise ValueError("every arch needs rules with and without a plan, and an 'unaligned' tile")
     for rules in list(RULES.values()) + list(GROUPED_RULES.values()):
@@ -58,5 +56,4 @@ def variants():
         for (tile, path), (x, w, o), even_k in product(tiles_for_arch(arch), DTYPES, (False, True)):
             yield dict(kernel="sgmv_expand_kernel", arch=arch, tile=tile, path=path, x=x, w=w, out=o, even_k=even_k,
                        aligned=tile != "unaligned")
-        for i, _ in enumerate(PLAN_SIZES):
-            yield dict(kernel="sgmv_plan_kernel", arch=arch, tile=i)
+        yield dict(kernel="sgmv_plan_kernel", arch=arch)

@@ -75,22 +75,15 @@ static int extent_fits(int64_t rows, int64_t cols, int64_t stride) {
   return !__builtin_mul_overflow(rows - 1, stride, &last) && !__builtin_add_overflow(last, cols, &last);
 }
 
-/* Row slots of a plan of `bytes` bytes: words = header + capacity + capacity / align. */
+/* Slots of a plan of `bytes` bytes: a header, then a row and an adapter per slot. */
 static int64_t plan_capacity(size_t bytes) {
   int64_t words = (int64_t)(bytes / 4) - sgmv_plan_header;
-  return words <= 0 ? 0 : words / (sgmv_plan_align + 1) * sgmv_plan_align;
-}
-
-/* Slots a plan needs: every adapter's rows from a multiple of the alignment. */
-static int64_t plan_slots(int64_t batches, int64_t total_tokens) {
-  return (cdiv(total_tokens, sgmv_plan_align) + batches) * sgmv_plan_align;
+  return words <= 0 ? 0 : words / 2;
 }
 
 SGMV_API size_t sgmv_batch_plan_bytes(int64_t max_batches, int64_t max_tokens) {
-  if (max_batches < 0 || max_batches > SGMV_PLAN_MAX_BATCHES || max_tokens < 0 || max_tokens > INT32_MAX / 2)
-    return 0;
-  int64_t cap = plan_slots(max_batches, max_tokens);
-  return (size_t)(sgmv_plan_header + cap + cap / sgmv_plan_align) * 4;
+  if (max_batches < 0 || max_batches > INT32_MAX / 2 || max_tokens < 0 || max_tokens > INT32_MAX / 2) return 0;
+  return (size_t)(sgmv_plan_header + 2 * max_tokens) * 4; /* one slot per row, whatever the batch */
 }
 
 static int check_counts(const char *fn, int64_t total_tokens, int64_t batches, int64_t num_loras) {
@@ -151,7 +144,7 @@ static int validate_expand(const sgmv_expand_args_t *a) {
                    (long long)a->weights_lora_stride, (long long)one_lora);
   if (a->batch_plan) {
     if ((uintptr_t)a->batch_plan % 4) return INVALID("sgmv_expand", "batch_plan must be 4-byte aligned");
-    if (a->batches > SGMV_PLAN_MAX_BATCHES || plan_capacity(a->batch_plan_bytes) < plan_slots(a->batches, a->total_tokens))
+    if (plan_capacity(a->batch_plan_bytes) < a->total_tokens)
       return INVALID("sgmv_expand", "batch_plan_bytes %zu is smaller than sgmv_batch_plan_bytes(%lld, %lld) = %zu",
                      a->batch_plan_bytes, (long long)a->batches, (long long)a->total_tokens,
                      sgmv_batch_plan_bytes(a->batches, a->total_tokens));
@@ -246,10 +239,10 @@ static int is_aligned(const sgmv_expand_args_t *a) {
 }
 
 /* The tile rules of aot/tiles.json; returns the tile index, or -1 if the arch has none. */
-static int select_tile(const sgmv_expand_args_t *a, int arch, int *short_path) {
+static int select_tile(const sgmv_expand_args_t *a, int arch, int grouped, int *short_path) {
   *short_path = 0;
   if (!is_aligned(a)) return sgmv_unaligned_tile;
-  if (a->batch_plan) {
+  if (grouped) {
     int64_t rows = cdiv(a->total_tokens, min64(a->batches, a->num_loras));
     for (int i = 0; i < sgmv_num_grouped_rules; i++) {
       const sgmv_grouped_rule_t *r = &sgmv_grouped_rules[i];
@@ -276,7 +269,7 @@ static int check_arch(const char *fn, int arch) {
   return SGMV_SUCCESS;
 }
 
-int sgmv_decide_expand(const sgmv_expand_args_t *a, int arch, sgmv_launch_t *out) {
+int sgmv_decide_expand(const sgmv_expand_args_t *a, int arch, const sgmv_launch_config_t *want, sgmv_launch_t *out) {
   int status = validate_expand(a);
   if (status) return status;
   memset(out, 0, sizeof *out);
@@ -287,21 +280,34 @@ int sgmv_decide_expand(const sgmv_expand_args_t *a, int arch, sgmv_launch_t *out
   c->noop = a->batches == 0 || a->total_tokens == 0;
   if (c->noop) return SGMV_SUCCESS;
   if ((status = check_arch("sgmv_expand", arch))) return status;
-  int short_path, tile_id = select_tile(a, arch, &short_path);
+  /* With a plan, adapter-grouped tiles, except for long segments of one length (uniform
+   * prefill), which tile densely by segment already and gain nothing from the plan's gather. */
+  int uniform = a->max_seq_length >= 256 && a->batches * a->max_seq_length <= a->total_tokens + a->total_tokens / 4;
+  int grouped = a->batch_plan && !uniform;
+  int short_path, tile_id = select_tile(a, arch, grouped, &short_path);
   if (tile_id < 0) return sgmv_set_error(SGMV_ERROR_INTERNAL, "sgmv_expand: no tile rule for sm_%d", arch);
   const sgmv_tile_t *t = &sgmv_tiles[tile_id];
+  sgmv_tile_t asked;
+  if (want) { /* a tuner's tile (sgmv_expand_config): the rules' path and grid for it */
+    if (want->block_m < 1 || want->block_m > 256 || want->block_n < 64 || want->block_n > 1024 || want->block_k < 1 ||
+        want->num_warps < 1 || want->num_stages < 1)
+      return INVALID("sgmv_expand_config", "the requested tile %dx%dx%d (warps %d, stages %d) is out of range",
+                     want->block_m, want->block_n, want->block_k, want->num_warps, want->num_stages);
+    asked = (sgmv_tile_t){"requested", want->block_m, want->block_n, want->block_k, want->num_warps, want->num_stages};
+    t = &asked;
+    short_path = !grouped && want->path == SGMV_PATH_SHORT;
+  }
   c->tile = t->name;
   c->block_m = t->block_m, c->block_n = t->block_n, c->block_k = t->block_k;
   c->num_warps = t->num_warps, c->num_stages = t->num_stages;
   c->even_k = a->rank % t->block_k == 0;
   int64_t n_tiles = cdiv(a->hidden, t->block_n); /* <= 65535: SGMV_MAX_HIDDEN, tiles >= 64 wide */
   int64_t x, z = 1;
-  if (a->batch_plan) {
-    /* Tiles of the plan's slots: each adapter's rows are padded to a multiple of the alignment. */
+  if (grouped) {
+    /* Tiles of the plan's slots, at most one per row. */
     c->path = SGMV_PATH_GROUPED;
     c->plan_capacity = plan_capacity(a->batch_plan_bytes);
-    int64_t slots = (cdiv(a->total_tokens, sgmv_plan_align) + min64(a->batches, a->num_loras)) * sgmv_plan_align;
-    x = cdiv(min64(slots, c->plan_capacity), t->block_m);
+    x = cdiv(min64(a->total_tokens, c->plan_capacity), t->block_m);
   } else if (short_path) {
     c->path = SGMV_PATH_SHORT;
     x = cdiv(a->batches, t->block_m);
@@ -328,8 +334,9 @@ SGMV_API sgmv_status_t sgmv_expand_config(const sgmv_expand_args_t *args, int cu
   sgmv_expand_args_t a;
   sgmv_launch_t launch;
   if (!config) return (sgmv_status_t)INVALID("sgmv_expand_config", "config is NULL");
+  sgmv_launch_config_t want = *config;
   int status = sgmv_expand_args_read(args, &a);
-  if (!status) status = sgmv_decide_expand(&a, cubin_arch, &launch);
+  if (!status) status = sgmv_decide_expand(&a, cubin_arch, want.block_m > 0 ? &want : NULL, &launch);
   if (!status) *config = launch.config;
   return (sgmv_status_t)status;
 }
@@ -345,11 +352,8 @@ int sgmv_decide_batch_plan(const sgmv_batch_plan_args_t *a, int arch, sgmv_launc
   int status = check_metadata("sgmv_batch_plan_build", meta, tensor_names + 3, a->batches);
   if (status) return status;
   if ((status = check_counts("sgmv_batch_plan_build", a->total_tokens, a->batches, a->num_loras))) return status;
-  if (a->batches > SGMV_PLAN_MAX_BATCHES)
-    return INVALID("sgmv_batch_plan_build", "a plan serves at most %d segments, got batches = %lld: call sgmv_expand "
-                   "without a plan", SGMV_PLAN_MAX_BATCHES, (long long)a->batches);
   if (!a->plan || (uintptr_t)a->plan % 4) return INVALID("sgmv_batch_plan_build", "plan must be a 4-byte aligned pointer");
-  if (plan_capacity(a->plan_bytes) < plan_slots(a->batches, a->total_tokens))
+  if (plan_capacity(a->plan_bytes) < a->total_tokens)
     return INVALID("sgmv_batch_plan_build", "plan_bytes %zu is smaller than sgmv_batch_plan_bytes(%lld, %lld) = %zu",
                    a->plan_bytes, (long long)a->batches, (long long)a->total_tokens,
                    sgmv_batch_plan_bytes(a->batches, a->total_tokens));
@@ -362,17 +366,16 @@ int sgmv_decide_batch_plan(const sgmv_batch_plan_args_t *a, int arch, sgmv_launc
   c->kernel = "sgmv_plan_kernel";
   c->meta_shift = a->seq_start.dtype == SGMV_DTYPE_INT64;
   c->plan_capacity = plan_capacity(a->plan_bytes);
-  /* Always launched, even for an empty batch: the plan must say it holds no rows. */
-  int size = 0, last = sgmv_num_plan_sizes - 1;
-  if (sgmv_plan_sizes[last].block_b < SGMV_PLAN_MAX_BATCHES)
-    return sgmv_set_error(SGMV_ERROR_INTERNAL, "sgmv_batch_plan_build: the largest plan kernel serves %d segments",
-                          sgmv_plan_sizes[last].block_b);
-  while (size < sgmv_num_plan_sizes - 1 && sgmv_plan_sizes[size].block_b < a->batches) size++;
+  /* Always launched, even for an empty batch: the plan must say it holds no rows. Programs:
+   * SEGS segments each, and enough programs per segment group to split long segments' rows. */
+  const sgmv_plan_size_t *size = &sgmv_plan_size;
+  int64_t y = cdiv(a->total_tokens, 4096);
   c->tile = "plan";
-  c->block_b = sgmv_plan_sizes[size].block_b, c->rows = sgmv_plan_sizes[size].rows;
-  c->num_warps = sgmv_plan_sizes[size].num_warps, c->num_stages = 1;
-  c->grid[0] = c->grid[1] = c->grid[2] = 1;
-  out->key = (sgmv_variant_key_t){arch, SGMV_KERNEL_PLAN, size, 0, 0, 0, 0, 0};
+  c->block_b = size->segs, c->rows = size->rows, c->num_warps = size->num_warps, c->num_stages = 1;
+  c->grid[0] = (uint32_t)(a->batches ? cdiv(a->batches, size->segs) : 1);
+  c->grid[1] = (uint32_t)(y < 1 ? 1 : y > 64 ? 64 : y);
+  c->grid[2] = 1;
+  out->key = (sgmv_variant_key_t){arch, SGMV_KERNEL_PLAN, 0, 0, 0, 0, 0, 0};
   return SGMV_SUCCESS;
 }
 

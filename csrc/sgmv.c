@@ -239,7 +239,7 @@ static int enter_and_launch(const sgmv_driver_t *cu, sgmv_stream_t stream, int (
   return status;
 }
 
-static int decide_expand(const void *a, int arch, sgmv_launch_t *l) { return sgmv_decide_expand(a, arch, l); }
+static int decide_expand(const void *a, int arch, sgmv_launch_t *l) { return sgmv_decide_expand(a, arch, NULL, l); }
 static int decide_plan(const void *a, int arch, sgmv_launch_t *l) { return sgmv_decide_batch_plan(a, arch, l); }
 
 static void fill_expand(const void *args, const sgmv_launch_t *l, void *params) {
@@ -267,7 +267,7 @@ SGMV_API sgmv_status_t sgmv_expand(const sgmv_expand_args_t *args) {
   sgmv_expand_args_t a;
   sgmv_launch_t l;
   int status = sgmv_expand_args_read(args, &a);
-  if (!status) status = sgmv_decide_expand(&a, any_arch(), &l); /* every check, before the driver */
+  if (!status) status = sgmv_decide_expand(&a, any_arch(), NULL, &l); /* every check, before the driver */
   if (status || l.config.noop) return (sgmv_status_t)status;
   const sgmv_driver_t *cu = sgmv_driver(&status);
   if (!cu) return (sgmv_status_t)status;

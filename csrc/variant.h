@@ -22,15 +22,15 @@ typedef struct {
   int arch, max_rows, max_rank, tile;
 } sgmv_grouped_rule_t;
 
-/* The plan kernel's sizes: up to block_b segments, rows per segment per store. */
+/* The plan kernel's constexprs: segments per program, rows per segment per store. */
 typedef struct {
-  int block_b, rows, num_warps;
+  int segs, rows, num_warps;
 } sgmv_plan_size_t;
 
 enum { SGMV_KERNEL_EXPAND = 0, SGMV_KERNEL_PLAN = 1 };
 
 /* What a variant is specialised on; compared as a whole. For the plan kernel, tile indexes
- * sgmv_plan_sizes and the rest is 0. */
+ * and the rest are 0. */
 typedef struct {
   int arch, kernel, tile, path;
   int x_dtype, w_dtype, out_dtype;
@@ -55,12 +55,11 @@ extern const sgmv_rule_t sgmv_rules[];
 extern const int sgmv_num_rules;
 extern const sgmv_grouped_rule_t sgmv_grouped_rules[];
 extern const int sgmv_num_grouped_rules;
-extern const sgmv_plan_size_t sgmv_plan_sizes[];
-extern const int sgmv_num_plan_sizes;
+extern const sgmv_plan_size_t sgmv_plan_size;
 extern const int sgmv_unaligned_tile;
 extern const int sgmv_align_elems;
 extern const int sgmv_short_programs;
-extern const int sgmv_plan_header, sgmv_plan_align;
+extern const int sgmv_plan_header;
 extern const char sgmv_archs_list[];
 extern sgmv_variant_t sgmv_variants[];
 extern const int sgmv_num_variants_total;
@@ -75,7 +74,8 @@ typedef struct {
 
 /* Copies a caller's struct of any supported size into *out (fields it lacks zeroed). */
 int sgmv_expand_args_read(const sgmv_expand_args_t *args, sgmv_expand_args_t *out);
-int sgmv_decide_expand(const sgmv_expand_args_t *a, int arch, sgmv_launch_t *out);
+/* want: a tile to plan with instead of the rules' (a tuner's), or NULL. */
+int sgmv_decide_expand(const sgmv_expand_args_t *a, int arch, const sgmv_launch_config_t *want, sgmv_launch_t *out);
 int sgmv_decide_batch_plan(const sgmv_batch_plan_args_t *a, int arch, sgmv_launch_t *out);
 
 #endif

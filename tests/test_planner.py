@@ -14,8 +14,7 @@ TABLE = json.loads((ROOT / "aot" / "tiles.json").read_text())
 TILES = TABLE["tiles"]
 L = capi.lib
 S = {name: getattr(L, name) for name in dir(L) if name.startswith("SGMV_")}
-ALIGN = 64  # python/sgmv/kernels.py PLAN_ALIGN
-HEADER = 4
+HEADER = 4  # python/sgmv/kernels.py PLAN_HEADER
 
 
 def cdiv(a, b):
@@ -98,10 +97,17 @@ def test_a_plan_gives_adapter_grouped_tiles(tokens, batches, loras):
     assert status == 0, msg
     bm, bn, _ = check_tile(c, grouped_rule(cdiv(tokens, min(batches, loras)), 16))
     assert c.path == S["SGMV_PATH_GROUPED"]
-    capacity = (plan_bytes // 4 - HEADER) // (ALIGN + 1) * ALIGN
-    assert c.plan_capacity == capacity >= (cdiv(tokens, ALIGN) + batches) * ALIGN
-    slots = (cdiv(tokens, ALIGN) + min(batches, loras)) * ALIGN  # every adapter padded to ALIGN
-    assert tuple(c.grid) == (cdiv(min(slots, capacity), bm), cdiv(4096, bn), 1)
+    assert c.plan_capacity == (plan_bytes // 4 - HEADER) // 2 == tokens
+    assert tuple(c.grid) == (cdiv(tokens, bm), cdiv(4096, bn), 1)
+
+
+def test_uniform_long_segments_tile_by_segment_even_with_a_plan():
+    tokens = 8192
+    status, c, msg = config(args(total_tokens=tokens, batches=8, max_seq_length=1024, num_loras=8,
+                                 batch_plan=0x70000, batch_plan_bytes=L.sgmv_batch_plan_bytes(8, tokens)))
+    assert status == 0, msg
+    bm, bn, _ = check_tile(c, rule(1024, 16)[0])
+    assert (c.path, c.flat, tuple(c.grid)) == (S["SGMV_PATH_ROWS"], 0, (8, cdiv(4096, bn), cdiv(1024, bm)))
 
 
 def test_unaligned_operands_get_the_unaligned_tile():
@@ -136,10 +142,9 @@ def test_config_checks_like_expand():
 
 
 def test_batch_plan_bytes():
-    for b, t in ((0, 0), (1, 1), (256, 256), (4096, 1 << 20)):
-        cap = (cdiv(t, ALIGN) + b) * ALIGN
-        assert L.sgmv_batch_plan_bytes(b, t) == 4 * (HEADER + cap + cap // ALIGN)
-    for b, t in ((-1, 1), (4097, 1), (1, -1), (1, 1 << 30)):
+    for b, t in ((0, 0), (1, 1), (256, 256), (4096, 1 << 20), (100000, 100000)):
+        assert L.sgmv_batch_plan_bytes(b, t) == 4 * (HEADER + 2 * t)  # a row and its adapter per slot
+    for b, t in ((-1, 1), (1 << 30, 1), (1, -1), (1, 1 << 30)):
         assert L.sgmv_batch_plan_bytes(b, t) == 0
 
 
@@ -156,18 +161,18 @@ def plan_args(batches, tokens=100, **over):
     return p
 
 
-def test_plan_kernel_size_follows_batches():
-    sizes = TABLE["plan_sizes"]
-    for batches in (0, 1, 128, 129, 1024, 1025, 4096):
+def test_plan_grid_follows_batches_and_tokens():
+    segs, rows, warps = TABLE["plan"]
+    for batches, tokens in ((0, 0), (1, 100), (64, 64), (65, 4097), (512, 512), (16, 65536), (5000, 300000)):
         c = ffi.new("sgmv_launch_config_t *")
-        assert L.sgmv_batch_plan_config(plan_args(batches), 90, c) == 0, ffi.string(L.sgmv_last_error())
-        block_b, rows, warps = next(s for s in sizes if s[0] >= batches)
-        assert (c.block_b, c.rows, c.num_warps, tuple(c.grid)) == (block_b, rows, warps, (1, 1, 1))
+        assert L.sgmv_batch_plan_config(plan_args(batches, tokens), 90, c) == 0, ffi.string(L.sgmv_last_error())
+        grid = (max(1, cdiv(batches, segs)), min(64, max(1, cdiv(tokens, 4096))), 1)
+        assert (c.block_b, c.rows, c.num_warps, tuple(c.grid)) == (segs, rows, warps, grid)
         assert ffi.string(c.kernel) == b"sgmv_plan_kernel"
 
 
 @pytest.mark.parametrize("over,status,word", [
-    (dict(batches=4097), "SGMV_ERROR_INVALID_ARGUMENT", "at most 4096 segments"),
+    (dict(batches=-1), "SGMV_ERROR_INVALID_ARGUMENT", "batches must be in [0, 2^30)"),
     (dict(plan_bytes=16), "SGMV_ERROR_INVALID_ARGUMENT", "plan_bytes 16"),
     (dict(plan=ffi.cast("void *", 0x9002)), "SGMV_ERROR_INVALID_ARGUMENT", "4-byte aligned"),
     (dict(num_loras=0), "SGMV_ERROR_INVALID_ARGUMENT", "num_loras"),

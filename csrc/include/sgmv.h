@@ -94,9 +94,9 @@ typedef struct {
   sgmv_stream_t stream;
   /* ---- end of version 0.1 ---- */
 
-  /* A batch plan built by sgmv_batch_plan_build from these metadata, or NULL. With a plan every
-   * program computes a dense tile of one adapter's rows (decode, speculative and mixed batches
-   * run several times faster); the metadata pointers are then not read. */
+  /* A batch plan built by sgmv_batch_plan_build from these metadata and total_tokens, or NULL.
+   * With a plan, programs compute dense tiles of one adapter's rows: decode, speculative and
+   * mixed batches run several times faster. (Uniform long prefill still tiles by segment.) */
   const void *batch_plan;
   size_t batch_plan_bytes;
 } sgmv_expand_args_t;
@@ -143,9 +143,8 @@ SGMV_API sgmv_status_t sgmv_expand_tensors(const sgmv_expand_tensors_t *tensors)
 
 /* ---- the per-step batch plan ----------------------------------------------------------------- */
 
-/* Device bytes of a plan for up to max_batches segments (at most SGMV_PLAN_MAX_BATCHES) and
- * max_tokens rows; 0 if either is out of range. One plan serves every expand call of a step. */
-#define SGMV_PLAN_MAX_BATCHES 4096
+/* Device bytes of a plan for up to max_batches segments and max_tokens rows (8 bytes a row); 0 if
+ * either is out of range. One plan serves every expand call of a step. */
 SGMV_API size_t sgmv_batch_plan_bytes(int64_t max_batches, int64_t max_tokens);
 
 typedef struct {
@@ -153,7 +152,7 @@ typedef struct {
   void *plan;                    /* device memory the caller owns, 4-byte aligned */
   size_t plan_bytes;             /* >= sgmv_batch_plan_bytes(batches, total_tokens) */
   sgmv_tensor_t seq_start, seq_len, lora_indices;  /* 1-D, contiguous, one integer dtype */
-  int64_t batches;               /* 0 .. SGMV_PLAN_MAX_BATCHES */
+  int64_t batches;               /* 0 .. 2^30 - 1 */
   int64_t total_tokens;
   int64_t num_loras;
   sgmv_stream_t stream;
@@ -182,7 +181,7 @@ typedef struct {
   const char *tile;              /* name in the tile table (aot/tiles.json) */
   int32_t block_m, block_n, block_k, num_warps, num_stages;
   int32_t even_k;
-  int32_t block_b, rows;         /* the plan kernel's constexprs */
+  int32_t block_b, rows;         /* the plan kernel's constexprs (SEGS, ROWS) */
   int32_t path;                  /* sgmv_path_t, the PATH constexpr */
   int32_t flat;                  /* SGMV_PATH_ROWS: 1 over all segments' row tiles, 0 by segment */
   int32_t meta_shift;            /* 0: int32 metadata, 1: int64 */
@@ -191,7 +190,9 @@ typedef struct {
 } sgmv_launch_config_t;
 
 /* The launch sgmv_expand would make on a GPU of cubin family cubin_arch (80, 90, 100, 120),
- * after the same checks (same statuses and messages). */
+ * after the same checks (same statuses and messages). Zero *config first. A tuner may instead
+ * set block_m, block_n, block_k, num_warps, num_stages (and path SGMV_PATH_SHORT to ask for the
+ * short path) to get the launch of that tile; sgmv_expand itself only runs tiles of its table. */
 SGMV_API sgmv_status_t sgmv_expand_config(const sgmv_expand_args_t *args, int cubin_arch, sgmv_launch_config_t *config);
 /* Likewise for sgmv_batch_plan_build. */
 SGMV_API sgmv_status_t sgmv_batch_plan_config(const sgmv_batch_plan_args_t *args, int cubin_arch,

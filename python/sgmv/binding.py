@@ -202,8 +202,8 @@ def batch_plan_bytes(max_batches, max_tokens):
     """Device bytes of a plan for up to max_batches segments and max_tokens rows."""
     n = capi.lib.sgmv_batch_plan_bytes(_int(max_batches, "max_batches"), _int(max_tokens, "max_tokens"))
     if n == 0:
-        raise ValueError(f"no plan serves max_batches = {max_batches} (at most {capi.lib.SGMV_PLAN_MAX_BATCHES}) "
-                         f"and max_tokens = {max_tokens} (below 2^30)")
+        raise ValueError(f"no plan serves max_batches = {max_batches} and max_tokens = {max_tokens} "
+                         "(both in [0, 2^30))")
     return n
 
 

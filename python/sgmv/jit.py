@@ -24,8 +24,11 @@ def cubin_arch(device):
     return capi.lib.sgmv_cubin_arch(major * 10 + minor)
 
 
-def _config(fn, args, device):
+def _config(fn, args, device, tile=None):
     cfg = capi.ffi.new("sgmv_launch_config_t *")
+    if tile is not None:  # a tuner's tile: (block_m, block_n, block_k, num_warps, num_stages[, short])
+        cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages = tile[:5]
+        cfg.path = capi.lib.SGMV_PATH_SHORT if tile[5:] == (True,) else capi.lib.SGMV_PATH_ROWS
     capi.check(fn(args, cubin_arch(device), cfg))
     return cfg
 
@@ -40,21 +43,23 @@ def _on(device):
 
 
 def launch_config(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
-                  batches, max_seq_length, add_inputs=False, batch_plan=None):
+                  batches, max_seq_length, add_inputs=False, batch_plan=None, tile=None):
     """(sgmv_expand_args_t, sgmv_launch_config_t, device) the library gives this call."""
     tensors, device = binding.expand_tensors(inputs, lora_b_weights, output_tensor, b_seq_start_loc,
                                              seq_len_tensor, lora_indices_tensor, batches, max_seq_length,
                                              add_inputs, 0, batch_plan, allow_cpu=INTERPRETED)
     a = capi.ffi.new("sgmv_expand_args_t *")
     capi.check(capi.lib.sgmv_expand_args_from_tensors(tensors, a))
-    return a, _config(capi.lib.sgmv_expand_config, a, device), device
+    return a, _config(capi.lib.sgmv_expand_config, a, device, tile), device
 
 
 def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
-                batches, max_seq_length, add_inputs=False, batch_plan=None):
-    """Same contract as sgmv.sgmv_expand, on torch's current stream."""
+                batches, max_seq_length, add_inputs=False, batch_plan=None, tile=None):
+    """Same contract as sgmv.sgmv_expand, on torch's current stream. `tile` (block_m, block_n,
+    block_k, num_warps, num_stages[, short]) runs another tile than the library's rules pick,
+    with the planner's path and grid for it (aot/tune.py, tests)."""
     a, c, device = launch_config(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
-                                 lora_indices_tensor, batches, max_seq_length, add_inputs, batch_plan)
+                                 lora_indices_tensor, batches, max_seq_length, add_inputs, batch_plan, tile)
     if c.noop:
         return output_tensor
     meta = [_words(m) for m in (b_seq_start_loc, seq_len_tensor, lora_indices_tensor)]
@@ -83,5 +88,5 @@ def batch_plan(seq_start, seq_len, lora_indices, batches, total_tokens, num_lora
         sgmv_plan_kernel[tuple(c.grid)](
             plan_ptr=out, seq_start_ptr=meta[0], seq_len_ptr=meta[1], lora_idx_ptr=meta[2], batches=args.batches,
             num_loras=args.num_loras, total_tokens=args.total_tokens, meta_shift=c.meta_shift,
-            plan_capacity=c.plan_capacity, BLOCK_B=c.block_b, ROWS=c.rows, num_warps=c.num_warps, num_stages=1)
+            plan_capacity=c.plan_capacity, SEGS=c.block_b, ROWS=c.rows, num_warps=c.num_warps, num_stages=1)
     return out

@@ -16,8 +16,8 @@ Paths of sgmv_expand_kernel (PATH, a constexpr; the grid the planner gives each)
           beside many short ones;
   SHORT   (cdiv(batches, BLOCK_M), column tiles, adapter slots): row j of BLOCK_M segments,
           one pass per distinct adapter: decode without a plan;
-  GROUPED (tiles the plan may hold, column tiles, 1): program g computes BLOCK_M rows of one
-          adapter, listed by the batch plan (sgmv_plan_kernel): every batch, with a plan.
+  GROUPED (tiles of the plan's slots, column tiles, 1): program g computes the BLOCK_M rows of
+          slots g * BLOCK_M ..., grouped by adapter by the batch plan (sgmv_plan_kernel).
 Every row of every valid segment is written once, whatever max_seq_length says (it only picks
 the tile), provided segments do not overlap.
 """
@@ -26,11 +26,9 @@ import triton.language as tl
 
 PATH_ROWS, PATH_SHORT, PATH_GROUPED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
-# The batch plan, in int32 words (csrc/planner.c sizes it): a header, then `capacity` row slots,
-# then one adapter per PLAN_ALIGN slots. Each adapter's rows start at a multiple of PLAN_ALIGN,
-# so a tile of BLOCK_M rows (a divisor of PLAN_ALIGN) never mixes adapters. Slot value -1: no row.
-PLAN_HEADER = tl.constexpr(4)  # [0] slots used (a multiple of PLAN_ALIGN), [1] batches, [2] capacity, [3] unused
-PLAN_ALIGN = tl.constexpr(64)
+# The batch plan, in int32 words (csrc/planner.c sizes it): a header, then `capacity` slots of
+# rows, then `capacity` slots of their adapters; the slots are sorted by adapter.
+PLAN_HEADER = tl.constexpr(4)  # [0] slots used, [1] batches, [2] capacity, [3] 0
 
 # Scalar parameter types, in signature order (pointers, named *_ptr, take their dtype from the
 # variant). aot/generate.py checks these against the signatures.
@@ -85,16 +83,25 @@ def sgmv_expand_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     w_cols = offs_n[None, :] * w_stride_n + offs_k[:, None]  # (BLOCK_K, BLOCK_N)
 
-    if PATH == PATH_GROUPED:  # the plan lists, per tile, BLOCK_M rows of one adapter
-        p0 = pid_g * BLOCK_M
-        if p0 < tl.load(plan_ptr):
-            rows = tl.load(plan_ptr + PLAN_HEADER + p0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-            lora = tl.load(plan_ptr + PLAN_HEADER + plan_capacity + p0 // PLAN_ALIGN).to(tl.int64)
-            # The plan is not trusted further than the metadata: rows and adapter are bounded here.
-            m_mask = (rows >= 0) & (rows < total_tokens)
-            if (lora >= 0) & (lora < num_loras) & (tl.max(m_mask.to(tl.int32), 0) > 0):
-                _tile(x_ptr, w_ptr + lora * w_stride_l, out_ptr, rows, m_mask, x_stride_m, out_stride_m, w_cols,
-                      offs_n, n_mask, offs_k, K, add_inputs, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+    if PATH == PATH_GROUPED:  # the plan lists slots of (row, adapter), sorted by adapter
+        slots = pid_g * BLOCK_M + tl.arange(0, BLOCK_M)
+        in_use = slots < tl.load(plan_ptr)
+        rows = tl.load(plan_ptr + PLAN_HEADER + slots, mask=in_use, other=-1).to(tl.int64)
+        loras = tl.load(plan_ptr + PLAN_HEADER + plan_capacity + slots, mask=in_use, other=-1).to(tl.int64)
+        # The plan is not trusted further than the metadata: rows and adapters are bounded here.
+        m_mask = in_use & (rows >= 0) & (rows < total_tokens) & (loras >= 0) & (loras < num_loras)
+        if tl.max(m_mask.to(tl.int32), axis=0) > 0:
+            # Mostly one adapter per tile; a tile where one adapter's rows end and the next begin
+            # makes one pass per adapter.
+            out_ptrs, out_mask, prior = _load_prior(out_ptr, rows, m_mask, offs_n, n_mask, out_stride_m, add_inputs)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            todo = m_mask
+            while tl.max(todo.to(tl.int32), axis=0) > 0:
+                adapter = tl.min(tl.where(todo, loras, num_loras), axis=0)
+                acc = _accumulate(acc, x_ptr, w_ptr + adapter * w_stride_l, rows, todo & (loras == adapter),
+                                  x_stride_m, w_cols, n_mask, offs_k, K, BLOCK_K, EVEN_K)
+                todo = todo & (loras != adapter)
+            _store(acc, prior, out_ptrs, out_mask, add_inputs)
     elif PATH == PATH_SHORT:
         # The BLOCK_M rows of a tile are BLOCK_M segments, row j of each. Program z takes the
         # adapters a with a % num_programs(2) == z, one pass per adapter present, so an adapter's
@@ -154,68 +161,55 @@ def sgmv_expand_kernel(
 
 @triton.jit
 def sgmv_plan_kernel(
-    plan_ptr,  # int32, PLAN_HEADER + plan_capacity + plan_capacity // PLAN_ALIGN words
+    plan_ptr,  # int32, PLAN_HEADER + 2 * plan_capacity words
     seq_start_ptr,
     seq_len_ptr,
     lora_idx_ptr,
-    batches,  # <= BLOCK_B
+    batches,
     num_loras,
     total_tokens,
     meta_shift,
-    plan_capacity,  # a multiple of PLAN_ALIGN
-    BLOCK_B: tl.constexpr,
+    plan_capacity,
+    SEGS: tl.constexpr,
     ROWS: tl.constexpr,
 ):
-    """One program groups the step's rows by adapter: segments sorted by (adapter, index), each
-    adapter's rows given consecutive slots from a multiple of PLAN_ALIGN. Invalid segments get
-    none; rows past the capacity (only overlapping segments can need them) are dropped."""
-    segs = tl.arange(0, BLOCK_B)
-    lora, start, end, valid = _segments(segs, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, batches,
+    """Groups the step's rows by adapter: slot p of the plan holds a row and its adapter, the
+    rows of segments sorted by (adapter, index). Program (c, y) places segments c * SEGS ...
+    (c + 1) * SEGS - 1, their rows y * ROWS, (y + num_programs(1)) * ROWS, ... at a time. Each
+    program finds its segments' first slots by counting the rows of the segments sorted before
+    them, so no program waits for another. Invalid segments get no slots; rows past the capacity
+    (only overlapping segments can need them) are dropped."""
+    mine = tl.program_id(0) * SEGS + tl.arange(0, SEGS)
+    lora, start, end, valid = _segments(mine, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, batches,
                                         num_loras, total_tokens)
-    # Invalid segments sort last, as one empty group (adapter num_loras).
-    key = tl.where(valid, lora, num_loras) * BLOCK_B + segs
-    key = tl.sort(key)
-    seg = key % BLOCK_B
-    lora, start, end, valid = _segments(seg, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, batches,
-                                        num_loras, total_tokens)
-    group = key // BLOCK_B  # non-decreasing
-    length = tl.where(valid, end - start, 0)  # >= 1 where valid
-    # Row counts of the group up to and including (upto) and from (from_) each segment.
-    _, upto = tl.associative_scan((group, length), 0, _group_sum)
-    _, from_ = tl.associative_scan((group, length), 0, _group_sum, reverse=True)
-    count = upto + from_ - length
-    is_last = (from_ == length) & valid
-    padded = tl.where(is_last, (count + PLAN_ALIGN - 1) // PLAN_ALIGN * PLAN_ALIGN, 0)
-    group_begin = tl.cumsum(padded, 0) - padded  # slots of the groups before this one
-    first = group_begin + upto - length  # this segment's first slot
-    used = tl.minimum(tl.sum(padded, 0), plan_capacity)
+    length = tl.where(valid, end - start, 0)
+    key = tl.where(valid, lora, num_loras)
+    first = tl.zeros((SEGS,), tl.int64)
+    used = tl.zeros((), tl.int64)
+    for j0 in range(0, batches, SEGS):
+        other = j0 + tl.arange(0, SEGS)
+        o_lora, o_start, o_end, o_valid = _segments(other, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift,
+                                                    batches, num_loras, total_tokens)
+        o_length = tl.where(o_valid, o_end - o_start, 0)
+        o_key = tl.where(o_valid, o_lora, num_loras)
+        before = (o_key[None, :] < key[:, None]) | ((o_key[None, :] == key[:, None]) & (other[None, :] < mine[:, None]))
+        first += tl.sum(tl.where(before, o_length[None, :], 0), axis=1)
+        used += tl.sum(o_length, axis=0)
+    used = tl.minimum(used, plan_capacity)
 
-    rows_ptr = plan_ptr + PLAN_HEADER
-    lora_ptr = plan_ptr + PLAN_HEADER + plan_capacity
-    # Each segment's rows, ROWS per segment at a time.
     r = tl.arange(0, ROWS)
-    for r0 in range(0, tl.max(length, 0), ROWS):
+    step = tl.num_programs(1) * ROWS
+    for r0 in range(tl.program_id(1) * ROWS, tl.max(length, axis=0), step):
         slot = first[:, None] + r0 + r[None, :]
         mask = (r0 + r[None, :] < length[:, None]) & (slot < used)
-        tl.store(rows_ptr + slot, (start[:, None] + r0 + r[None, :]).to(tl.int32), mask=mask)
-    # The unused slots at the end of each group, and the group's adapter, once per PLAN_ALIGN slots.
-    a = tl.arange(0, PLAN_ALIGN)
-    hole = group_begin[:, None] + count[:, None] + a[None, :]
-    tl.store(rows_ptr + hole, -1, mask=is_last[:, None] & (count[:, None] + a[None, :] < padded[:, None]) &
-             (hole < used))
-    for c0 in range(0, tl.max(padded, 0) // PLAN_ALIGN, ROWS):
-        chunk = (group_begin[:, None] // PLAN_ALIGN) + c0 + r[None, :]
-        mask = is_last[:, None] & ((c0 + r[None, :]) * PLAN_ALIGN < padded[:, None]) & (chunk * PLAN_ALIGN < used)
-        tl.store(lora_ptr + chunk, lora[:, None].to(tl.int32) + 0 * r[None, :], mask=mask)
-    tl.store(plan_ptr + 1, batches)
-    tl.store(plan_ptr + 2, plan_capacity.to(tl.int32))
-    tl.store(plan_ptr, used.to(tl.int32))
-
-
-@triton.jit
-def _group_sum(ga, va, gb, vb):
-    """Sum within runs of equal group ids; associative because the ids are sorted."""
-    return gb, tl.where(ga == gb, va + vb, vb)
+        tl.store(plan_ptr + PLAN_HEADER + slot, (start[:, None] + r0 + r[None, :]).to(tl.int32), mask=mask)
+        tl.store(plan_ptr + PLAN_HEADER + plan_capacity + slot, (lora[:, None] + 0 * r[None, :]).to(tl.int32),
+                 mask=mask)
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        tl.store(plan_ptr + 1, batches)
+        tl.store(plan_ptr + 2, plan_capacity.to(tl.int32))
+        tl.store(plan_ptr + 3, 0)
+        tl.store(plan_ptr, used.to(tl.int32))
 
 
 @triton.jit

@@ -18,12 +18,11 @@ const sgmv_grouped_rule_t sgmv_grouped_rules[] = {
     {90, -1, -1, 0},
 };
 const int sgmv_num_grouped_rules = 1;
-const sgmv_plan_size_t sgmv_plan_sizes[] = {{128, 32, 4}, {4096, 1, 8}};
-const int sgmv_num_plan_sizes = 2;
+const sgmv_plan_size_t sgmv_plan_size = {64, 64, 4};
 const int sgmv_unaligned_tile = 1;
 const int sgmv_align_elems = 8;
 const int sgmv_short_programs = 4096;
-const int sgmv_plan_header = 4, sgmv_plan_align = 64;
+const int sgmv_plan_header = 4;
 const char sgmv_archs_list[] = "90";
 
 sgmv_variant_t sgmv_variants[] = {
@@ -33,7 +32,7 @@ sgmv_variant_t sgmv_variants[] = {
     {{90, SGMV_KERNEL_EXPAND, 1, 0, SGMV_DTYPE_BFLOAT16, SGMV_DTYPE_BFLOAT16, SGMV_DTYPE_FLOAT32, 0},
      "fake_sm90_bf16_bf16_fp32_k0_unaligned_rows", "sgmv_expand_kernel", fake_cubin,
      fake_cubin + sizeof fake_cubin, 8192, 4, NULL, NULL, 0},
-    {{90, SGMV_KERNEL_PLAN, 0, 0, 0, 0, 0, 0}, "fake_sm90_plan128", "sgmv_plan_kernel", fake_cubin,
+    {{90, SGMV_KERNEL_PLAN, 0, 0, 0, 0, 0, 0}, "fake_sm90_plan", "sgmv_plan_kernel", fake_cubin,
      fake_cubin + sizeof fake_cubin, 0, 4, NULL, NULL, 0},
 };
 const int sgmv_num_variants_total = sizeof sgmv_variants / sizeof sgmv_variants[0];
