@@ -1,10 +1,10 @@
-"""`sgmv check` and `sgmv bench` as a user meets them, each in its own process: what `sgmv check`
-says on a machine without a GPU, a wrong result caught under `python -O` (which strips every
-`assert`), and the one-line refusals when torch or a GPU is missing."""
+"""`sgmv check`, `sgmv bench` and the tensor-parallel example as a user meets them, each in its
+own process: what `sgmv check` says on a machine without a GPU, a wrong result caught under
+`python -O` (which strips every `assert`), and the one-line refusals when torch or a GPU is missing."""
 import os
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +78,10 @@ def test_bench_without_gpu_or_torch_refuses_in_one_line(tmp_path, prelude):
     rc, out = sgmv(tmp_path, "bench", "--out", str(tmp_path / "bench"), prelude=prelude)
     assert rc == 2 and len(out.strip().splitlines()) == 1 and "Traceback" not in out, out
     assert "GPU" in out, out
+
+
+@pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU: the example would run")
+def test_tensor_parallel_example_without_gpu_exits_2():
+    example = Path(__file__).resolve().parent.parent / "examples" / "tensor_parallel.py"
+    r = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 2 and "needs at least one CUDA GPU" in r.stderr and "ok" not in r.stdout, r
