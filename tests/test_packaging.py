@@ -108,6 +108,16 @@ def test_readme_pkg_config_commands_build_an_app(tmp_path):
     assert run([tmp_path / "a.out"]).startswith("libsgmv ")
 
 
+def test_ci_runs_the_readme_commands_as_printed():
+    """.ci/run must run what a reader copies: the install-and-check and the test commands."""
+    commands = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()
+                if line.startswith("    python3 -m venv")]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert len(commands) == 2 and "sgmv check" in commands[0] and commands[1].endswith("pytest"), commands
+    for command in commands:
+        assert command in ci, f"{command!r} is not in .ci/run"
+
+
 @pytest.mark.parametrize("example", ["c", "cpp"])
 def test_example_builds_with_cmake(example, cuda_toolkit, tmp_path):
     exe = cmake_build(example, tmp_path / "build", f"-Dsgmv_DIR={sgmv_cli('--cmake-dir')}")
