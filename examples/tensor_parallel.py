@@ -6,8 +6,11 @@ Row-parallel (o_proj, down_proj): the shrink result is a partial sum on each ran
 all-reduce every rank expands with the full B matrices. Both are checked against one GPU.
 
     python examples/tensor_parallel.py            (world size = visible GPUs; 1 works too)
+
+Exit status: 0 ok; 1 a rank's result differs; 2 no GPU (nothing was run).
 """
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -69,5 +72,8 @@ def run(rank, world):
 
 if __name__ == "__main__":
     world = torch.cuda.device_count()
+    if world == 0:  # mp.spawn of zero processes would "succeed" having run nothing
+        print("tensor_parallel: needs at least one CUDA GPU; torch sees none (nothing was run)", file=sys.stderr)
+        sys.exit(2)
     mp.spawn(run, args=(world,), nprocs=world)
     print(f"tensor_parallel: ok on {world} GPU(s)")

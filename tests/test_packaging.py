@@ -1,8 +1,9 @@
 """The installed package as C/C++ users take it: the folders `sgmv --*-dir` print, the
-examples under examples/ built with find_package(sgmv CONFIG) and with pkg-config, a moved copy
-of the package, and the built programs run (on a GPU: correct results; without one: a clean
-failure, since there is no driver)."""
+README's pkg-config commands as printed, the examples under examples/ built with
+find_package(sgmv CONFIG) and with pkg-config, a moved copy of the package, and the built
+programs run (on a GPU: correct results; without one: a clean failure, since there is no driver)."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from sgmv import capi
 
 from conftest import HAS_GPU
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
 TIMEOUT = 60
 
 
@@ -79,6 +81,41 @@ def test_cli_prints_existing_folders():
     assert folders["--cmake-dir"] == capi.CMAKE_DIR
     assert (capi.CMAKE_DIR / "sgmvConfig.cmake").is_file() and (capi.CMAKE_DIR / "sgmvConfigVersion.cmake").is_file()
     assert folders["--pkgconfig-dir"] == capi.PKGCONFIG_DIR and (capi.PKGCONFIG_DIR / "sgmv.pc").is_file()
+
+
+def test_readme_pkg_config_commands_build_an_app(tmp_path):
+    """The README's pkg-config commands, copied as printed, build and link an app.c in a shell
+    (the app only asks the library its version: no GPU or CUDA toolkit needed)."""
+    if not shutil.which("pkg-config"):
+        pytest.skip("pkg-config is not on PATH (apt-get install pkg-config)")
+    script = Path(sys.executable).with_name("sgmv")
+    if not script.exists():
+        pytest.skip("no `sgmv` command beside this interpreter for the shell to find")
+    line, = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("- pkg-config:")]
+    commands = re.findall(r"`([^`]+)`", line)
+    assert "gcc app.c" in commands[-1], line
+    (tmp_path / "app.c").write_text(
+        '#include <stdio.h>\n#include "sgmv.h"\n'
+        "int main(void) {\n"
+        '  printf("libsgmv %d\\n", sgmv_version());\n'
+        "  return sgmv_version() != SGMV_VERSION_MAJOR * 10000 + SGMV_VERSION_MINOR * 100 + SGMV_VERSION_PATCH;\n"
+        "}\n")
+    env = dict(os.environ, PATH=f"{script.parent}{os.pathsep}{os.environ['PATH']}")
+    env.pop("PKG_CONFIG_PATH", None)  # the commands must set it themselves
+    run(["bash", "-e", "-c", "\n".join(commands)], cwd=tmp_path, env=env)
+    # libsgmv found through the rpath that pkg-config gave (it loads without a GPU or driver),
+    # the same version as the header the app was compiled with.
+    assert run([tmp_path / "a.out"]).startswith("libsgmv ")
+
+
+def test_ci_runs_the_readme_commands_as_printed():
+    """.ci/run must run what a reader copies: the install-and-check and the test commands."""
+    commands = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()
+                if line.startswith("    python3 -m venv")]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert len(commands) == 2 and "sgmv check" in commands[0] and commands[1].endswith("pytest"), commands
+    for command in commands:
+        assert command in ci, f"{command!r} is not in .ci/run"
 
 
 @pytest.mark.parametrize("example", ["c", "cpp"])
