@@ -65,7 +65,7 @@ def compile_variant(v):
     if v["kernel"] == "sgmv_plan_kernel":
         size = V.PLAN_SIZE
         ptr_types = dict.fromkeys((n for n, t in params if t == "*"), "*i32")
-        constexprs = {"SEGS": size.segs, "ROWS": size.rows}
+        constexprs = {"SEGS": size.segs, "SCAN": size.scan, "ROWS": size.rows}
         options = {"num_warps": size.num_warps, "num_stages": 1}
     else:
         tile = V.TILES[v["tile"]]
@@ -114,7 +114,7 @@ def main():
     args = ap.parse_args()
 
     mod = _kernels()
-    V.check()
+    V.check(mod.PLAN_ALIGN.value)
     out = args.out_dir.resolve()
     (out / "cubins").mkdir(parents=True, exist_ok=True)
     archs = args.arch or V.ARCHS
@@ -152,12 +152,12 @@ def main():
         for max_rows, max_rank, name in rules:
             c.append(f"  {{{arch}, {opt(max_rows)}, {opt(max_rank)}, {tile_names.index(name)}}},")
     c += ["};", f"const int sgmv_num_grouped_rules = {sum(len(r) for r in V.GROUPED_RULES.values())};", "",
-          f"const sgmv_plan_size_t sgmv_plan_size = {{{V.PLAN_SIZE.segs}, {V.PLAN_SIZE.rows}, "
+          f"const sgmv_plan_size_t sgmv_plan_size = {{{V.PLAN_SIZE.segs}, {V.PLAN_SIZE.scan}, {V.PLAN_SIZE.rows}, "
           f"{V.PLAN_SIZE.num_warps}}};",
           f"const int sgmv_unaligned_tile = {tile_names.index('unaligned')};",
           f"const int sgmv_align_elems = {V.ALIGN_ELEMS};",
           f"const int sgmv_short_programs = {V.SHORT_PROGRAMS};",
-          f"const int sgmv_plan_header = {mod.PLAN_HEADER.value};",
+          f"const int sgmv_plan_header = {mod.PLAN_HEADER.value}, sgmv_plan_align = {mod.PLAN_ALIGN.value};",
           f'const char sgmv_archs_list[] = "{",".join(str(a) for a in V.ARCHS if a in archs)}";', "",
           "sgmv_variant_t sgmv_variants[] = {"]
     for v, (name, cubin, shared, warps, kname) in zip(todo, results):

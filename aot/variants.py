@@ -9,7 +9,7 @@ from itertools import product
 from pathlib import Path
 
 Tile = namedtuple("Tile", "block_m block_n block_k num_warps num_stages")
-PlanSize = namedtuple("PlanSize", "segs rows num_warps")
+PlanSize = namedtuple("PlanSize", "segs scan rows num_warps")
 
 _TABLE = json.loads((Path(__file__).resolve().parent / "tiles.json").read_text())
 TILES = {name: Tile(*v) for name, v in _TABLE["tiles"].items()}
@@ -29,10 +29,12 @@ ALIGN_ELEMS = 8
 SHORT_PROGRAMS = 4096
 
 
-def check():
+def check(plan_align):
     """The table's invariants, which the planner relies on."""
     if min(t.block_n for t in TILES.values()) < 64:
         raise ValueError("tiles narrower than 64 columns would let hidden exceed CUDA's grid limit")
+    if any(plan_align % t.block_m for t in TILES.values()):
+        raise ValueError(f"every block_m must divide the plan's alignment ({plan_align})")
     if set(GROUPED_RULES) != set(RULES) or "unaligned" not in TILES:
         raise ValueError("every arch needs rules with and without a plan, and an 'unaligned' tile")
     for rules in list(RULES.values()) + list(GROUPED_RULES.values()):

@@ -75,15 +75,23 @@ static int extent_fits(int64_t rows, int64_t cols, int64_t stride) {
   return !__builtin_mul_overflow(rows - 1, stride, &last) && !__builtin_add_overflow(last, cols, &last);
 }
 
-/* Slots of a plan of `bytes` bytes: a header, then a row and an adapter per slot. */
-static int64_t plan_capacity(size_t bytes) {
-  int64_t words = (int64_t)(bytes / 4) - sgmv_plan_header;
-  return words <= 0 ? 0 : words / 2;
+/* The plan's layout (python/sgmv/kernels.py): a header, `capacity` row slots, an adapter per
+ * sgmv_plan_align slots, and a table of 4 words per segment. Slots a plan of `bytes` bytes holds
+ * for `batches` segments (a multiple of the alignment): */
+static int64_t plan_capacity(size_t bytes, int64_t batches) {
+  int64_t words = (int64_t)(bytes / 4) - sgmv_plan_header - 4 * batches;
+  return words <= 0 ? 0 : words / (sgmv_plan_align + 1) * sgmv_plan_align;
+}
+
+/* Slots a batch needs: its rows, each adapter's rounded up to a multiple of the alignment. */
+static int64_t plan_slots(int64_t batches, int64_t total_tokens) {
+  return (cdiv(total_tokens, sgmv_plan_align) + batches) * sgmv_plan_align;
 }
 
 SGMV_API size_t sgmv_batch_plan_bytes(int64_t max_batches, int64_t max_tokens) {
   if (max_batches < 0 || max_batches > INT32_MAX / 2 || max_tokens < 0 || max_tokens > INT32_MAX / 2) return 0;
-  return (size_t)(sgmv_plan_header + 2 * max_tokens) * 4; /* one slot per row, whatever the batch */
+  int64_t cap = plan_slots(max_batches, max_tokens);
+  return (size_t)(sgmv_plan_header + cap + cap / sgmv_plan_align + 4 * max_batches) * 4;
 }
 
 static int check_counts(const char *fn, int64_t total_tokens, int64_t batches, int64_t num_loras) {
@@ -144,7 +152,7 @@ static int validate_expand(const sgmv_expand_args_t *a) {
                    (long long)a->weights_lora_stride, (long long)one_lora);
   if (a->batch_plan) {
     if ((uintptr_t)a->batch_plan % 4) return INVALID("sgmv_expand", "batch_plan must be 4-byte aligned");
-    if (plan_capacity(a->batch_plan_bytes) < a->total_tokens)
+    if (plan_capacity(a->batch_plan_bytes, a->batches) < plan_slots(a->batches, a->total_tokens))
       return INVALID("sgmv_expand", "batch_plan_bytes %zu is smaller than sgmv_batch_plan_bytes(%lld, %lld) = %zu",
                      a->batch_plan_bytes, (long long)a->batches, (long long)a->total_tokens,
                      sgmv_batch_plan_bytes(a->batches, a->total_tokens));
@@ -275,6 +283,7 @@ int sgmv_decide_expand(const sgmv_expand_args_t *a, int arch, const sgmv_launch_
   memset(out, 0, sizeof *out);
   sgmv_launch_config_t *c = &out->config;
   c->struct_size = sizeof *c;
+  c->steps = 1;
   c->kernel = "sgmv_expand_kernel";
   c->meta_shift = a->metadata_dtype == SGMV_DTYPE_INT64;
   c->noop = a->batches == 0 || a->total_tokens == 0;
@@ -304,10 +313,11 @@ int sgmv_decide_expand(const sgmv_expand_args_t *a, int arch, const sgmv_launch_
   int64_t n_tiles = cdiv(a->hidden, t->block_n); /* <= 65535: SGMV_MAX_HIDDEN, tiles >= 64 wide */
   int64_t x, z = 1;
   if (grouped) {
-    /* Tiles of the plan's slots, at most one per row. */
+    /* Tiles of the plan's slots: every adapter's rows padded to a multiple of the alignment. */
     c->path = SGMV_PATH_GROUPED;
-    c->plan_capacity = plan_capacity(a->batch_plan_bytes);
-    x = cdiv(min64(a->total_tokens, c->plan_capacity), t->block_m);
+    c->plan_capacity = plan_capacity(a->batch_plan_bytes, a->batches);
+    int64_t slots = (cdiv(a->total_tokens, sgmv_plan_align) + min64(a->batches, a->num_loras)) * sgmv_plan_align;
+    x = cdiv(min64(slots, c->plan_capacity), t->block_m);
   } else if (short_path) {
     c->path = SGMV_PATH_SHORT;
     x = cdiv(a->batches, t->block_m);
@@ -353,7 +363,7 @@ int sgmv_decide_batch_plan(const sgmv_batch_plan_args_t *a, int arch, sgmv_launc
   if (status) return status;
   if ((status = check_counts("sgmv_batch_plan_build", a->total_tokens, a->batches, a->num_loras))) return status;
   if (!a->plan || (uintptr_t)a->plan % 4) return INVALID("sgmv_batch_plan_build", "plan must be a 4-byte aligned pointer");
-  if (plan_capacity(a->plan_bytes) < a->total_tokens)
+  if (plan_capacity(a->plan_bytes, a->batches) < plan_slots(a->batches, a->total_tokens))
     return INVALID("sgmv_batch_plan_build", "plan_bytes %zu is smaller than sgmv_batch_plan_bytes(%lld, %lld) = %zu",
                    a->plan_bytes, (long long)a->batches, (long long)a->total_tokens,
                    sgmv_batch_plan_bytes(a->batches, a->total_tokens));
@@ -365,13 +375,16 @@ int sgmv_decide_batch_plan(const sgmv_batch_plan_args_t *a, int arch, sgmv_launc
   c->struct_size = sizeof *c;
   c->kernel = "sgmv_plan_kernel";
   c->meta_shift = a->seq_start.dtype == SGMV_DTYPE_INT64;
-  c->plan_capacity = plan_capacity(a->plan_bytes);
-  /* Always launched, even for an empty batch: the plan must say it holds no rows. Programs:
-   * SEGS segments each, and enough programs per segment group to split long segments' rows. */
+  c->plan_capacity = plan_capacity(a->plan_bytes, a->batches);
+  /* Always launched, even for an empty batch: the plan must say it holds no rows. Two launches
+   * (steps); programs of SEGS segments each, and enough per segment group to split long
+   * segments' rows. */
   const sgmv_plan_size_t *size = &sgmv_plan_size;
   int64_t y = cdiv(a->total_tokens, 4096);
   c->tile = "plan";
-  c->block_b = size->segs, c->rows = size->rows, c->num_warps = size->num_warps, c->num_stages = 1;
+  c->steps = 2;
+  c->block_b = size->segs, c->scan = size->scan, c->rows = size->rows;
+  c->num_warps = size->num_warps, c->num_stages = 1;
   c->grid[0] = (uint32_t)(a->batches ? cdiv(a->batches, size->segs) : 1);
   c->grid[1] = (uint32_t)(y < 1 ? 1 : y > 64 ? 64 : y);
   c->grid[2] = 1;

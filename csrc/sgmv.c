@@ -220,16 +220,16 @@ typedef struct {
 /* A build's first arch: where argument checks run before the driver is touched. */
 static int any_arch(void) { return atoi(sgmv_archs_list); }
 
-/* Plan at the stream's arch, fill the kernel's parameters, launch. `fill` writes params. */
+/* Plan at the stream's arch, then for each step fill the kernel's parameters and launch. */
 static int enter_and_launch(const sgmv_driver_t *cu, sgmv_stream_t stream, int (*decide)(const void *, int, sgmv_launch_t *),
-                            const void *args, sgmv_launch_t *l, void (*fill)(const void *, const sgmv_launch_t *, void *),
-                            void *p, void **params) {
+                            const void *args, sgmv_launch_t *l,
+                            void (*fill)(const void *, const sgmv_launch_t *, int, void *), void *p, void **params) {
   int pushed, arch = 0;
   CUdevice dev = 0;
   int status = enter_context(cu, stream, &pushed, &dev, &arch);
   if (!status) status = decide(args, arch, l);
-  if (!status) {
-    fill(args, l, p);
+  for (int step = 0; !status && step < l->config.steps; step++) {
+    fill(args, l, step, p);
     status = launch(cu, l, dev, params, stream);
   }
   if (pushed) {
@@ -242,9 +242,10 @@ static int enter_and_launch(const sgmv_driver_t *cu, sgmv_stream_t stream, int (
 static int decide_expand(const void *a, int arch, sgmv_launch_t *l) { return sgmv_decide_expand(a, arch, NULL, l); }
 static int decide_plan(const void *a, int arch, sgmv_launch_t *l) { return sgmv_decide_batch_plan(a, arch, l); }
 
-static void fill_expand(const void *args, const sgmv_launch_t *l, void *params) {
+static void fill_expand(const void *args, const sgmv_launch_t *l, int step, void *params) {
   const sgmv_expand_args_t *a = args;
   expand_params_t *p = params;
+  (void)step;
   p->x_ptr = a->inputs, p->w_ptr = a->weights, p->out_ptr = a->output;
   p->seq_start_ptr = a->seq_start, p->seq_len_ptr = a->seq_len, p->lora_idx_ptr = a->lora_indices;
   p->plan_ptr = a->batch_plan;
@@ -255,12 +256,13 @@ static void fill_expand(const void *args, const sgmv_launch_t *l, void *params) 
   p->w_stride_n = a->weights_row_stride, p->out_stride_m = a->output_row_stride;
 }
 
-static void fill_plan(const void *args, const sgmv_launch_t *l, void *params) {
+static void fill_plan(const void *args, const sgmv_launch_t *l, int step, void *params) {
   const sgmv_batch_plan_args_t *a = args;
   plan_params_t *p = params;
   p->plan_ptr = a->plan, p->seq_start_ptr = a->seq_start.data, p->seq_len_ptr = a->seq_len.data;
   p->lora_idx_ptr = a->lora_indices.data, p->batches = (int32_t)a->batches, p->num_loras = (int32_t)a->num_loras;
   p->total_tokens = a->total_tokens, p->meta_shift = l->config.meta_shift, p->plan_capacity = l->config.plan_capacity;
+  p->step = step;
 }
 
 SGMV_API sgmv_status_t sgmv_expand(const sgmv_expand_args_t *args) {

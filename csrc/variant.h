@@ -22,9 +22,9 @@ typedef struct {
   int arch, max_rows, max_rank, tile;
 } sgmv_grouped_rule_t;
 
-/* The plan kernel's constexprs: segments per program, rows per segment per store. */
+/* The plan kernel's constexprs: segments per program, segments per scan step, rows per store. */
 typedef struct {
-  int segs, rows, num_warps;
+  int segs, scan, rows, num_warps;
 } sgmv_plan_size_t;
 
 enum { SGMV_KERNEL_EXPAND = 0, SGMV_KERNEL_PLAN = 1 };
@@ -59,7 +59,7 @@ extern const sgmv_plan_size_t sgmv_plan_size;
 extern const int sgmv_unaligned_tile;
 extern const int sgmv_align_elems;
 extern const int sgmv_short_programs;
-extern const int sgmv_plan_header;
+extern const int sgmv_plan_header, sgmv_plan_align;
 extern const char sgmv_archs_list[];
 extern sgmv_variant_t sgmv_variants[];
 extern const int sgmv_num_variants_total;

@@ -11,7 +11,7 @@ import sgmv.jit
 from sgmv.testing import CORRUPT, build, check, corrupt_case, expected, make_cases, needs_bf16_dot
 from conftest import DEVICE, HAS_GPU
 
-HEADER = 4  # python/sgmv/kernels.py PLAN_HEADER
+HEADER, ALIGN = 4, 64  # python/sgmv/kernels.py PLAN_HEADER, PLAN_ALIGN
 
 
 def plan_for(args):
@@ -23,13 +23,17 @@ def contents(plan, unique=True):
     """{row: adapter} listed by a plan, and the slots it says it uses."""
     plan = plan.cpu()
     used, capacity = int(plan[0]), int(plan[2])
-    rows, adapters = plan[HEADER:HEADER + capacity], plan[HEADER + capacity:HEADER + 2 * capacity]
+    rows, adapters = plan[HEADER:HEADER + capacity], plan[HEADER + capacity:HEADER + capacity + capacity // ALIGN]
     listed = {}
     for p in range(used):
         r = int(rows[p])
-        assert not unique or r not in listed, f"row {r} listed twice"
-        listed[r] = int(adapters[p])
-    assert adapters[:used].tolist() == sorted(adapters[:used].tolist()), "slots not sorted by adapter"
+        if r >= 0:
+            assert not unique or r not in listed, f"row {r} listed twice"
+            listed[r] = int(adapters[p // ALIGN])
+        else:
+            assert r == -1, f"slot {p} holds {r}"
+    blocks = adapters[:used // ALIGN].tolist()
+    assert blocks == sorted(blocks), "adapter groups not sorted"
     return listed, used, capacity
 
 
@@ -48,7 +52,8 @@ def test_plan_lists_every_valid_row_once_under_its_adapter(seed):
     want = {r: i for s, k, i in zip(starts, lens, idx) if 0 <= i < loras for r in range(s, min(s + k, total))}
     listed, used, capacity = contents(plan)
     assert listed == want
-    assert used == len(want) <= capacity == total
+    per_adapter = [sum(1 for a in want.values() if a == b) for b in range(loras)]
+    assert used == sum(-(-n // ALIGN) * ALIGN for n in per_adapter) <= capacity
 
 
 def test_corrupt_metadata_plan_stays_in_bounds():

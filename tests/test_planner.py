@@ -14,7 +14,7 @@ TABLE = json.loads((ROOT / "aot" / "tiles.json").read_text())
 TILES = TABLE["tiles"]
 L = capi.lib
 S = {name: getattr(L, name) for name in dir(L) if name.startswith("SGMV_")}
-HEADER = 4  # python/sgmv/kernels.py PLAN_HEADER
+HEADER, ALIGN = 4, 64  # python/sgmv/kernels.py PLAN_HEADER, PLAN_ALIGN
 
 
 def cdiv(a, b):
@@ -97,8 +97,10 @@ def test_a_plan_gives_adapter_grouped_tiles(tokens, batches, loras):
     assert status == 0, msg
     bm, bn, _ = check_tile(c, grouped_rule(cdiv(tokens, min(batches, loras)), 16))
     assert c.path == S["SGMV_PATH_GROUPED"]
-    assert c.plan_capacity == (plan_bytes // 4 - HEADER) // 2 == tokens
-    assert tuple(c.grid) == (cdiv(tokens, bm), cdiv(4096, bn), 1)
+    capacity = (plan_bytes // 4 - HEADER - 4 * batches) // (ALIGN + 1) * ALIGN
+    assert c.plan_capacity == capacity >= (cdiv(tokens, ALIGN) + batches) * ALIGN
+    slots = (cdiv(tokens, ALIGN) + min(batches, loras)) * ALIGN  # every adapter padded to ALIGN
+    assert tuple(c.grid) == (cdiv(min(slots, capacity), bm), cdiv(4096, bn), 1)
 
 
 def test_uniform_long_segments_tile_by_segment_even_with_a_plan():
@@ -143,7 +145,8 @@ def test_config_checks_like_expand():
 
 def test_batch_plan_bytes():
     for b, t in ((0, 0), (1, 1), (256, 256), (4096, 1 << 20), (100000, 100000)):
-        assert L.sgmv_batch_plan_bytes(b, t) == 4 * (HEADER + 2 * t)  # a row and its adapter per slot
+        cap = (cdiv(t, ALIGN) + b) * ALIGN
+        assert L.sgmv_batch_plan_bytes(b, t) == 4 * (HEADER + cap + cap // ALIGN + 4 * b)
     for b, t in ((-1, 1), (1 << 30, 1), (1, -1), (1, 1 << 30)):
         assert L.sgmv_batch_plan_bytes(b, t) == 0
 
@@ -162,12 +165,13 @@ def plan_args(batches, tokens=100, **over):
 
 
 def test_plan_grid_follows_batches_and_tokens():
-    segs, rows, warps = TABLE["plan"]
+    segs, scan, rows, warps = TABLE["plan"]
     for batches, tokens in ((0, 0), (1, 100), (64, 64), (65, 4097), (512, 512), (16, 65536), (5000, 300000)):
         c = ffi.new("sgmv_launch_config_t *")
         assert L.sgmv_batch_plan_config(plan_args(batches, tokens), 90, c) == 0, ffi.string(L.sgmv_last_error())
         grid = (max(1, cdiv(batches, segs)), min(64, max(1, cdiv(tokens, 4096))), 1)
-        assert (c.block_b, c.rows, c.num_warps, tuple(c.grid)) == (segs, rows, warps, grid)
+        assert (c.block_b, c.scan, c.rows, c.num_warps, tuple(c.grid)) == (segs, scan, rows, warps, grid)
+        assert c.steps == 2
         assert ffi.string(c.kernel) == b"sgmv_plan_kernel"
 
 

@@ -143,8 +143,8 @@ SGMV_API sgmv_status_t sgmv_expand_tensors(const sgmv_expand_tensors_t *tensors)
 
 /* ---- the per-step batch plan ----------------------------------------------------------------- */
 
-/* Device bytes of a plan for up to max_batches segments and max_tokens rows (8 bytes a row); 0 if
- * either is out of range. One plan serves every expand call of a step. */
+/* Device bytes of a plan for up to max_batches segments and max_tokens rows (about 4 bytes a row
+ * and 272 a segment); 0 if either is out of range. One plan serves every expand call of a step. */
 SGMV_API size_t sgmv_batch_plan_bytes(int64_t max_batches, int64_t max_tokens);
 
 typedef struct {
@@ -160,9 +160,10 @@ typedef struct {
 
 #define SGMV_BATCH_PLAN_ARGS_INIT SGMV_STRUCT_INIT(sgmv_batch_plan_args_t)
 
-/* Builds the plan on args->stream: one small launch, no allocation, no host synchronisation, so
- * it can be captured in a CUDA graph with the expand calls that use it. The plan reads the
- * metadata when it runs; rebuild it when they change. */
+/* Builds the plan on args->stream: two small launches, no allocation, no host synchronisation,
+ * so it can be captured in a CUDA graph with the expand calls that use it. The plan reads the
+ * metadata when it runs; rebuild it when they change. Expand calls that use it pass the same
+ * metadata, batches and total_tokens. */
 SGMV_API sgmv_status_t sgmv_batch_plan_build(const sgmv_batch_plan_args_t *args);
 
 /* ---- launch configuration: the planner, without the driver ---------------------------------- */
@@ -179,9 +180,10 @@ typedef struct {
   int32_t noop;                  /* 1: nothing to launch (no rows) */
   const char *kernel;            /* "sgmv_expand_kernel" or "sgmv_plan_kernel" */
   const char *tile;              /* name in the tile table (aot/tiles.json) */
+  int32_t steps;                 /* launches, with the plan kernel's step = 0 .. steps - 1 */
   int32_t block_m, block_n, block_k, num_warps, num_stages;
   int32_t even_k;
-  int32_t block_b, rows;         /* the plan kernel's constexprs (SEGS, ROWS) */
+  int32_t block_b, scan, rows;   /* the plan kernel's constexprs (SEGS, SCAN, ROWS) */
   int32_t path;                  /* sgmv_path_t, the PATH constexpr */
   int32_t flat;                  /* SGMV_PATH_ROWS: 1 over all segments' row tiles, 0 by segment */
   int32_t meta_shift;            /* 0: int32 metadata, 1: int64 */

@@ -106,13 +106,20 @@ def cmd_check(args):
                        "bfloat16 (the interpreter has no bf16 dot)", "GPU timings"]
         print(f"{why}: libsgmv.so's kernels are NOT launched here; the JIT kernel runs under Triton's "
               "interpreter against the float64 reference, and its times are interpreter times")
-    cases = [c for c in testing.make_cases(gpu=device == "cuda") if c.name in (
-        "r16-h4096-zipf-14", "r7-h4096-uniform-6", "r64-h4096-uniform-22", "many-segments", "gaps-and-order",
-        "bf16-basic", "bf16-fp32in-odd", "slice-fp32-out")]
-    paths = [("reference", reference.sgmv_expand), ("jit", jit.sgmv_expand)]
+    suite = testing.make_cases(gpu=device == "cuda")
+    cases = suite[::max(1, len(suite) // 8)]  # eight cases spread over the suite's shapes and dtypes
+
+    def with_plan(expand, plan):
+        def run(x, w, out, starts, lens, idx, batches, *rest):
+            return expand(x, w, out, starts, lens, idx, batches, *rest,
+                          batch_plan=plan(starts, lens, idx, batches, x.shape[0], w.shape[0]))
+        return run
+
+    paths = [("reference", reference.sgmv_expand), ("jit", jit.sgmv_expand),
+             ("jit+plan", with_plan(jit.sgmv_expand, jit.batch_plan))]
     if device == "cuda":
-        from .aot import sgmv_expand as aot
-        paths.append(("aot", aot))
+        from . import binding
+        paths += [("aot", binding.sgmv_expand), ("aot+plan", with_plan(binding.sgmv_expand, binding.batch_plan))]
     _row("case", "path", "rel err", "time" if device == "cuda" else "interp time", "result")
     for case in cases:
         if device == "cpu" and testing.needs_bf16_dot(case):
@@ -170,7 +177,7 @@ def main(argv=None):
     sub.add_parser("check", help="self-test: AOT vs JIT vs reference on a GPU, the interpreter without one")
     b = sub.add_parser("bench", help="time every provider on the shape suite against the bandwidth floor (GPU)")
     b.add_argument("--out", default="sgmv-bench", help="folder for results.json, results.md and results.png")
-    b.add_argument("--providers", nargs="*", default=None, help="subset of: aot-c aot jit seed torch")
+    b.add_argument("--providers", nargs="*", default=None, help="subset of: plan aot aot-c-plan aot-c jit-plan torch")
     b.add_argument("--cases", nargs="*", default=None, help="only cases whose name contains one of these")
     args = ap.parse_args(argv)
     for flag, folder in [(args.include_dir, capi.INCLUDE_DIR), (args.lib_dir, capi.LIB_DIR),

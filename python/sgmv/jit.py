@@ -85,8 +85,10 @@ def batch_plan(seq_start, seq_len, lora_indices, batches, total_tokens, num_lora
     c = _config(capi.lib.sgmv_batch_plan_config, args, device)
     meta = [_words(m) for m in (seq_start, seq_len, lora_indices)]
     with _on(device):
-        sgmv_plan_kernel[tuple(c.grid)](
-            plan_ptr=out, seq_start_ptr=meta[0], seq_len_ptr=meta[1], lora_idx_ptr=meta[2], batches=args.batches,
-            num_loras=args.num_loras, total_tokens=args.total_tokens, meta_shift=c.meta_shift,
-            plan_capacity=c.plan_capacity, SEGS=c.block_b, ROWS=c.rows, num_warps=c.num_warps, num_stages=1)
+        for step in range(c.steps):
+            sgmv_plan_kernel[tuple(c.grid)](
+                plan_ptr=out, seq_start_ptr=meta[0], seq_len_ptr=meta[1], lora_idx_ptr=meta[2], batches=args.batches,
+                num_loras=args.num_loras, total_tokens=args.total_tokens, meta_shift=c.meta_shift,
+                plan_capacity=c.plan_capacity, step=step, SEGS=c.block_b, SCAN=c.scan, ROWS=c.rows,
+                num_warps=c.num_warps, num_stages=1)
     return out

@@ -17,7 +17,7 @@ Paths of sgmv_expand_kernel (PATH, a constexpr; the grid the planner gives each)
   SHORT   (cdiv(batches, BLOCK_M), column tiles, adapter slots): row j of BLOCK_M segments,
           one pass per distinct adapter: decode without a plan;
   GROUPED (tiles of the plan's slots, column tiles, 1): program g computes the BLOCK_M rows of
-          slots g * BLOCK_M ..., grouped by adapter by the batch plan (sgmv_plan_kernel).
+          one adapter in slots g * BLOCK_M ..., grouped by the batch plan (sgmv_plan_kernel).
 Every row of every valid segment is written once, whatever max_seq_length says (it only picks
 the tile), provided segments do not overlap.
 """
@@ -26,9 +26,12 @@ import triton.language as tl
 
 PATH_ROWS, PATH_SHORT, PATH_GROUPED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
-# The batch plan, in int32 words (csrc/planner.c sizes it): a header, then `capacity` slots of
-# rows, then `capacity` slots of their adapters; the slots are sorted by adapter.
+# The batch plan, in int32 words (csrc/planner.c sizes it): a header, `capacity` row slots (-1:
+# none), the adapter of each PLAN_ALIGN slots, then a table of 4 x batches for its construction.
+# Each adapter's rows start at a multiple of PLAN_ALIGN, so a tile of BLOCK_M slots (a divisor of
+# PLAN_ALIGN) holds one adapter's rows.
 PLAN_HEADER = tl.constexpr(4)  # [0] slots used, [1] batches, [2] capacity, [3] 0
+PLAN_ALIGN = tl.constexpr(64)
 
 # Scalar parameter types, in signature order (pointers, named *_ptr, take their dtype from the
 # variant). aot/generate.py checks these against the signatures.
@@ -40,6 +43,7 @@ SIGNATURES = {
     },
     "sgmv_plan_kernel": {
         "batches": "i32", "num_loras": "i32", "total_tokens": "i64", "meta_shift": "i32", "plan_capacity": "i64",
+        "step": "i32",
     },
 }
 
@@ -83,25 +87,16 @@ def sgmv_expand_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     w_cols = offs_n[None, :] * w_stride_n + offs_k[:, None]  # (BLOCK_K, BLOCK_N)
 
-    if PATH == PATH_GROUPED:  # the plan lists slots of (row, adapter), sorted by adapter
-        slots = pid_g * BLOCK_M + tl.arange(0, BLOCK_M)
-        in_use = slots < tl.load(plan_ptr)
-        rows = tl.load(plan_ptr + PLAN_HEADER + slots, mask=in_use, other=-1).to(tl.int64)
-        loras = tl.load(plan_ptr + PLAN_HEADER + plan_capacity + slots, mask=in_use, other=-1).to(tl.int64)
-        # The plan is not trusted further than the metadata: rows and adapters are bounded here.
-        m_mask = in_use & (rows >= 0) & (rows < total_tokens) & (loras >= 0) & (loras < num_loras)
-        if tl.max(m_mask.to(tl.int32), axis=0) > 0:
-            # Mostly one adapter per tile; a tile where one adapter's rows end and the next begin
-            # makes one pass per adapter.
-            out_ptrs, out_mask, prior = _load_prior(out_ptr, rows, m_mask, offs_n, n_mask, out_stride_m, add_inputs)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            todo = m_mask
-            while tl.max(todo.to(tl.int32), axis=0) > 0:
-                adapter = tl.min(tl.where(todo, loras, num_loras), axis=0)
-                acc = _accumulate(acc, x_ptr, w_ptr + adapter * w_stride_l, rows, todo & (loras == adapter),
-                                  x_stride_m, w_cols, n_mask, offs_k, K, BLOCK_K, EVEN_K)
-                todo = todo & (loras != adapter)
-            _store(acc, prior, out_ptrs, out_mask, add_inputs)
+    if PATH == PATH_GROUPED:  # the plan lists, per tile, BLOCK_M rows of one adapter
+        p0 = pid_g * BLOCK_M
+        if p0 < tl.load(plan_ptr):
+            rows = tl.load(plan_ptr + PLAN_HEADER + p0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+            lora = tl.load(plan_ptr + PLAN_HEADER + plan_capacity + p0 // PLAN_ALIGN).to(tl.int64)
+            # The plan is not trusted further than the metadata: rows and adapter are bounded here.
+            m_mask = (rows >= 0) & (rows < total_tokens)
+            if (lora >= 0) & (lora < num_loras) & (tl.max(m_mask.to(tl.int32), axis=0) > 0):
+                _tile(x_ptr, w_ptr + lora * w_stride_l, out_ptr, rows, m_mask, x_stride_m, out_stride_m, w_cols,
+                      offs_n, n_mask, offs_k, K, add_inputs, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
     elif PATH == PATH_SHORT:
         # The BLOCK_M rows of a tile are BLOCK_M segments, row j of each. Program z takes the
         # adapters a with a % num_programs(2) == z, one pass per adapter present, so an adapter's
@@ -159,9 +154,9 @@ def sgmv_expand_kernel(
                   offs_n, n_mask, offs_k, K, add_inputs, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batches", "total_tokens", "plan_capacity", "step"])
 def sgmv_plan_kernel(
-    plan_ptr,  # int32, PLAN_HEADER + 2 * plan_capacity words
+    plan_ptr,  # int32: header, plan_capacity row slots, an adapter per PLAN_ALIGN slots, 4 x batches
     seq_start_ptr,
     seq_len_ptr,
     lora_idx_ptr,
@@ -169,47 +164,93 @@ def sgmv_plan_kernel(
     num_loras,
     total_tokens,
     meta_shift,
-    plan_capacity,
+    plan_capacity,  # a multiple of PLAN_ALIGN
+    step,  # 0, then 1 (two launches: step 1 needs every segment's step-0 result)
     SEGS: tl.constexpr,
+    SCAN: tl.constexpr,
     ROWS: tl.constexpr,
 ):
-    """Groups the step's rows by adapter: slot p of the plan holds a row and its adapter, the
-    rows of segments sorted by (adapter, index). Program (c, y) places segments c * SEGS ...
-    (c + 1) * SEGS - 1, their rows y * ROWS, (y + num_programs(1)) * ROWS, ... at a time. Each
-    program finds its segments' first slots by counting the rows of the segments sorted before
-    them, so no program waits for another. Invalid segments get no slots; rows past the capacity
-    (only overlapping segments can need them) are dropped."""
+    """Groups the step's rows by adapter: segments sorted by (adapter, index), each adapter's rows
+    in consecutive slots from a multiple of PLAN_ALIGN. Program (c, y) takes segments c * SEGS ...
+    and, at step 1, rows y * ROWS, (y + num_programs(1)) * ROWS, ... of each. No sort: a segment's
+    place is a count over the segments sorted before it, SCAN at a time.
+      step 0: rows of the same adapter before each segment (`ahead`), and the slots it adds to its
+              adapter's padded group (`grows`; summed over an adapter: its rows rounded up to
+              PLAN_ALIGN), kept in the plan's segment table;
+      step 1: first slot = grows of the adapters sorted before + ahead; rows, holes and adapters
+              written. Invalid segments get no slots; slots past the capacity (only overlapping
+              segments can need them) are dropped."""
+    table = plan_ptr + PLAN_HEADER + plan_capacity + plan_capacity // PLAN_ALIGN  # key, length, ahead, grows
     mine = tl.program_id(0) * SEGS + tl.arange(0, SEGS)
+    in_batch = mine < batches
     lora, start, end, valid = _segments(mine, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, batches,
                                         num_loras, total_tokens)
-    length = tl.where(valid, end - start, 0)
-    key = tl.where(valid, lora, num_loras)
-    first = tl.zeros((SEGS,), tl.int64)
-    used = tl.zeros((), tl.int64)
-    for j0 in range(0, batches, SEGS):
-        other = j0 + tl.arange(0, SEGS)
-        o_lora, o_start, o_end, o_valid = _segments(other, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift,
-                                                    batches, num_loras, total_tokens)
-        o_length = tl.where(o_valid, o_end - o_start, 0)
-        o_key = tl.where(o_valid, o_lora, num_loras)
-        before = (o_key[None, :] < key[:, None]) | ((o_key[None, :] == key[:, None]) & (other[None, :] < mine[:, None]))
-        first += tl.sum(tl.where(before, o_length[None, :], 0), axis=1)
-        used += tl.sum(o_length, axis=0)
-    used = tl.minimum(used, plan_capacity)
+    length = tl.where(valid, end - start, 0).to(tl.int32)  # < 2^30
+    key = tl.where(valid, lora, num_loras).to(tl.int32)  # invalid segments: one empty group, last
+    if step == 0:
+        if tl.program_id(1) == 0:
+            ahead = tl.zeros((SEGS,), tl.int64)
+            for j0 in range(0, batches, SCAN):
+                other = j0 + tl.arange(0, SCAN)
+                o_lora, o_start, o_end, o_valid = _segments(other, seq_start_ptr, seq_len_ptr, lora_idx_ptr,
+                                                            meta_shift, batches, num_loras, total_tokens)
+                same = (tl.where(o_valid, o_lora, num_loras).to(tl.int32)[None, :] == key[:, None]) & \
+                    (other[None, :] < mine[:, None])
+                ahead += tl.sum(tl.where(same, tl.where(o_valid, o_end - o_start, 0)[None, :], 0), axis=1)
+            ahead = tl.minimum(ahead, plan_capacity)
+            grows = tl.where(length > 0, _round_up(ahead + length) - _round_up(ahead), 0)
+            tl.store(table + mine, key, mask=in_batch)
+            tl.store(table + batches + mine, length, mask=in_batch)
+            tl.store(table + 2 * batches + mine, ahead.to(tl.int32), mask=in_batch)
+            tl.store(table + 3 * batches + mine, grows.to(tl.int32), mask=in_batch)
+    else:
+        ahead = tl.load(table + 2 * batches + mine, mask=in_batch, other=0).to(tl.int64)
+        begin = tl.zeros((SEGS,), tl.int64)  # the first slot of this segment's adapter group
+        behind = tl.zeros((SEGS,), tl.int64)  # rows of the same adapter after this segment
+        used = tl.zeros((), tl.int64)
+        for j0 in range(0, batches, SCAN):
+            other = j0 + tl.arange(0, SCAN)
+            o_in = other < batches
+            o_key = tl.load(table + other, mask=o_in, other=-1)
+            o_length = tl.load(table + batches + other, mask=o_in, other=0)
+            o_grows = tl.load(table + 3 * batches + other, mask=o_in, other=0).to(tl.int64)
+            begin += tl.sum(tl.where(o_key[None, :] < key[:, None], o_grows[None, :], 0), axis=1)
+            after = (o_key[None, :] == key[:, None]) & (other[None, :] > mine[:, None])
+            behind += tl.sum(tl.where(after, o_length[None, :], 0).to(tl.int64), axis=1)
+            used += tl.sum(o_grows, axis=0)
+        used = tl.minimum(used, plan_capacity)
+        first = begin + ahead
+        rows_ptr = plan_ptr + PLAN_HEADER
+        lora_ptr = plan_ptr + PLAN_HEADER + plan_capacity
+        r = tl.arange(0, ROWS)
+        for r0 in range(tl.program_id(1) * ROWS, tl.max(length, axis=0), tl.num_programs(1) * ROWS):
+            slot = first[:, None] + r0 + r[None, :]
+            mask = (r0 + r[None, :] < length[:, None]) & (slot < used)
+            tl.store(rows_ptr + slot, (start[:, None] + r0 + r[None, :]).to(tl.int32), mask=mask)
+        if tl.program_id(1) == 0:
+            # The group's adapter, once per PLAN_ALIGN slots this segment touches; and after the
+            # group's last segment, empty slots up to the next multiple of PLAN_ALIGN.
+            blocks = tl.where(length > 0, (first + length + PLAN_ALIGN - 1) // PLAN_ALIGN - first // PLAN_ALIGN, 0)
+            a = tl.arange(0, ROWS)
+            for b0 in range(0, tl.max(blocks, axis=0), ROWS):
+                block = first[:, None] // PLAN_ALIGN + b0 + a[None, :]
+                mask = (b0 + a[None, :] < blocks[:, None]) & (block * PLAN_ALIGN < used)
+                tl.store(lora_ptr + block, (lora[:, None] + 0 * a[None, :]).to(tl.int32), mask=mask)
+            last = (length > 0) & (behind == 0)
+            h = tl.arange(0, PLAN_ALIGN)
+            hole = first[:, None] + length[:, None] + h[None, :]
+            tl.store(rows_ptr + hole, -1, mask=last[:, None] & (hole < _round_up(first + length)[:, None]) &
+                     (hole < used))
+            if tl.program_id(0) == 0:
+                tl.store(plan_ptr + 1, batches)
+                tl.store(plan_ptr + 2, plan_capacity)
+                tl.store(plan_ptr + 3, 0)
+                tl.store(plan_ptr, used)
 
-    r = tl.arange(0, ROWS)
-    step = tl.num_programs(1) * ROWS
-    for r0 in range(tl.program_id(1) * ROWS, tl.max(length, axis=0), step):
-        slot = first[:, None] + r0 + r[None, :]
-        mask = (r0 + r[None, :] < length[:, None]) & (slot < used)
-        tl.store(plan_ptr + PLAN_HEADER + slot, (start[:, None] + r0 + r[None, :]).to(tl.int32), mask=mask)
-        tl.store(plan_ptr + PLAN_HEADER + plan_capacity + slot, (lora[:, None] + 0 * r[None, :]).to(tl.int32),
-                 mask=mask)
-    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-        tl.store(plan_ptr + 1, batches)
-        tl.store(plan_ptr + 2, plan_capacity.to(tl.int32))
-        tl.store(plan_ptr + 3, 0)
-        tl.store(plan_ptr, used.to(tl.int32))
+
+@triton.jit
+def _round_up(n):
+    return (n + PLAN_ALIGN - 1) // PLAN_ALIGN * PLAN_ALIGN
 
 
 @triton.jit

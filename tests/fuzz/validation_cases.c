@@ -129,10 +129,10 @@ static void validation(void) {
   CASE(INVALID, f(newer_fmt, (size_t)SIZE_MAX, SGMV_VERSION_MAJOR, SGMV_VERSION_MINOR, SGMV_VERSION_PATCH, size),
        a.struct_size = SIZE_MAX);
   /* batch_plan: aligned and large enough, or rejected; with a plan the metadata are not read */
-  const char *plan_msg = "sgmv_expand: batch_plan_bytes 56 is smaller than sgmv_batch_plan_bytes(2, 10) = %zu";
+  const char *plan_msg = "sgmv_expand: batch_plan_bytes 400 is smaller than sgmv_batch_plan_bytes(2, 10) = %zu";
   CASE(INVALID, "sgmv_expand: batch_plan must be 4-byte aligned", a.batch_plan = (const char *)fake(7) + 2,
        a.batch_plan_bytes = 1 << 20);
-  CASE(INVALID, f(plan_msg, sgmv_batch_plan_bytes(2, 10)), a.batch_plan = fake(7), a.batch_plan_bytes = 56);
+  CASE(INVALID, f(plan_msg, sgmv_batch_plan_bytes(2, 10)), a.batch_plan = fake(7), a.batch_plan_bytes = 400);
   OK(a.batch_plan = fake(7), a.batch_plan_bytes = sgmv_batch_plan_bytes(2, 10), a.seq_start = NULL, a.seq_len = NULL,
      a.lora_indices = NULL);
 
