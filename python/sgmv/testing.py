@@ -49,14 +49,9 @@ TOL = {
 }
 
 
-class CheckFailed(AssertionError):
-    """A path's output broke the oracle. An AssertionError, so that pytest shows it as a failed
-    check and callers that catch AssertionError keep working; raised explicitly, never by `assert`."""
-
-
 class CheckFailed(Exception):
-    """A path's output is wrong (what `sgmv check` catches). Placeholder on this branch: the
-    oracle rewrite raises it from check(), which still uses assert here."""
+    """A path's output is wrong: check() raises it (explicitly, never by `assert`) naming the first
+    bad element and the count; `sgmv check` catches it."""
 
 
 @dataclasses.dataclass

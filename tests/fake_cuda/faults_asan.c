@@ -1,8 +1,9 @@
-/* Injected driver faults against libsgmv built from csrc/ under ASan + UBSan (tests/test_faults.py):
+/* Injected driver faults against libsgmv built from csrc/ under ASan + UBSan (tests/test_sanitizers.py):
  * each fault gives SGMV_ERROR_CUDA naming the CUDA error, and the next call launches. Linked with
  * the fake libcuda.so.1 (fake_cuda.c) to steer it; libsgmv's dlopen("libcuda.so.1") gets the same
- * object. Arguments fit one of the two variants of tests/fuzz/fake_variants.c: fp16 (aligned, rank 16)
- * or bf16 with fp32 output (unaligned, rank 7, add_inputs). */
+ * object. Arguments fit the variants of tests/fuzz/fake_variants.c: fp16 on the short path (aligned,
+ * rank 16, max_seq_length 1), bf16 with fp32 output (unaligned, rank 7), and the plan kernel. */
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -40,32 +41,57 @@ static sgmv_status_t expand(int bf16) {
   a.num_loras = 2;
   a.total_tokens = 10;
   a.batches = 2;
-  a.max_seq_length = 5;
+  a.max_seq_length = bf16 ? 5 : 1;
   a.add_inputs = bf16;
   return sgmv_expand(&a);
 }
 
+static sgmv_status_t build_plan(void) {
+  sgmv_batch_plan_args_t p;
+  memset(&p, 0, sizeof p);
+  p.struct_size = sizeof p;
+  p.plan = (void *)0x70000;
+  p.batches = 2;
+  p.total_tokens = 10;
+  p.num_loras = 2;
+  p.plan_bytes = sgmv_batch_plan_bytes(p.batches, p.total_tokens);
+  sgmv_tensor_t *meta[] = {&p.seq_start, &p.seq_len, &p.lora_indices};
+  for (int i = 0; i < 3; i++) {
+    meta[i]->data = (const void *)(uintptr_t)(0x40000 + 0x10000 * i);
+    meta[i]->dtype = SGMV_DTYPE_INT32;
+    meta[i]->ndim = 1;
+    meta[i]->shape[0] = p.batches;
+    meta[i]->strides[0] = 1;
+  }
+  return sgmv_batch_plan_build(&p);
+}
+
+/* Calls variant v: 0 and 1 are sgmv_expand's (fp16, bf16), 2 the plan build. */
+static sgmv_status_t call(int v) { return v == 2 ? build_plan() : expand(v); }
+
 static int launched(void) { return fake_cuda_calls("cuLaunchKernel") - fake_cuda_failures("cuLaunchKernel"); }
 
 int main(void) {
-  /* A loading fault needs a variant not loaded yet: each of the two gets one. */
+  /* A loading fault needs a variant not loaded yet: each of the three gets one. */
   static const struct {
     const char *function, *error;
-    int bf16;
+    int variant;
   } faults[] = {
       {"cuLibraryLoadData", "CUDA_ERROR_INVALID_IMAGE", 0},
       {"cuLibraryGetKernel", "CUDA_ERROR_NOT_FOUND", 1},
+      {"cuKernelGetFunction", "CUDA_ERROR_INVALID_HANDLE", 2},
       {"cuLaunchKernel", "CUDA_ERROR_LAUNCH_FAILED", 0},
+      {"cuLaunchKernel", "CUDA_ERROR_LAUNCH_FAILED", 2},
       {"cuCtxGetId", "CUDA_ERROR_INVALID_CONTEXT", 1},
   };
   for (size_t i = 0; i < sizeof faults / sizeof faults[0]; i++) {
-    int before = launched();
+    int before = launched(), failed_before = fake_cuda_failures(faults[i].function);
     fake_cuda_fail(faults[i].function, 1, 0);
-    EXPECT(expand(faults[i].bf16) == SGMV_ERROR_CUDA);
-    EXPECT(fake_cuda_failures(faults[i].function) == 1);
+    EXPECT(call(faults[i].variant) == SGMV_ERROR_CUDA);
+    EXPECT(fake_cuda_failures(faults[i].function) == failed_before + 1);
     EXPECT(strstr(sgmv_last_error(), faults[i].function) && strstr(sgmv_last_error(), faults[i].error));
     EXPECT(launched() == before);
-    EXPECT(expand(faults[i].bf16) == SGMV_SUCCESS);
+    EXPECT(call(faults[i].variant) == SGMV_SUCCESS);
     EXPECT(launched() == before + 1);
   }
   EXPECT(fake_cuda_live_libraries() >= 1);

@@ -7,17 +7,36 @@ Steps, in order:
     {"fail": name, "count": n, "code": c}   the fake's `name` fails its next n calls (default 1) with
                                              code c (default: that function's usual error)
     {"call": {field: value, ...}}           sgmv_expand on valid arguments with these fields changed
+    {"plan": {field: value, ...}}           sgmv_batch_plan_build for the metadata of those arguments
     {"device_arch": ordinal}                 sgmv_device_arch
-Prints one JSON line: for each step that calls the library, its status, sgmv_last_error() and the
+Prints one JSON line: for each step that calls the library, its status, sgmv_last_error(), the
+launch the planner gives that call at sm_90 (sgmv_expand_config, sgmv_batch_plan_config) and the
 fake's counters right after it. Fake device addresses are safe: the fake never reads them.
 """
 import ctypes
+import importlib.util
 import json
 import os
 import sys
+from pathlib import Path
 
-from sgmv import capi
-from sgmv.capi import ffi
+
+def _capi():
+    """sgmv.capi without the package's __init__, which imports torch where installed (seconds a
+    scenario); the package itself where capi.py cannot stand alone."""
+    try:
+        where = Path(importlib.util.find_spec("sgmv").submodule_search_locations[0]) / "capi.py"
+        spec = importlib.util.spec_from_file_location("sgmv_capi_alone", where)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    except ImportError:
+        from sgmv import capi
+        return capi
+
+
+capi = _capi()
+ffi = capi.ffi
 
 # The driver calls libsgmv makes; the counters of each are reported after every step.
 DRIVER_CALLS = ("cuInit", "cuDriverGetVersion", "cuDeviceGetAttribute", "cuCtxGetCurrent", "cuCtxPushCurrent",
@@ -33,18 +52,52 @@ VALID = dict(inputs=0x10000, inputs_dtype="SGMV_DTYPE_FLOAT16", inputs_row_strid
              metadata_dtype="SGMV_DTYPE_INT32", batches=2, max_seq_length=5, add_inputs=1)
 
 
-def expand_args(**over):
-    """sgmv_expand_args_t filled by field name only (fields appended later stay zero), struct_size
-    from the header this binding read; names of SGMV_ constants are looked up."""
-    a = ffi.new("sgmv_expand_args_t *")
-    a.struct_size = ffi.sizeof("sgmv_expand_args_t")
-    fields = dict(ffi.typeof("sgmv_expand_args_t").fields)
-    for name, value in {**VALID, **over}.items():
+PLAN = 0x70000  # a fake device address for the batch plan
+
+
+def fill(ctype, values, into=None):
+    """A struct filled by field name only (fields appended later stay zero), struct_size from the
+    header this binding read, names of SGMV_ constants looked up, nested structs from dicts."""
+    a = into if into is not None else ffi.new(f"{ctype} *")
+    fields = dict(ffi.typeof(ctype).fields)
+    if "struct_size" in fields:
+        a.struct_size = ffi.sizeof(ctype)
+    for name, value in values.items():
+        ftype = fields[name].type
+        if isinstance(value, dict):
+            fill(ftype.cname, value, getattr(a, name))
+            continue
         if isinstance(value, str):
             value = getattr(capi.lib, value)
-        ftype = fields[name].type
         setattr(a, name, ffi.cast(ftype, value) if ftype.kind == "pointer" else value)
     return a
+
+
+def expand_args(**over):
+    values = {**VALID, **over}
+    if values.pop("with_plan", False):
+        values.update(batch_plan=PLAN, batch_plan_bytes=capi.lib.sgmv_batch_plan_bytes(values["batches"],
+                                                                                         values["total_tokens"]))
+    return fill("sgmv_expand_args_t", values)
+
+
+def plan_args(**over):
+    """sgmv_batch_plan_args_t for the metadata of expand_args(**over)."""
+    e = {**VALID, **over}
+    tensor = lambda ptr: dict(data=ptr, dtype=e["metadata_dtype"], ndim=1, shape=[e["batches"]],  # noqa: E731
+                              strides=[1])
+    return fill("sgmv_batch_plan_args_t", dict(
+        plan=PLAN, plan_bytes=capi.lib.sgmv_batch_plan_bytes(e["batches"], e["total_tokens"]),
+        seq_start=tensor(e["seq_start"]), seq_len=tensor(e["seq_len"]), lora_indices=tensor(e["lora_indices"]),
+        batches=e["batches"], total_tokens=e["total_tokens"], num_loras=e["num_loras"], stream=e.get("stream", 0)))
+
+
+def planned(config_fn, args):
+    """The launch the planner gives these arguments at sm_90."""
+    c = ffi.new("sgmv_launch_config_t *")
+    c.struct_size = ffi.sizeof("sgmv_launch_config_t")
+    status = config_fn(args, 90, c)
+    return dict(status=int(status), noop=c.noop, grid=list(c.grid), block=[32 * c.num_warps, 1, 1])
 
 
 def fake_counters(fake):
@@ -74,8 +127,13 @@ def main(steps):
             fake.fake_cuda_fail(step["fail"].encode(), step.get("count", 1), step.get("code", 0))
             continue
         if "call" in step:
-            status = capi.lib.sgmv_expand(expand_args(**step["call"]))
-            extra = {}
+            args = expand_args(**step["call"])
+            status = capi.lib.sgmv_expand(args)
+            extra = dict(planned=planned(capi.lib.sgmv_expand_config, args))
+        elif "plan" in step:
+            args = plan_args(**step["plan"])
+            status = capi.lib.sgmv_batch_plan_build(args)
+            extra = dict(planned=planned(capi.lib.sgmv_batch_plan_config, args))
         else:
             cc, arch = ffi.new("int *", -1), ffi.new("int *", -1)
             status = capi.lib.sgmv_device_arch(step["device_arch"], cc, arch)
