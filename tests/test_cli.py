@@ -55,8 +55,6 @@ def test_check_on_gpu_passes_every_path(tmp_path):
     assert " aot " in out and "not checked" not in out, out
 
 
-@pytest.mark.xfail(strict=True, reason="sgmv.testing.check still judges with assert, which -O strips; "
-                   "the oracle rewrite (tests-oracle branch) raises CheckFailed: drop this marker with it")
 def test_check_fails_on_a_wrong_result_under_python_O(tmp_path):
     rc, out = sgmv(tmp_path, "check", prelude=WRONG_REFERENCE, python_flags=["-O"])
     rows = [line for line in out.splitlines() if line.split()[1:2] in (["reference"], ["jit"])]

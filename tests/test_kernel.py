@@ -1,11 +1,15 @@
 """The kernel's semantics: the JIT path (the interpreter on CPU) and the torch reference against
-a float64 expectation, on the randomized suite of tests/cases.py."""
+a float64 expectation, on the randomized suite of sgmv.testing; and that oracle's own teeth."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 import sgmv.jit
 import sgmv.reference
-from sgmv.testing import CORRUPT, Case, build, check, corrupt_case, expected, make_cases, needs_bf16_dot
+from sgmv.testing import (CORRUPT, DTYPES, TOL, Case, CheckFailed, build, check, corrupt_case, expected, make_cases,
+                          needs_bf16_dot)
 from conftest import DEVICE, HAS_GPU
 
 CASES = make_cases(gpu=HAS_GPU)
@@ -33,12 +37,16 @@ def test_jit(case):
     run(sgmv.jit.sgmv_expand, case)
 
 
-@pytest.mark.parametrize("tile", sorted(sgmv.jit.TILES))
+TILES = json.loads((Path(__file__).resolve().parent.parent / "aot" / "tiles.json").read_text())["tiles"]
+
+
+@pytest.mark.parametrize("tile", sorted(TILES))
 def test_jit_every_tile(tile):
-    """Each tile config of the table computes the same function (the rules pick only some)."""
+    """Each tile of the table computes the same function (the rules pick only some); decode's on
+    the short-segment path, as its rule has it."""
     case = Case("every-tile", 24, 1000, [37, 1, 0, 5, 1, 20], [1, 0, 2, -1, 1, 0], 3, "fp32in-fp16",
                 torch.int64, True, out_slice=True, seed=200)
-    run(sgmv.jit.sgmv_expand, case, tile=tile)
+    run(sgmv.jit.sgmv_expand, case, tile=tuple(TILES[tile]) + ((True,) if tile == "decode" else ()))
 
 
 @pytest.mark.parametrize("meta_dtype", [torch.int32, torch.int64], ids=str)
@@ -63,5 +71,64 @@ def test_large_offsets_are_int64():
     w = torch.randn(1, 64, 16, dtype=torch.float16, device=DEVICE)
     meta = [torch.tensor(v, dtype=torch.int32, device=DEVICE) for v in ([0], [2], [0])]
     sgmv.jit.sgmv_expand(x, w, out, *meta, 1, 2)
-    ref = (x.float() @ w[0].float().T).half()
-    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+    exp = x.double() @ w[0].double().T
+    atol, rtol = TOL[torch.float16]
+    assert bool(((out.double() - exp).abs() <= atol + rtol * exp.abs()).all())
+    # The two written rows, and nothing else of the NaN poison.
+    changed = buf.view(torch.int16) != torch.tensor(float("nan"), dtype=torch.float16).view(torch.int16)
+    assert int(changed.sum()) == 128 and bool(changed[:64].all()) and bool(changed[n:n + 64].all())
+
+
+# ---- the oracle itself: each kind of wrong output must fail the check --------------------------
+
+def _oracle_run(dtypes, add_inputs=True):
+    """A correct 160 x 4096 result (the reference path) in a column slice of a wider buffer, with
+    a skipped segment (rows 100..119): (args, buffer before, buffer after, expectation, written)."""
+    case = Case("oracle", 16, 4096, [100, 20, 40], [0, -1, 1], 2, dtypes, torch.int32, add_inputs,
+                out_slice=True, seed=700)
+    args, buf = build(case, "cpu")
+    before = buf.clone()
+    exp, written = expected(args)
+    sgmv.reference.sgmv_expand(*args)
+    assert written.sum() == 140 and not written[100:120].any()
+    used = check(args, before, buf, exp, written, "oracle")
+    assert 0 < used < 1, used  # a correct result passes, and does not match the float64 result exactly
+    return args, before, buf, exp, written
+
+
+@pytest.mark.parametrize("dtypes", ["fp16", "bf16", "fp32in-fp16-fp32out"])
+def test_oracle_catches_one_wrong_element(dtypes):
+    args, before, buf, exp, written = _oracle_run(dtypes)
+    out, (row, col) = args[2], (137, 1234)
+    atol, rtol = TOL[DTYPES[dtypes][2]]
+    tol = atol + rtol * abs(exp[row, col].item())
+    out[row, col] = exp[row, col].item() + 3 * tol
+    got, e = out[written].double(), exp[written]
+    old_tol = 1e-5 if out.dtype == torch.float32 else 1e-2  # the relative-norm check this oracle replaced
+    assert (got - e).norm() / e.norm() < old_tol  # would have passed it
+    with pytest.raises(CheckFailed, match=rf"oracle: 1 of {140 * 4096} written elements wrong, 0 of them "
+                                          rf"non-finite .* first at output \({row}, {col}\)"):
+        check(args, before, buf, exp, written, "oracle")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=str)
+def test_oracle_catches_non_finite_in_a_written_row(value):
+    args, before, buf, exp, written = _oracle_run("fp16")
+    args[2][3, 0] = value
+    with pytest.raises(CheckFailed, match=r"1 of them non-finite .* first at output \(3, 0\): got (nan|inf)"):
+        check(args, before, buf, exp, written, "oracle")
+
+
+@pytest.mark.parametrize("add_inputs", [True, False], ids=["random-old-values", "nan-poison"])
+@pytest.mark.parametrize("where", ["unwritten-row", "column-beside-the-view"])
+def test_oracle_catches_one_changed_bit_outside_the_written_part(where, add_inputs):
+    """One bit of one element flipped: also a NaN turned into another NaN, equal as a value."""
+    args, before, buf, exp, written = _oracle_run("fp16", add_inputs)
+    row, col = (110, 5 + 77) if where == "unwritten-row" else (12, 4)
+    bits = buf.view(torch.int16)
+    bits[row, col] ^= 1
+    assert (buf[row, col].isnan() and before[row, col].isnan()) != add_inputs
+    label = "a row no segment writes" if where == "unwritten-row" else "a column outside the output view"
+    with pytest.raises(CheckFailed, match=rf"1 elements outside the written part changed; first at buffer "
+                                          rf"\({row}, {col}\), {label}"):
+        check(args, before, buf, exp, written, "oracle")

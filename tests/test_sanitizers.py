@@ -19,9 +19,12 @@ INCLUDES = ["-I", str(CSRC), "-I", str(CSRC / "include")]
 
 
 @pytest.fixture(autouse=True)
-def params_header(tmp_path):
-    """The generated sgmv_params.h (the kernels' parameter lists), made here as the build makes it."""
+def params_header(tmp_path, monkeypatch):
+    """The generated sgmv_params.h (the kernels' parameter lists), made here as the build makes it:
+    with Triton's JIT, not its interpreter (which tests/conftest.py turns on without a GPU), whose
+    functions carry no parameter list."""
     import importlib.util
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     spec = importlib.util.spec_from_file_location("sgmv_generate", ROOT / "aot" / "generate.py")
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
@@ -83,3 +86,22 @@ def test_fuzz_expand(tmp_path):
     runs, seconds = int(done.group(1)), int(done.group(2))
     print(f"fuzz_expand: {runs} runs in {seconds} s")
     assert runs > 1000, log[-3000:]
+
+
+def test_driver_faults_under_asan_and_ubsan(tmp_path):
+    """The library with the fake driver of tests/fake_cuda/ let in (no no_driver.c): loading, kernel
+    lookup, launch and context faults each reported by name, the next call launching, under ASan
+    (leaks detected) and UBSan. The fake loads the dummy cubins of fake_variants.c."""
+    from test_faults import build_fake
+    fake = build_fake(tmp_path / "fake_cuda")
+    lib, exe = tmp_path / "libsgmv_faults.so", tmp_path / "faults_asan"
+    sources = [s for s in LIB_SOURCES if not s.endswith("no_driver.c")]
+    build(["gcc", *SANITIZE, "-Wall", "-Wextra", "-fPIC", "-fvisibility=hidden", "-shared", *INCLUDES, *sources,
+           f"-Wl,--version-script={CSRC / 'sgmv.map'}", "-pthread", "-ldl", "-o", lib])
+    build(["gcc", *SANITIZE, "-Wall", "-Wextra", "-I", CSRC / "include", ROOT / "tests" / "fake_cuda" / "faults_asan.c",
+           "-L", tmp_path, f"-l:{lib.name}", "-L", fake, "-l:libcuda.so.1", f"-Wl,-rpath,{tmp_path}", "-pthread",
+           "-o", exe])
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120,
+                       env=dict(ENV, LD_LIBRARY_PATH=str(fake), FAKE_CUDA_ANY_IMAGE="1"))
+    assert r.returncode == 0 and "faults_asan: ok" in r.stdout, r.stdout + r.stderr
+    assert "runtime error" not in r.stderr and "Sanitizer" not in r.stderr, r.stderr
