@@ -59,6 +59,7 @@ static void load_driver(void) {
   LOAD(cuStreamGetCtx);
   LOAD(cuLibraryLoadData);
   LOAD(cuLibraryGetKernel);
+  LOAD(cuLibraryUnload);
   LOAD(cuKernelSetAttribute);
   LOAD(cuKernelGetFunction);
   LOAD(cuLaunchKernel);

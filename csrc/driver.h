@@ -39,6 +39,7 @@ typedef struct {
   CUresult (*cuLibraryLoadData)(CUlibrary *, const void *, void *, void **, unsigned int, void *, void **,
                                 unsigned int);
   CUresult (*cuLibraryGetKernel)(CUkernel *, CUlibrary, const char *);
+  CUresult (*cuLibraryUnload)(CUlibrary);
   CUresult (*cuKernelSetAttribute)(int, int, CUkernel, CUdevice);
   CUresult (*cuKernelGetFunction)(CUfunction *, CUkernel);
   CUresult (*cuLaunchKernel)(CUfunction, unsigned int, unsigned int, unsigned int, unsigned int, unsigned int,

@@ -291,7 +291,7 @@ int sgmv_decide_expand(const sgmv_expand_args_t *a, int arch, const sgmv_launch_
   if ((status = check_arch("sgmv_expand", arch))) return status;
   /* With a plan, adapter-grouped tiles, except for long segments of one length (uniform
    * prefill), which tile densely by segment already and gain nothing from the plan's gather. */
-  int uniform = a->max_seq_length >= 256 && a->batches * a->max_seq_length <= a->total_tokens + a->total_tokens / 4;
+  int uniform = a->max_seq_length >= 256 && a->max_seq_length <= (a->total_tokens + a->total_tokens / 4) / a->batches;
   int grouped = a->batch_plan && !uniform;
   int short_path, tile_id = select_tile(a, arch, grouped, &short_path);
   if (tile_id < 0) return sgmv_set_error(SGMV_ERROR_INTERNAL, "sgmv_expand: no tile rule for sm_%d", arch);

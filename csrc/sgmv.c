@@ -105,6 +105,7 @@ static int load_kernel(const sgmv_driver_t *cu, sgmv_variant_t *v, CUdevice dev,
     res = cu->cuLibraryGetKernel(&k, lib, v->kernel_name);
     if (res) {
       status = sgmv_cuda_error(cu, res, "cuLibraryGetKernel");
+      cu->cuLibraryUnload(lib); /* the next call loads it afresh */
       goto done;
     }
     v->library = lib;
@@ -162,10 +163,13 @@ static int enter_context(const sgmv_driver_t *cu, sgmv_stream_t stream, int *pus
   CUcontext ctx = NULL, current = NULL;
   CUresult res = cu->cuStreamGetCtx((CUstream)stream, &ctx);
   *pushed = 0;
-  if (res || !ctx)
+  if (res || !ctx) {
+    const char *name = NULL;
+    if (!res || cu->cuGetErrorName(res, &name) != 0 || !name) name = res ? "unknown CUDA error" : "no context";
     return sgmv_set_error(SGMV_ERROR_NO_DEVICE,
-                          "sgmv: no CUDA context for the stream (cuStreamGetCtx returned %d): "
-                          "make a context current (e.g. cudaSetDevice) or pass a stream", res);
+                          "sgmv: no CUDA context for the stream (cuStreamGetCtx: %s (%d)): "
+                          "make a context current (e.g. cudaSetDevice) or pass a stream", name, res);
+  }
   cu->cuCtxGetCurrent(&current);
   if (ctx != current) {
     if ((res = cu->cuCtxPushCurrent(ctx))) return sgmv_cuda_error(cu, res, "cuCtxPushCurrent");

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import sgmv
 from sgmv import capi
 
 from conftest import HAS_GPU
@@ -129,7 +130,7 @@ def test_c_example_builds_with_pkg_config(cuda_toolkit, tmp_path):
     if not shutil.which("pkg-config"):
         pytest.skip("pkg-config is not on PATH (apt-get install pkg-config)")
     env = dict(os.environ, PKG_CONFIG_PATH=sgmv_cli("--pkgconfig-dir"))
-    assert run(["pkg-config", "--modversion", "sgmv"], env=env).strip() == "0.1.0"
+    assert run(["pkg-config", "--modversion", "sgmv"], env=env).strip() == sgmv.__version__
     flags = run(["pkg-config", "--cflags", "--libs", "sgmv"], env=env).split()
     inc, libdir = cuda_toolkit
     exe = tmp_path / "expand"

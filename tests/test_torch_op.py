@@ -1,5 +1,6 @@
-"""torch.ops.sgmv.expand: registered by torch's start-up (entry point), traceable with fake
-tensors, and on a GPU compiled by torch.compile without a graph break and captured in a CUDA graph."""
+"""torch.ops.sgmv.expand and batch_plan: registered by importing sgmv (not by every torch start-up),
+traceable with fake tensors, and on a GPU compiled by torch.compile without a graph break and
+captured in a CUDA graph."""
 import subprocess
 import sys
 
@@ -9,11 +10,12 @@ import torch
 from sgmv.testing import Case, build, check, expected
 
 
-def test_torch_import_registers_the_op():
-    """In a fresh interpreter, `import torch` alone makes the op exist (torch.backends entry point)."""
-    r = subprocess.run([sys.executable, "-c", "import torch; print(torch.ops.sgmv.expand)"], capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0 and "sgmv.expand" in r.stdout, r.stderr
+def test_importing_sgmv_registers_the_ops_and_torch_alone_does_not():
+    code = ("import torch\ntry:\n    torch.ops.sgmv.expand\n    print('before: yes')\nexcept (AttributeError, "
+            "RuntimeError):\n    print('before: no')\nimport sgmv\nprint(torch.ops.sgmv.expand, torch.ops.sgmv.batch_plan)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "before: no" in r.stdout and "sgmv.expand" in r.stdout and "sgmv.batch_plan" in r.stdout, r.stdout
 
 
 def test_fake_tensors_trace():

@@ -18,7 +18,7 @@ const sgmv_grouped_rule_t sgmv_grouped_rules[] = {
     {90, -1, -1, 0},
 };
 const int sgmv_num_grouped_rules = 1;
-const sgmv_plan_size_t sgmv_plan_size = {16, 256, 16, 4};
+const sgmv_plan_size_t sgmv_plan_size = {8, 256, 16, 4};
 const int sgmv_unaligned_tile = 1;
 const int sgmv_align_elems = 8;
 const int sgmv_short_programs = 4096;
