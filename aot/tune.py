@@ -74,8 +74,9 @@ def main():
         best = min(score, key=score.get)
         print(f"rows <= {max_rows}, rank <= {max_rank}: {tile_name(best)} {score[best]:.2f} us "
               f"(geomean over {n} shapes; runner-up {sorted(score.values())[1]:.2f} us)")
-        table["tiles"][tile_name(best)] = list(best)
-        rules.append([max_rows, max_rank, tile_name(best)])
+        name = next((k for k, v in table["tiles"].items() if tuple(v) == best), tile_name(best))
+        table["tiles"][name] = list(best)
+        rules.append([max_rows, max_rank, name])
     table["grouped_rules"][arch] = rules
     if arch == "90":
         table["grouped_rules"]["80"] = rules

@@ -299,9 +299,11 @@ int sgmv_decide_expand(const sgmv_expand_args_t *a, int arch, const sgmv_launch_
   sgmv_tile_t asked;
   if (want) { /* a tuner's tile (sgmv_expand_config): the rules' path and grid for it */
     if (want->block_m < 1 || want->block_m > 256 || want->block_n < 64 || want->block_n > 1024 || want->block_k < 1 ||
-        want->num_warps < 1 || want->num_stages < 1)
-      return INVALID("sgmv_expand_config", "the requested tile %dx%dx%d (warps %d, stages %d) is out of range",
-                     want->block_m, want->block_n, want->block_k, want->num_warps, want->num_stages);
+        want->num_warps < 1 || want->num_stages < 1 || (grouped && sgmv_plan_align % want->block_m))
+      return INVALID("sgmv_expand_config", "the requested tile %dx%dx%d (warps %d, stages %d) is out of range (with a plan, "
+                     "block_m must divide %d)",
+                     want->block_m, want->block_n, want->block_k, want->num_warps, want->num_stages,
+                     sgmv_plan_align);
     asked = (sgmv_tile_t){"requested", want->block_m, want->block_n, want->block_k, want->num_warps, want->num_stages};
     t = &asked;
     short_path = !grouped && want->path == SGMV_PATH_SHORT;
