@@ -149,6 +149,33 @@ def host_time_us(torch, launches, calls=100, reps=10):
     return best * 1e6
 
 
+def host_call_us(torch, calls=2000, reps=3):
+    """Host time per eager call on a tiny problem (4 single-row segments, hidden 64, rank 16): the
+    best of `reps` runs of `calls` calls, for each way to call the library from Python."""
+    from . import binding
+    x = torch.randn(4, 16, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(2, 64, 16, dtype=torch.bfloat16, device="cuda")
+    out = torch.randn(4, 64, dtype=torch.bfloat16, device="cuda")
+    meta = [torch.tensor(v, dtype=torch.int32, device="cuda") for v in ([0, 1, 2, 3], [1] * 4, [0, 1, 0, 1])]
+    plan = binding.batch_plan(*meta, 4, 4, 2)
+    ways = {"sgmv.sgmv_expand": lambda: binding.sgmv_expand(x, w, out, *meta, 4, 1, True),
+            "sgmv.sgmv_expand, plan": lambda: binding.sgmv_expand(x, w, out, *meta, 4, 1, True, batch_plan=plan),
+            "torch.ops.sgmv.expand": lambda: torch.ops.sgmv.expand(x, w, out, *meta, 4, 1, True),
+            "sgmv.batch_plan": lambda: binding.batch_plan(*meta, 4, 4, 2, out=plan)}
+    got = {}
+    for name, fn in ways.items():
+        best = math.inf
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / calls)
+            torch.cuda.synchronize()
+        got[name] = best * 1e6
+    return got
+
+
 def make_sets(torch, case, l2_bytes):
     """Buffer sets (x, w, out) enough to overflow the L2 four times when cycled."""
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
@@ -268,12 +295,17 @@ def run(out_dir, providers=PROVIDERS, cases=None, progress=True):
 
     meta = dict(device=props.name, copy_bandwidth_tbps=bw / 1e12, l2_bytes=l2, torch=torch.__version__,
                 command="sgmv bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "sgmv bench")
-    (out_dir / "results.json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    host = host_call_us(torch)
+    (out_dir / "results.json").write_text(json.dumps(dict(meta=meta, results=results, host_call_us=host), indent=1))
     table = format_table(results, providers)
+    host_lines = "\n".join(f"- {k}: {v:.1f} us" for k, v in host.items())
     (out_dir / "results.md").write_text(
-        f"{props.name}, copy bandwidth {bw / 1e12:.2f} TB/s; GPU us per launch (% of floor)\n\n{table}\n")
+        f"{props.name}, copy bandwidth {bw / 1e12:.2f} TB/s; GPU us per launch (% of floor)\n\n{table}\n\n"
+        f"Host time per eager Python call (tiny problem, best of 3 x 2000 calls):\n\n{host_lines}\n")
     print(f"{props.name}: copy bandwidth {bw / 1e12:.2f} TB/s; GPU us per launch (% of the floor)")
     print(table)
+    print("host time per eager call (tiny problem, best of 3 x 2000):", ", ".join(f"{k} {v:.1f} us"
+                                                                             for k, v in host.items()))
     _summary(results)
     _plot(results, providers, out_dir / "results.png", props.name)
     print(f"written: {out_dir}/results.json, results.md, results.png")

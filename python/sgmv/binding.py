@@ -20,11 +20,11 @@ _ITEMSIZE = {"<f2": 2, "<f4": 4, "<i4": 4, "<i8": 8}
 _torch_dtypes = {}  # torch.dtype -> sgmv_dtype_t (or -1), filled as dtypes are seen
 
 
-def _struct(ctype, fields):
-    """A struct.Struct that packs `ctype` from values for `fields` (sgmv_tensor_t fields expand to
-    data, dtype, ndim, shape[4], strides[4]), laid out as cffi computed from sgmv.h: one
-    pack_into per call instead of dozens of cffi attribute writes."""
-    ffi, fmt, pos = capi.ffi, "<", 0
+def _struct(ctype, fields, start=0):
+    """A struct.Struct that packs fields `fields` of `ctype` (sgmv_tensor_t fields expand to data,
+    dtype, ndim, shape[4], strides[4]) from byte `start`, laid out as cffi computed from sgmv.h:
+    pack_into calls instead of dozens of cffi attribute writes."""
+    ffi, fmt, pos = capi.ffi, "<", start
 
     def add(offset, t):
         nonlocal fmt, pos
@@ -42,19 +42,51 @@ def _struct(ctype, fields):
         pos = offset + size
 
     t = ffi.typeof(ctype)
-    if [name for name, _ in t.fields] != list(fields):
+    names = [name for name, _ in t.fields]
+    if names[names.index(fields[0]):][:len(fields)] != list(fields):
         raise ImportError(f"sgmv.h's {ctype} does not match this binding ({list(fields)})")
-    for _, f in t.fields:
-        add(f.offset, f.type)
-    return struct.Struct(fmt + "x" * (ffi.sizeof(t) - pos))
+    for name, f in t.fields:
+        if name in fields:
+            add(f.offset, f.type)
+    return struct.Struct(fmt)
 
 
-_TENSORS = _struct("sgmv_expand_tensors_t", ("struct_size", "inputs", "weights", "output", "seq_start", "seq_len",
-                                             "lora_indices", "batches", "max_seq_length", "add_inputs", "stream",
-                                             "batch_plan", "batch_plan_bytes"))
-_PLAN = _struct("sgmv_batch_plan_args_t", ("struct_size", "plan", "plan_bytes", "seq_start", "seq_len",
-                                           "lora_indices", "batches", "total_tokens", "num_loras", "stream"))
+def _offset(ctype, field):
+    return dict(capi.ffi.typeof(ctype).fields)[field].offset
+
+
+_TENSOR = _struct("sgmv_tensor_t", ("data", "dtype", "ndim", "shape", "strides"))
+_EXPAND_TENSORS = ("inputs", "weights", "output", "seq_start", "seq_len", "lora_indices")
+_EXPAND_OFFSETS = [_offset("sgmv_expand_tensors_t", f) for f in _EXPAND_TENSORS]
+_EXPAND_TAIL = _struct("sgmv_expand_tensors_t", ("batches", "max_seq_length", "add_inputs", "stream", "batch_plan",
+                                                 "batch_plan_bytes"), _offset("sgmv_expand_tensors_t", "batches"))
+_EXPAND_TAIL_AT = _offset("sgmv_expand_tensors_t", "batches")
+_PLAN_HEAD = _struct("sgmv_batch_plan_args_t", ("plan", "plan_bytes"), _offset("sgmv_batch_plan_args_t", "plan"))
+_PLAN_OFFSETS = [_offset("sgmv_batch_plan_args_t", f) for f in ("seq_start", "seq_len", "lora_indices")]
+_PLAN_TAIL = _struct("sgmv_batch_plan_args_t", ("batches", "total_tokens", "num_loras", "stream"),
+                     _offset("sgmv_batch_plan_args_t", "batches"))
 _NAMES = ("inputs", "lora_b_weights", "output_tensor", "b_seq_start_loc", "seq_len_tensor", "lora_indices_tensor")
+_PADS = [(0,) * (4 - n) for n in range(5)]
+
+
+def _pack(mem, offset, a, name):
+    """Writes a tensor's sgmv_tensor_t at `offset` of `mem`; returns its device index (-1: not
+    a CUDA array)."""
+    try:  # torch, without importing it (the hot path: keep it lean)
+        ptr, shape, strides, device = a.data_ptr(), a.shape, a.stride(), a.get_device()
+    except AttributeError:
+        fields, device = describe(a, name)
+        _TENSOR.pack_into(mem, offset, *fields)
+        return device
+    dt = _torch_dtypes.get(a.dtype)
+    if dt is None:
+        dt = _torch_dtypes.setdefault(a.dtype, _DTYPE_NAMES.get(str(a.dtype)[6:], -1))
+    n = len(shape)
+    if n > 4:
+        raise ValueError(f"{name} has {n} dimensions (at most 4)")
+    pad = _PADS[n]
+    _TENSOR.pack_into(mem, offset, ptr, dt, n, *shape, *pad, *strides, *pad)
+    return device
 
 
 def describe(a, name):
@@ -101,19 +133,12 @@ def _cai_device(ptr):
     return cupy.cuda.Device().id if cupy is not None else 0
 
 
-def _int(value, name):
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return value.__index__()
-
-
 def _one_device(devices, names, allow_cpu=False):
     """All arrays on one CUDA device (or, for the interpreter, all on the CPU); returns it."""
     first = devices[0]
-    for d, n in zip(devices, names):
-        if d != first or (d < 0 and not allow_cpu):
-            where = ", ".join(f"{m}: {'cuda:%d' % e if e >= 0 else 'not CUDA'}" for m, e in zip(names, devices))
-            raise ValueError(f"all tensors must be CUDA tensors on one device, got {where}")
+    if any(d != first for d in devices) or (first < 0 and not allow_cpu):
+        where = ", ".join(f"{m}: {'cuda:%d' % e if e >= 0 else 'not CUDA'}" for m, e in zip(names, devices))
+        raise ValueError(f"all tensors must be CUDA tensors on one device, got {where}")
     return first
 
 
@@ -153,33 +178,45 @@ _local = threading.local()
 
 
 def _buffer(ctype):
-    """This thread's reusable argument struct of type ctype."""
+    """This thread's reusable argument struct of type ctype (struct_size set), and its bytes."""
     bufs = getattr(_local, "bufs", None)
     if bufs is None:
         bufs = _local.bufs = {}
-    buf = bufs.get(ctype)
-    if buf is None:
-        buf = bufs[ctype] = capi.ffi.new(ctype + " *")
-    return buf
+    got = bufs.get(ctype)
+    if got is None:
+        buf = capi.ffi.new(ctype + " *")
+        buf.struct_size = capi.ffi.sizeof(ctype)
+        got = bufs[ctype] = (buf, capi.ffi.buffer(buf))
+    return got
+
+
+def _count(value, name):
+    if type(value) is bool or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value.__index__()
 
 
 def expand_tensors(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
                    batches, max_seq_length, add_inputs, stream, batch_plan, allow_cpu=False):
     """This thread's sgmv_expand_tensors_t for the call, filled; and the device."""
-    described = [describe(t, n) for t, n in zip((inputs, lora_b_weights, output_tensor, b_seq_start_loc,
-                                                 seq_len_tensor, lora_indices_tensor), _NAMES)]
-    batches = _int(batches, "batches")
-    max_seq_length = _int(max_seq_length, "max_seq_length")
-    if not isinstance(add_inputs, bool):
+    buf, mem = _buffer("sgmv_expand_tensors_t")
+    o = _EXPAND_OFFSETS
+    devices = (_pack(mem, o[0], inputs, "inputs"), _pack(mem, o[1], lora_b_weights, "lora_b_weights"),
+               _pack(mem, o[2], output_tensor, "output_tensor"), _pack(mem, o[3], b_seq_start_loc, "b_seq_start_loc"),
+               _pack(mem, o[4], seq_len_tensor, "seq_len_tensor"),
+               _pack(mem, o[5], lora_indices_tensor, "lora_indices_tensor"))
+    if type(add_inputs) is not bool:
         raise TypeError(f"add_inputs must be a bool, got {type(add_inputs).__name__}")
-    plan_ptr, plan_bytes, plan_device = _plan_ref(batch_plan)
-    devices = [d for _, d in described] + ([plan_device] if batch_plan is not None else [])
-    device = _one_device(devices, _NAMES + ("batch_plan",), allow_cpu)
+    plan_ptr, plan_bytes = 0, 0
+    if batch_plan is not None:
+        plan_ptr, plan_bytes, plan_device = _plan_ref(batch_plan)
+        devices += (plan_device,)
+    device = devices[0]
+    if devices.count(device) != len(devices) or (device < 0 and not allow_cpu):
+        _one_device(devices, _NAMES + ("batch_plan",), allow_cpu)
     s = current_stream(device, output_tensor) if stream is None else stream_handle(stream)
-    buf = _buffer("sgmv_expand_tensors_t")
-    _TENSORS.pack_into(capi.ffi.buffer(buf), 0, _TENSORS.size, *described[0][0], *described[1][0], *described[2][0],
-                       *described[3][0], *described[4][0], *described[5][0], batches, max_seq_length, add_inputs, s,
-                       plan_ptr, plan_bytes)
+    _EXPAND_TAIL.pack_into(mem, _EXPAND_TAIL_AT, _count(batches, "batches"), _count(max_seq_length, "max_seq_length"),
+                           add_inputs, s, plan_ptr, plan_bytes)
     return buf, device
 
 
@@ -200,7 +237,7 @@ def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_
 
 def batch_plan_bytes(max_batches, max_tokens):
     """Device bytes of a plan for up to max_batches segments and max_tokens rows."""
-    n = capi.lib.sgmv_batch_plan_bytes(_int(max_batches, "max_batches"), _int(max_tokens, "max_tokens"))
+    n = capi.lib.sgmv_batch_plan_bytes(_count(max_batches, "max_batches"), _count(max_tokens, "max_tokens"))
     if n == 0:
         raise ValueError(f"no plan serves max_batches = {max_batches} and max_tokens = {max_tokens} "
                          "(both in [0, 2^30))")
@@ -209,14 +246,16 @@ def batch_plan_bytes(max_batches, max_tokens):
 
 def plan_args(seq_start, seq_len, lora_indices, batches, total_tokens, num_loras, out, stream, allow_cpu=False):
     """This thread's sgmv_batch_plan_args_t, filled; and the device."""
-    described = [describe(t, n) for t, n in zip((seq_start, seq_len, lora_indices), _NAMES[3:])]
+    buf, mem = _buffer("sgmv_batch_plan_args_t")
+    o = _PLAN_OFFSETS
+    devices = [_pack(mem, o[0], seq_start, "seq_start"), _pack(mem, o[1], seq_len, "seq_len"),
+               _pack(mem, o[2], lora_indices, "lora_indices")]
     plan_ptr, plan_bytes, plan_device = _plan_ref(out)
-    device = _one_device([d for _, d in described] + [plan_device], _NAMES[3:] + ("out",), allow_cpu)
+    device = _one_device(devices + [plan_device], ("seq_start", "seq_len", "lora_indices", "out"), allow_cpu)
     s = current_stream(device, out) if stream is None else stream_handle(stream)
-    buf = _buffer("sgmv_batch_plan_args_t")
-    _PLAN.pack_into(capi.ffi.buffer(buf), 0, _PLAN.size, plan_ptr, plan_bytes, *described[0][0], *described[1][0],
-                    *described[2][0], _int(batches, "batches"), _int(total_tokens, "total_tokens"),
-                    _int(num_loras, "num_loras"), s)
+    _PLAN_HEAD.pack_into(mem, _offset("sgmv_batch_plan_args_t", "plan"), plan_ptr, plan_bytes)
+    _PLAN_TAIL.pack_into(mem, _offset("sgmv_batch_plan_args_t", "batches"), _count(batches, "batches"),
+                         _count(total_tokens, "total_tokens"), _count(num_loras, "num_loras"), s)
     return buf, device
 
 
