@@ -145,6 +145,8 @@ def _one_device(devices, names, allow_cpu=False):
 def current_stream(device, array):
     """Torch's or CuPy's current stream on `device` for a torch or CuPy array, else the legacy
     default stream (0)."""
+    if device < 0:
+        return 0
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(array, torch.Tensor):
         return torch._C._cuda_getCurrentRawStream(device)
@@ -231,8 +233,20 @@ def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_
     """
     buf, _ = expand_tensors(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
                             lora_indices_tensor, batches, max_seq_length, add_inputs, stream, batch_plan)
-    capi.check(capi.lib.sgmv_expand_tensors(buf))
+    status = (_lib or _library()).sgmv_expand_tensors(buf)
+    if status:
+        capi.check(status)
     return output_tensor
+
+
+_lib = None
+
+
+def _library():
+    """capi.lib, kept here: the module attribute goes through capi's __getattr__ on every access."""
+    global _lib
+    _lib = capi.lib
+    return _lib
 
 
 def batch_plan_bytes(max_batches, max_tokens):
