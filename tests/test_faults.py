@@ -237,3 +237,58 @@ def test_device_arch(fake):
     assert good["status"] == 0 and (good["compute_capability"], good["cubin_arch"]) == (90, 90)
     assert bad["status"] == S["SGMV_ERROR_CUDA"] and "CUDA_ERROR_INVALID_DEVICE" in bad["error"], bad["error"]
 
+
+
+_BINDING_CALL = """
+import json, sys
+import sgmv
+from sgmv import capi
+
+
+class T:  # a tensor as the binding reads it (torch's methods), on CUDA device 0, at a fake address
+    def __init__(self, shape, dtype, ptr):
+        self.shape, self.dtype, self._ptr = shape, "torch." + dtype, ptr
+    def data_ptr(self):
+        return self._ptr
+    def stride(self):  # contiguous
+        strides, n = [], 1
+        for d in reversed(self.shape):
+            strides.insert(0, n)
+            n *= d
+        return tuple(strides)
+    def get_device(self):
+        return 0
+
+
+args = (T((10, 16), "float16", 0x10000), T((2, 64, 16), "float16", 0x20000), T((10, 64), "float16", 0x30000),
+        T((2,), "int32", 0x40000), T((2,), "int32", 0x50000), T((2,), "int32", 0x60000), 2, 5)
+out = []
+for _ in range(2):
+    try:
+        sgmv.sgmv_expand(*args, add_inputs=True, stream=0)
+        out.append({"status": 0})
+    except sgmv.SgmvError as e:
+        out.append({"status": e.status, "type": type(e).__name__, "value_error": isinstance(e, ValueError),
+                    "message": str(e)})
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("env,status,words", [
+    ({"FAKE_CUDA_FAIL": "cuLaunchKernel"}, "SGMV_ERROR_CUDA", "CUDA_ERROR_LAUNCH_FAILED"),
+    ({"FAKE_CUDA_FAIL": "cuStreamGetCtx"}, "SGMV_ERROR_NO_DEVICE", "no CUDA context for the stream"),
+    ({"FAKE_CUDA_CC": "75"}, "SGMV_ERROR_UNSUPPORTED_ARCH", "compute capability 7.5"),
+    ({"FAKE_CUDA_VERSION": "11080"}, "SGMV_ERROR_NO_DRIVER", "CUDA 11.8"),
+], ids=["cuda-error", "no-device", "unsupported-arch", "old-driver"])
+def test_driver_statuses_through_the_python_binding(fake, env, status, words):
+    """Each driver-side status as sgmv.sgmv_expand raises it: SgmvError with .status and the
+    library's message, not a ValueError; a transient fault (one failing call) clears."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith("FAKE_CUDA_")}
+    e.update(LD_LIBRARY_PATH=os.pathsep.join(filter(None, [str(fake), os.environ.get("LD_LIBRARY_PATH")])), **env)
+    r = subprocess.run([sys.executable, "-c", _BINDING_CALL], capture_output=True, text=True, env=e, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    first, second = json.loads(r.stdout.splitlines()[-1])
+    assert first["status"] == S[status] and first["type"] == "SgmvError" and not first["value_error"], first
+    assert words in first["message"], first["message"]
+    transient = "FAKE_CUDA_FAIL" in env
+    assert (second["status"] == 0) == transient, second
