@@ -72,20 +72,8 @@ _PADS = [(0,) * (4 - n) for n in range(5)]
 def _pack(mem, offset, a, name):
     """Writes a tensor's sgmv_tensor_t at `offset` of `mem`; returns its device index (-1: not
     a CUDA array)."""
-    try:  # torch, without importing it (the hot path: keep it lean)
-        ptr, shape, strides, device = a.data_ptr(), a.shape, a.stride(), a.get_device()
-    except AttributeError:
-        fields, device = describe(a, name)
-        _TENSOR.pack_into(mem, offset, *fields)
-        return device
-    dt = _torch_dtypes.get(a.dtype)
-    if dt is None:
-        dt = _torch_dtypes.setdefault(a.dtype, _DTYPE_NAMES.get(str(a.dtype)[6:], -1))
-    n = len(shape)
-    if n > 4:
-        raise ValueError(f"{name} has {n} dimensions (at most 4)")
-    pad = _PADS[n]
-    _TENSOR.pack_into(mem, offset, ptr, dt, n, *shape, *pad, *strides, *pad)
+    fields, device = describe(a, name)
+    _TENSOR.pack_into(mem, offset, *fields)
     return device
 
 
@@ -93,17 +81,18 @@ def describe(a, name):
     """(data, dtype, ndim, shape[4], strides[4]) of a tensor as sgmv_tensor_t, and its device
     index (-1: not a CUDA array)."""
     try:  # torch, without importing it (the hot path: keep it lean)
+        ptr, shape, strides, device = a.data_ptr(), a.shape, a.stride(), a.get_device()
+    except AttributeError:
+        ptr = None
+    if ptr is not None:
         dt = _torch_dtypes.get(a.dtype)
         if dt is None:
             dt = _torch_dtypes.setdefault(a.dtype, _DTYPE_NAMES.get(str(a.dtype)[6:], -1))
-        shape, strides = a.shape, a.stride()
         n = len(shape)
         if n > 4:
             raise ValueError(f"{name} has {n} dimensions (at most 4)")
-        pad = (0,) * (4 - n)
-        return (a.data_ptr(), dt, n, *shape, *pad, *strides, *pad), a.get_device()
-    except AttributeError:
-        pass
+        pad = _PADS[n]
+        return (ptr, dt, n, *shape, *pad, *strides, *pad), device
     cai = getattr(a, "__cuda_array_interface__", None)
     if cai is None:
         raise TypeError(f"{name} must be a torch tensor or an array with __cuda_array_interface__, "
