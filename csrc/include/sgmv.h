@@ -1,11 +1,14 @@
-/* libsgmv: the SGMV expand kernel of multi-LoRA serving, behind a stable C ABI.
+/* libsgmv: the LoRA kernels of multi-LoRA serving (SGMV shrink and expand), behind a stable C ABI.
  *
- *   out[start_b + m, :] (+)= x[start_b + m, :rank] @ W[idx_b, :, :rank]^T
+ *   shrink: y[start_b + m, :rank]   = scaling * x[start_b + m, :hidden] @ A[idx_b, :rank, :hidden]^T
+ *   expand: out[start_b + m, :]   (+)= y[start_b + m, :rank] @ B[idx_b, :, :rank]^T
  *
  * for every segment b in [0, batches) whose adapter index idx_b is in [0, num_loras) and every
  * row m < seq_len_b. Products are accumulated in fp32; with add_inputs the old output value is
  * added in fp32 and the sum is rounded once. Rows of skipped segments (idx_b == -1 or outside
- * [0, num_loras)), zero-length segments and rows past total_tokens are left untouched.
+ * [0, num_loras), or an adapter of rank 0 in lora_ranks), zero-length segments and rows past
+ * total_tokens are left untouched. Both take up to SGMV_MAX_SLICES fused slices (QKV, gate/up)
+ * and per-adapter ranks.
  *
  * This header needs no CUDA header and compiles as C99 and C++. It is also the source of the
  * Python binding's cffi declarations: keep it to declarations, enums with fixed values and
@@ -18,10 +21,10 @@
 #include <stdint.h>
 
 #define SGMV_VERSION_MAJOR 0
-#define SGMV_VERSION_MINOR 2
+#define SGMV_VERSION_MINOR 3
 #define SGMV_VERSION_PATCH 0
 /* MAJOR * 10000 + MINOR * 100 + PATCH, as returned by sgmv_version(). */
-#define SGMV_VERSION 200
+#define SGMV_VERSION 300
 
 #if defined(_WIN32)
 #define SGMV_API
@@ -56,6 +59,18 @@ typedef enum {
 
 /* The same type as CUstream and cudaStream_t. NULL is the legacy default stream. */
 typedef struct CUstream_st *sgmv_stream_t;
+
+/* Fused slices per call: QKV has 3, gate/up 2. */
+#define SGMV_MAX_SLICES 3
+
+/* A fused slice's weight stack beyond the first: (num_loras, rows, cols), unit stride along cols,
+ * the first slice's dtype. */
+typedef struct {
+  const void *weights;
+  int64_t lora_stride;
+  int64_t row_stride;
+  int64_t rows;                  /* expand: the slice's hidden (output columns); shrink: rank */
+} sgmv_slice_t;
 
 /* Arguments of sgmv_expand. Initialise with SGMV_EXPAND_ARGS_INIT (or sgmv_expand_args_init), which
  * sets struct_size: fields are only ever appended, a caller built against an older header keeps
@@ -99,6 +114,18 @@ typedef struct {
    * mixed batches run several times faster. (Uniform long prefill still tiles by segment.) */
   const void *batch_plan;
   size_t batch_plan_bytes;
+  /* ---- end of version 0.2 ---- */
+
+  /* Fused slices: slice 0 is weights/hidden above, slice s >= 1 is slices[s - 1] (same dtype and
+   * rank). Slice s reads inputs columns [s * rank, (s + 1) * rank) and writes its hidden output
+   * columns right after slice s - 1's: inputs (total_tokens, num_slices * rank), output
+   * (total_tokens, sum of the slices' hidden). 0 or 1: one slice. */
+  int32_t num_slices;
+  sgmv_slice_t slices[SGMV_MAX_SLICES - 1];
+  /* Per-adapter ranks: int32 (num_loras,) in device memory, or NULL. Adapter a reads only the
+   * first min(lora_ranks[a], rank) inputs columns of each slice (no padding is read); a rank of
+   * 0 or less skips its segments like index -1. */
+  const void *lora_ranks;
 } sgmv_expand_args_t;
 
 #define SGMV_EXPAND_ARGS_INIT SGMV_STRUCT_INIT(sgmv_expand_args_t)
@@ -132,6 +159,10 @@ typedef struct {
   sgmv_stream_t stream;
   const void *batch_plan;
   size_t batch_plan_bytes;
+  /* ---- end of version 0.2 ---- */
+  int32_t num_slices;                               /* 0 or 1: one slice */
+  sgmv_tensor_t slice_weights[SGMV_MAX_SLICES - 1]; /* (num_loras, hidden_s, rank) or (num_loras, 1, hidden_s, rank) */
+  sgmv_tensor_t lora_ranks;                         /* int32 (>= num_loras,), contiguous; data NULL: none */
 } sgmv_expand_tensors_t;
 
 #define SGMV_EXPAND_TENSORS_INIT SGMV_STRUCT_INIT(sgmv_expand_tensors_t)
@@ -140,6 +171,94 @@ typedef struct {
 SGMV_API sgmv_status_t sgmv_expand_args_from_tensors(const sgmv_expand_tensors_t *tensors, sgmv_expand_args_t *args);
 /* sgmv_expand_args_from_tensors, then sgmv_expand. */
 SGMV_API sgmv_status_t sgmv_expand_tensors(const sgmv_expand_tensors_t *tensors);
+
+/* ---- shrink ------------------------------------------------------------------------------- */
+
+/* Arguments of sgmv_shrink (LoRA A):
+ *   output[start_b + m, s * rank + r] = scaling * lora_scales[idx_b] * inputs[start_b + m, :] . A_s[idx_b, r, :]
+ * for each slice s and r < min(lora_ranks[idx_b], rank) (all rank columns without lora_ranks).
+ * The output is written, not accumulated; other elements are left untouched. Initialise with
+ * SGMV_SHRINK_ARGS_INIT or sgmv_shrink_args_init (scaling 1). Few rows with a large hidden are
+ * split over hidden (split-K) when a workspace is given: partial sums go to the workspace and a
+ * second launch adds them in a fixed order, so results never depend on scheduling, but they
+ * depend (in rounding) on the split, which the planner picks from the shapes and the workspace
+ * size. The same call gives the same bits, through the library and through the JIT alike. */
+typedef struct {
+  size_t struct_size;
+
+  const void *inputs;            /* (total_tokens, hidden): the weights' dtype */
+  sgmv_dtype_t inputs_dtype;
+  int64_t inputs_row_stride;
+
+  const void *weights;           /* slice 0, (num_loras, rank, hidden): fp16 or bf16 */
+  sgmv_dtype_t weights_dtype;
+  int64_t weights_lora_stride;
+  int64_t weights_row_stride;
+
+  void *output;                  /* (total_tokens, num_slices * rank) */
+  sgmv_dtype_t output_dtype;     /* float32 or the weights' dtype */
+  int64_t output_row_stride;
+
+  int64_t total_tokens;          /* 0 .. 2^30 - 1 */
+  int64_t hidden;                /* 1 .. 2^20 */
+  int64_t rank;                  /* 1 .. 256 */
+  int64_t num_loras;             /* >= 1 */
+
+  const void *seq_start;
+  const void *seq_len;
+  const void *lora_indices;
+  sgmv_dtype_t metadata_dtype;
+  int64_t batches;
+  int64_t max_seq_length;
+
+  float scaling;                 /* multiplies every product (1 from the initialiser) */
+  int32_t num_slices;            /* 0 or 1: one slice; slice s >= 1 is slices[s - 1] (rows == rank) */
+  sgmv_slice_t slices[SGMV_MAX_SLICES - 1];
+  const void *lora_ranks;        /* int32 (num_loras,) on the device, or NULL */
+  const void *lora_scales;       /* float32 (num_loras,) on the device, or NULL: adapter a's products
+                                    are also multiplied by lora_scales[a] */
+  const void *batch_plan;        /* as in sgmv_expand_args_t */
+  size_t batch_plan_bytes;
+  void *workspace;               /* device memory for split-K partial sums, or NULL (no split) */
+  size_t workspace_bytes;        /* sgmv_shrink_workspace_bytes() allows every split the planner uses */
+  sgmv_stream_t stream;
+} sgmv_shrink_args_t;
+
+#define SGMV_SHRINK_ARGS_INIT SGMV_SHRINK_INIT_
+/* Zeroes *args, sets its struct_size and scaling = 1. */
+SGMV_API void sgmv_shrink_args_init(sgmv_shrink_args_t *args);
+
+/* Launches SGMV shrink on args->stream (one launch, or two with split-K). Checks as sgmv_expand. */
+SGMV_API sgmv_status_t sgmv_shrink(const sgmv_shrink_args_t *args);
+
+/* Workspace bytes that let every shrink call of up to max_tokens rows and output_columns
+ * (num_slices * rank) columns split over hidden as the planner likes; 0 when no such call splits
+ * (many rows) or on bad sizes. */
+SGMV_API size_t sgmv_shrink_workspace_bytes(int64_t max_tokens, int64_t output_columns);
+
+/* sgmv_shrink's arguments as tensors: inputs (total_tokens, hidden); weights (num_loras, rank,
+ * hidden) or (num_loras, 1, rank, hidden), likewise each slice_weights; output (total_tokens,
+ * num_slices * rank); metadata as for expand; lora_ranks int32, lora_scales float32, each 1-D,
+ * contiguous, >= num_loras entries (data NULL: none). */
+typedef struct {
+  size_t struct_size;
+  sgmv_tensor_t inputs, weights, output, seq_start, seq_len, lora_indices;
+  int64_t batches;
+  int64_t max_seq_length;
+  float scaling;
+  int32_t num_slices;
+  sgmv_tensor_t slice_weights[SGMV_MAX_SLICES - 1];
+  sgmv_tensor_t lora_ranks, lora_scales;
+  sgmv_stream_t stream;
+  const void *batch_plan;
+  size_t batch_plan_bytes;
+  void *workspace;
+  size_t workspace_bytes;
+} sgmv_shrink_tensors_t;
+
+#define SGMV_SHRINK_TENSORS_INIT SGMV_SHRINK_TENSORS_INIT_
+SGMV_API sgmv_status_t sgmv_shrink_args_from_tensors(const sgmv_shrink_tensors_t *tensors, sgmv_shrink_args_t *args);
+SGMV_API sgmv_status_t sgmv_shrink_tensors(const sgmv_shrink_tensors_t *tensors);
 
 /* ---- the per-step batch plan ----------------------------------------------------------------- */
 
@@ -189,6 +308,10 @@ typedef struct {
   int32_t meta_shift;            /* 0: int32 metadata, 1: int64 */
   int64_t plan_capacity;         /* row slots of the batch plan */
   uint32_t grid[3];
+  /* ---- end of version 0.2 ---- */
+  int32_t split;                 /* shrink: programs along hidden (grid[2]); 1: none */
+  int64_t k_split;               /* hidden per split program, a multiple of block_k */
+  int32_t op;                    /* 0 expand, 1 shrink */
 } sgmv_launch_config_t;
 
 /* The launch sgmv_expand would make on a GPU of cubin family cubin_arch (80, 90, 100, 120),
@@ -196,7 +319,8 @@ typedef struct {
  * set block_m, block_n, block_k, num_warps, num_stages (and path SGMV_PATH_SHORT to ask for the
  * short path) to get the launch of that tile; sgmv_expand itself only runs tiles of its table. */
 SGMV_API sgmv_status_t sgmv_expand_config(const sgmv_expand_args_t *args, int cubin_arch, sgmv_launch_config_t *config);
-/* Likewise for sgmv_batch_plan_build. */
+/* Likewise for sgmv_shrink and sgmv_batch_plan_build. */
+SGMV_API sgmv_status_t sgmv_shrink_config(const sgmv_shrink_args_t *args, int cubin_arch, sgmv_launch_config_t *config);
 SGMV_API sgmv_status_t sgmv_batch_plan_config(const sgmv_batch_plan_args_t *args, int cubin_arch,
                                               sgmv_launch_config_t *config);
 
@@ -223,13 +347,19 @@ SGMV_API int sgmv_cubin_arch(int compute_capability);
 }
 #endif
 
-/* SGMV_STRUCT_INIT(T): a T with every field zero but struct_size = sizeof(T). */
+/* SGMV_STRUCT_INIT(T): a T with every field zero but struct_size = sizeof(T) (and a shrink's
+ * scaling 1). */
 #ifdef __cplusplus
 template <typename T> inline T sgmv_struct_init() { T t = T(); t.struct_size = sizeof(T); return t; }
+template <typename T> inline T sgmv_scaled_init() { T t = sgmv_struct_init<T>(); t.scaling = 1.0f; return t; }
 #define SGMV_STRUCT_INIT(T) sgmv_struct_init<T>()
+#define SGMV_SHRINK_INIT_ sgmv_scaled_init<sgmv_shrink_args_t>()
+#define SGMV_SHRINK_TENSORS_INIT_ sgmv_scaled_init<sgmv_shrink_tensors_t>()
 #endif
 #ifndef __cplusplus
 #define SGMV_STRUCT_INIT(T) {.struct_size = sizeof(T)}
+#define SGMV_SHRINK_INIT_ {.struct_size = sizeof(sgmv_shrink_args_t), .scaling = 1.0f}
+#define SGMV_SHRINK_TENSORS_INIT_ {.struct_size = sizeof(sgmv_shrink_tensors_t), .scaling = 1.0f}
 #endif
 
 #endif /* SGMV_H */
