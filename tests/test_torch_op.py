@@ -65,7 +65,7 @@ def _meta(device):
         y1=torch.empty(T, R, dtype=torch.float32, **e), out1=torch.empty(T, 32, dtype=torch.float16, **e),
         meta=[torch.empty(4, dtype=torch.int32, **e) for _ in range(3)],
         ranks=torch.empty(L, dtype=torch.int32, **e), scales=torch.empty(L, dtype=torch.float32, **e),
-        plan=torch.empty(256, dtype=torch.int32, **e), workspace=torch.empty(1024, dtype=torch.uint8, **e))
+        plan=torch.empty(256, dtype=torch.int32, **e), workspace=torch.empty(256, dtype=torch.float32, **e))
 
 
 def test_fake_tensors_trace():
@@ -260,7 +260,7 @@ class Layer:
 @pytest.mark.parametrize("op,make", [
     ("shrink", lambda l: (l.x, l.a[0], l.y[:, :l.R], l.starts, l.lens, l.idx, 6, l.T)),
     ("shrink", lambda l: (l.x, l.a[0], l.y, l.starts, l.lens, l.idx, 6, l.T, 0.5, l.ranks, l.scales, l.plan,
-                          torch.empty(sgmv.shrink_workspace_bytes(l.T, 3 * l.R), dtype=torch.uint8, device="cuda"),
+                          torch.empty(sgmv.shrink_workspace_bytes(l.T, 3 * l.R) // 4, device="cuda"),
                           l.a[1:])),
     ("expand", lambda l: (l.y[:, :l.R], l.b[0], l.out[:, :256], l.starts, l.lens, l.idx, 6, l.T,
                           False)),
