@@ -80,9 +80,12 @@ def main(device="cuda"):
     # The shrink output stays fp32 until expand rounds it. A runtime would use torch.empty: the
     # columns past an adapter's rank are neither written nor read; NaN here shows it.
     shrunk = torch.full((tokens, len(SLICES) * RANK), float("nan"), device=device)
-    # The split-K workspace, when this size wants one, comes from torch's caching allocator here;
-    # under CUDA graphs pass workspace= (sgmv.shrink_workspace_bytes(max_tokens, 3 * RANK) bytes).
-    sgmv.sgmv_shrink(x, lora_a, shrunk, *meta, lora_ranks=ranks, lora_scales=scales, batch_plan=plan)
+    # Split-K partial sums for few-row steps, sized once for the largest step (0: it never splits;
+    # without workspace= the binding allocates one per call).
+    ws_bytes = sgmv.shrink_workspace_bytes(tokens, len(SLICES) * RANK)
+    workspace = torch.empty(ws_bytes // 4, dtype=torch.float32, device=device) if ws_bytes else None
+    sgmv.sgmv_shrink(x, lora_a, shrunk, *meta, lora_ranks=ranks, lora_scales=scales, batch_plan=plan,
+                     workspace=workspace)
     sgmv.sgmv_expand(shrunk, lora_b, y, *meta, add_inputs=True, batch_plan=plan, lora_ranks=ranks)
     torch.cuda.synchronize()
 
