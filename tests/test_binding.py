@@ -60,8 +60,7 @@ def test_python_side_errors(over, exc, words):
 
 
 @pytest.mark.parametrize("over,status,exc,words", [
-    (dict(inputs=Fake((10, 8))), "SGMV_ERROR_INVALID_ARGUMENT", ValueError,
-     "inputs has 8 columns but 1 slice(s) of rank 16 need 16"),
+    (dict(inputs=Fake((10, 8))), "SGMV_ERROR_INVALID_ARGUMENT", ValueError, "inputs has rank 8"),
     (dict(output_tensor=Fake((9, 64))), "SGMV_ERROR_INVALID_ARGUMENT", ValueError, "output must be"),
     (dict(lora_b_weights=Fake((2, 3, 64, 16))), "SGMV_ERROR_INVALID_ARGUMENT", ValueError, "weights must be"),
     (dict(lora_b_weights=Fake((2, 64, 300)), inputs=Fake((10, 300))), "SGMV_ERROR_INVALID_ARGUMENT", ValueError,
