@@ -370,9 +370,9 @@ def _torch_launchers(torch, case, sets):
     alpha), a GEMM per segment for up to 32 segments, else one GEMM against every adapter's A
     stacked, each valid row then taking its adapter's columns (the faster way for many short
     segments: 3 kernels instead of one per segment)."""
+    # Segments at -1 are skipped: they have no adapter (w[-1] would be the last one's).
+    segs = [(st, n, i) for st, n, i in zip(case.starts, case.lens, case.idx) if i >= 0]
     if case.op == "expand":
-        segs = list(zip(case.starts, case.lens, case.idx))
-
         def loop(x, w, out):
             for st, n, i in segs:
                 o = out[st:st + n]
@@ -381,7 +381,6 @@ def _torch_launchers(torch, case, sets):
                 else:
                     torch.mm(x[st:st + n], w[i].T, out=o)
         return [lambda s=s: loop(*s) for s in sets]
-    segs = [(st, n, i) for st, n, i in zip(case.starts, case.lens, case.idx) if i >= 0]
     f32, scale, r = torch.float32, SHRINK_SCALING, case.rank
     if len(case.lens) <= 32:
         def per_segment(x, a, out):
