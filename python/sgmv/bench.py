@@ -343,9 +343,8 @@ def _launchers(torch, provider, case, sets, meta, plan):
     if provider == "ranks":
         kw["lora_ranks"] = torch.tensor(case.ranks, dtype=torch.int32, device=meta[0].device)
     if case.op == "shrink":
-        n = binding.shrink_workspace_bytes(case.tokens, case.rank)
-        if n:  # allocated once per step by a caller, as the plan is
-            kw["workspace"] = torch.empty(n, dtype=torch.uint8, device=meta[0].device)
+        # The binding's workspace, allocated once here as a caller does once per step (None: no split).
+        kw["workspace"] = binding.new_workspace(sets[0][2], case.tokens, case.rank)
         fn = jit.sgmv_shrink if provider == "jit-plan" else binding.sgmv_shrink
         return [lambda s=s: fn(*s, *meta, batches, max_len, SHRINK_SCALING, **kw) for s in sets]
     fn = jit.sgmv_expand if provider == "jit-plan" else binding.sgmv_expand
