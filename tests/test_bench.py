@@ -259,3 +259,17 @@ def test_torch_shrink_many_segments(monkeypatch):
     # More than 32 segments: the stacked-GEMM way of the torch provider.
     case = bench.Case("many", "spec:40:1-5", 64, 16, 3, "fp16", False, op="shrink")
     run_provider("torch", case, monkeypatch)
+
+
+@pytest.mark.gpu
+def test_bench_run_times_every_new_provider(tmp_path):
+    # A provider that fails is reported in the table rather than stopping the run: none may here.
+    rc = bench.run(tmp_path, suites=["shrink", "qkv", "ranks"], progress=False,
+                   cases=["shrink decode 256x1 N4096 r16,", "qkv decode 256x1", "pad 64, 4"])
+    got = json.loads((tmp_path / "results.json").read_text())
+    assert rc == 0 and got["meta"]["suites"] == ["shrink", "qkv", "ranks"]
+    runs = {(r["suite"], r["provider"]) for r in got["results"]}
+    assert runs == {(s, p) for s in ("shrink", "qkv", "ranks") for p in bench.SUITES[s]}
+    assert all("error" not in r and r["gpu_us"] > 0 for r in got["results"]), got["results"]
+    assert len(got["cases"]) == 4 and all(e.get("met") is not None for e in got["cases"] if "target" in e)
+    assert all(e["ratio"] > 0 for e in got["cases"] if "ratio_of" in e)
