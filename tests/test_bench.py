@@ -63,7 +63,7 @@ def test_suite_contents_and_names():
     shrink, qkv, ranks = (bench.suite_cases(s) for s in ("shrink", "qkv", "ranks"))
     names = [c.name for s in bench.SUITES for c in bench.suite_cases(s)]
     assert len(names) == len(set(names))
-    assert sorted((c.hidden, c.rank) for c in shrink) == sorted([(4096, r) for r in (16, 32, 64)] * 8 + [(8192, 16)])
+    assert sorted((c.hidden, c.rank) for c in shrink) == sorted([(4096, r) for r in (16, 32, 64)] * 8 + [(8192, 16)] * 2)
     assert all(c.op == "shrink" and c.dtype == "bf16" and c.ranks is None for c in shrink)
     assert len(qkv) == 5 and all(c.slices == (4096, 1024, 1024) and c.hidden == 6144 and c.rank == 16 and c.add
                                  for c in qkv)
@@ -78,7 +78,7 @@ def test_targets_are_the_issues():
     targets = {c.name: c.target for c in shrink if c.target}
     assert targets.pop("shrink decode 256x1 N4096 r16, 4") == ("gpu_us", 5)
     prefill = [c.name for c in shrink if c.name.startswith("shrink prefill")]
-    assert len(prefill) == 9 and targets == {n: ("pct_floor", 80) for n in prefill}
+    assert len(prefill) == 10 and targets == {n: ("pct_floor", 80) for n in prefill}
     assert all(c.target == ("ratio", 0.7) for c in bench.suite_cases("qkv"))
     assert {c.name: c.target for c in bench.suite_cases("ranks") if c.target} == {
         "expand decode 256x1 N4096 r8/16/64 pad 64, 4": ("ratio", 0.6)}

@@ -155,15 +155,15 @@ def suite_cases(suite):
         return [Case(*c) for c in SUITE]
     cases = []
     if suite == "shrink":
-        for prefix in SHRINK_LAYOUTS:
-            for rank in (16, 32, 64):
-                c = _on_layout(prefix, "shrink", 4096, rank)
-                if c.tokens >= 4096:
-                    c.target = ("pct_floor", 80)
-                if prefix == "decode 256x1" and rank == 16:
-                    c.target = ("gpu_us", 5)
-                cases.append(c)
-        cases.append(_on_layout("decode 256x1", "shrink", 8192, 16))
+        # Hidden 4096 at ranks 16/32/64, and hidden 8192 once for decode (split-K's K) and prefill.
+        shapes = [(p, 4096, r) for p in SHRINK_LAYOUTS for r in (16, 32, 64)]
+        for prefix, hidden, rank in shapes + [("decode 256x1", 8192, 16), ("prefill 4x2048", 8192, 16)]:
+            c = _on_layout(prefix, "shrink", hidden, rank)
+            if c.tokens >= 4096:
+                c.target = ("pct_floor", 80)
+            if (prefix, hidden, rank) == ("decode 256x1", 4096, 16):
+                c.target = ("gpu_us", 5)
+            cases.append(c)
     if suite == "qkv":
         for prefix in QKV_LAYOUTS:
             cases.append(_on_layout(prefix, "expand", sum(QKV_SLICES), 16, slices=QKV_SLICES,
