@@ -49,7 +49,7 @@ def parameters(mod, kernel_name):
 def variant_name(v):
     if v["kernel"] == "sgmv_plan_kernel":
         return "sgmv_sm{arch}_plan".format(**v)
-    return "sgmv_sm{arch}_{x}_{w}_{out}_k{ek}_{tile}_{path}".format(ek=int(v["even_k"]), **v)
+    return "sgmv_sm{arch}_{op}_{x}_{w}_{out}_k{ek}_{tile}_{path}".format(ek=int(v["even_k"]), **v)
 
 
 def compile_variant(v):
@@ -73,12 +73,12 @@ def compile_variant(v):
                      "out_ptr": "*" + v["out"], "seq_start_ptr": "*i32", "seq_len_ptr": "*i32", "lora_idx_ptr": "*i32",
                      "plan_ptr": "*i32", "ranks_ptr": "*i32", "scales_ptr": "*fp32", "work_ptr": "*fp32"}
         constexprs = {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k,
-                      "PATH": V.PATHS[v["path"]], "EVEN_K": v["even_k"]}
+                      "PATH": V.PATHS[v["path"]], "EVEN_K": v["even_k"], "SHRINK": v["op"] == "shrink"}
         options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages}
         if v["aligned"]:
             # What the planner checks before it picks an aligned variant (csrc/planner.c, is_aligned).
             names = list(kernel.arg_names)
-            for a in ("x_ptr", "w_ptr", "w1_ptr", "w2_ptr", "out_ptr"):
+            for a in ("x_ptr", "w_ptr", "w1_ptr", "w2_ptr", "out_ptr", "work_ptr"):
                 attrs[(names.index(a),)] = [["tt.divisibility", 16]]
             for a in ("N", "N1", "N2", "x_slice_step", "x_stride_m", "w_stride_l", "w_stride_n", "w1_stride_l",
                       "w1_stride_n", "w2_stride_l", "w2_stride_n", "out_stride_m"):
@@ -167,7 +167,7 @@ def main():
         if v["kernel"] == "sgmv_plan_kernel":
             key = f'{v["arch"]}, SGMV_KERNEL_PLAN, 0, 0, 0, 0, 0, 0'
         else:
-            key = (f'{v["arch"]}, SGMV_KERNEL_LORA, {tile_names.index(v["tile"])}, {V.PATHS[v["path"]]}, {C_DTYPE[v["x"]]}, '
+            key = (f'{v["arch"]}, SGMV_KERNEL_{v["op"].upper()}, {tile_names.index(v["tile"])}, {V.PATHS[v["path"]]}, {C_DTYPE[v["x"]]}, '
                    f'{C_DTYPE[v["w"]]}, {C_DTYPE[v["out"]]}, {int(v["even_k"])}')
         c.append(f'  {{{{{key}}}, "{name}", "{kname}", {name}, {name}_end, {shared}, {warps}, NULL, NULL, 0}},')
     c += ["};", f"const int sgmv_num_variants_total = {len(results)};", ""]

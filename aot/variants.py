@@ -70,12 +70,10 @@ def tiles_for_arch(arch, op):
 
 
 def variants():
-    """Every specialisation the AOT build compiles, as dicts (one sgmv_kernel variant serves
-    both ops where their tiles and dtypes meet)."""
+    """Every specialisation the AOT build compiles, as dicts."""
     for arch in ARCHS:
-        keys = dict.fromkeys((tile, path, dt, even_k) for op in OPS for (tile, path), dt, even_k in
-                             product(tiles_for_arch(arch, op), DTYPES[op], (False, True)))
-        for tile, path, (x, w, o), even_k in keys:
-            yield dict(kernel="sgmv_kernel", arch=arch, tile=tile, path=path, x=x, w=w, out=o, even_k=even_k,
-                       aligned=tile != "unaligned")
+        for op in OPS:
+            for (tile, path), (x, w, o), even_k in product(tiles_for_arch(arch, op), DTYPES[op], (False, True)):
+                yield dict(kernel="sgmv_kernel", op=op, arch=arch, tile=tile, path=path, x=x, w=w, out=o,
+                           even_k=even_k, aligned=tile != "unaligned")
         yield dict(kernel="sgmv_plan_kernel", arch=arch)

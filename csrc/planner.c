@@ -176,8 +176,9 @@ static int check_call(const char *fn, const sgmv_call_t *c) {
       return INVALID("%s: %s %lld is smaller than one adapter's extent %lld", fn, lora, (long long)w->lora_stride,
                      (long long)one_lora);
   }
-  if (((uintptr_t)c->ranks | (uintptr_t)c->scales | (uintptr_t)c->work) % 4)
-    return INVALID("%s: lora_ranks, lora_scales and workspace must be 4-byte aligned", fn);
+  if (((uintptr_t)c->ranks | (uintptr_t)c->scales) % 4)
+    return INVALID("%s: lora_ranks and lora_scales must be 4-byte aligned", fn);
+  if ((uintptr_t)c->work % 16) return INVALID("%s: workspace must be 16-byte aligned", fn);
   if (c->plan) {
     if ((uintptr_t)c->plan % 4) return INVALID("%s: batch_plan must be 4-byte aligned", fn);
     if (plan_capacity(c->plan_bytes, c->batches) < plan_slots(c->batches, c->total_tokens))
@@ -497,7 +498,7 @@ static void choose_split(const sgmv_call_t *c, int32_t requested, sgmv_launch_co
   cfg->k_split = c->K;
   if (c->op != SGMV_OP_SHRINK || (cfg->path == SGMV_PATH_ROWS && !cfg->flat) || c->total_tokens > r->max_tokens)
     return;
-  int64_t programs = cdiv(c->total_tokens, cfg->block_m) * cfg->grid[1];
+  int64_t programs = (int64_t)cfg->grid[0] * cfg->grid[1];
   int64_t split = requested > 0 ? requested : cdiv(r->programs, programs); /* a tuner's, or the rule's */
   int64_t room = (int64_t)(c->work_bytes / ((size_t)c->total_tokens * (size_t)c->out_cols * 4));
   split = min64(min64(split, r->max_split), min64(room, cdiv(c->K, cfg->block_k)));
@@ -582,8 +583,8 @@ int sgmv_decide(const sgmv_call_t *a, int arch, const sgmv_launch_config_t *want
   }
   c->grid[0] = (uint32_t)x, c->grid[1] = (uint32_t)n_tiles, c->grid[2] = (uint32_t)z;
   choose_split(a, want ? want->split : 0, c);
-  out->key = (sgmv_variant_key_t){arch, SGMV_KERNEL_LORA, tile_id, c->path, a->x_dtype, a->w_dtype, a->out_dtype,
-                                  c->even_k};
+  int kernel = a->op == SGMV_OP_EXPAND ? SGMV_KERNEL_EXPAND : SGMV_KERNEL_SHRINK;
+  out->key = (sgmv_variant_key_t){arch, kernel, tile_id, c->path, a->x_dtype, a->w_dtype, a->out_dtype, c->even_k};
   return SGMV_SUCCESS;
 }
 

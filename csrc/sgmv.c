@@ -258,7 +258,7 @@ static void fill_call(const void *args, const sgmv_launch_t *l, int step, void *
   p->plan_ptr = a->plan, p->ranks_ptr = a->ranks, p->scales_ptr = a->scales, p->work_ptr = a->work;
   p->batches = (int32_t)a->batches, p->num_loras = (int32_t)a->num_loras, p->total_tokens = a->total_tokens;
   p->N = (int32_t)w[0].rows, p->N1 = s1 ? (int32_t)w[1].rows : 0, p->N2 = s2 ? (int32_t)w[2].rows : 0;
-  p->K = (int32_t)a->K, p->x_slice_step = (int32_t)c->x_slice_step, p->rank_on_n = c->op == SGMV_OP_SHRINK;
+  p->K = (int32_t)a->K, p->x_slice_step = (int32_t)c->x_slice_step;
   p->has_ranks = a->ranks != NULL, p->has_scales = a->scales != NULL, p->scaling = a->scaling;
   p->meta_shift = c->meta_shift, p->add_inputs = a->add_inputs, p->flat = c->flat;
   p->plan_capacity = c->plan_capacity, p->k_split = (int32_t)c->k_split, p->step = step;

@@ -35,7 +35,8 @@ typedef struct {
   int segs, scan, rows, num_warps;
 } sgmv_plan_size_t;
 
-enum { SGMV_KERNEL_LORA = 0, SGMV_KERNEL_PLAN = 1 };  /* sgmv_kernel, sgmv_plan_kernel */
+/* sgmv_kernel's expand and shrink (its SHRINK constexpr), sgmv_plan_kernel */
+enum { SGMV_KERNEL_EXPAND = 0, SGMV_KERNEL_PLAN = 1, SGMV_KERNEL_SHRINK = 2 };
 
 /* What a variant is specialised on; compared as a whole. For the plan kernel, tile indexes
  * and the rest are 0. */

@@ -122,8 +122,8 @@ B64, B32 = Fake((2, 64, 16)), Fake((2, 32, 16))
     # alignment of the per-adapter arrays and the workspace
     ("shrink", dict(lora_scales=Fake((2,), "float32", ptr=0x100002)), "INVALID_ARGUMENT", ValueError,
      "4-byte aligned"),
-    ("shrink", dict(workspace=Fake((64,), "float32", ptr=0x100002)), "INVALID_ARGUMENT", ValueError,
-     "4-byte aligned"),
+    ("shrink", dict(workspace=Fake((64,), "float32", ptr=0x100004)), "INVALID_ARGUMENT", ValueError,
+     "workspace must be 16-byte aligned"),
 ])
 def test_library_statuses_as_python_exceptions(op, over, status, exc, words):
     with pytest.raises(exc) as e:

@@ -219,7 +219,7 @@ typedef struct {
                                     are also multiplied by lora_scales[a] */
   const void *batch_plan;        /* as in sgmv_expand_args_t */
   size_t batch_plan_bytes;
-  void *workspace;               /* device memory for split-K partial sums, or NULL (no split) */
+  void *workspace;               /* device memory for split-K partial sums (16-byte aligned), or NULL (no split) */
   size_t workspace_bytes;        /* sgmv_shrink_workspace_bytes() allows every split the planner uses */
   sgmv_stream_t stream;
 } sgmv_shrink_args_t;
@@ -311,7 +311,7 @@ typedef struct {
   /* ---- end of version 0.2 ---- */
   int32_t split;                 /* shrink: programs along hidden (grid[2]); 1: none */
   int64_t k_split;               /* hidden per split program, a multiple of block_k */
-  int32_t op;                    /* 0 expand, 1 shrink: the kernel's rank_on_n */
+  int32_t op;                    /* 0 expand, 1 shrink: the kernel's SHRINK constexpr */
   int64_t x_slice_step;          /* inputs columns between fused slices (expand with slices: rank) */
 } sgmv_launch_config_t;
 

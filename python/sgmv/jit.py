@@ -88,14 +88,14 @@ def _launch(a, c, device, x, weights, out, meta, plan, ranks, scales, work, add_
                 ranks_ptr=meta[0] if ranks is None else ranks, scales_ptr=f32 if scales is None else scales,
                 work_ptr=f32 if work is None else work.view(torch.float32), batches=a.batches,
                 num_loras=a.num_loras, total_tokens=a.total_tokens, N=rows[0], N1=rows[1], N2=rows[2],
-                K=a.rank if c.op == 0 else a.hidden, x_slice_step=c.x_slice_step, rank_on_n=c.op,
+                K=a.rank if c.op == 0 else a.hidden, x_slice_step=c.x_slice_step,
                 has_ranks=int(ranks is not None), has_scales=int(scales is not None), scaling=scaling,
                 meta_shift=c.meta_shift, add_inputs=int(add_inputs), flat=c.flat, plan_capacity=c.plan_capacity,
                 k_split=c.k_split, step=step, x_stride_m=a.inputs_row_stride, w_stride_l=strides[0][0],
                 w_stride_n=strides[0][1], w1_stride_l=strides[1][0], w1_stride_n=strides[1][1],
                 w2_stride_l=strides[2][0], w2_stride_n=strides[2][1], out_stride_m=a.output_row_stride,
                 BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, PATH=c.path, EVEN_K=bool(c.even_k),
-                num_warps=c.num_warps, num_stages=c.num_stages)
+                SHRINK=c.op == 1, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,

@@ -4,9 +4,10 @@
     shrink: out[start_b + m, :]    = scale * x[start_b + m, :K] @ W[idx_b, :, :K]^T (N = rank, K = hidden)
 
 Both are the same grouped GEMM with a small side (rank) and a large one (hidden); what differs is
-a runtime argument: which side a per-adapter rank limits (rank_on_n), where each fused slice
-reads its inputs (x_slice_step), the scale, and the split of K over programs (shrink's few rows
-with a large hidden). Up to three fused slices: column tiles of slice 0, then 1, then 2 along
+the SHRINK constexpr (which side a per-adapter rank limits, the scales, and the split of K over
+programs for shrink's few rows with a large hidden) and where each fused slice reads its inputs
+(x_slice_step). Expand's variants hold no shrink code: every mask an output store uses stays
+provably constant over 8 columns, so stores stay 16-byte wide. Up to three fused slices: column tiles of slice 0, then 1, then 2 along
 grid axis 1; slice s reads weights w{s}, inputs columns from s * x_slice_step and writes output
 columns after slice s - 1's.
 
@@ -43,8 +44,8 @@ PATH_ROWS, PATH_SHORT, PATH_GROUPED = tl.constexpr(0), tl.constexpr(1), tl.const
 # PLAN_ALIGN) holds one adapter's rows.
 PLAN_HEADER = tl.constexpr(4)  # [0] slots used, [1] batches, [2] capacity, [3] 0
 PLAN_ALIGN = tl.constexpr(64)
-# Most programs a split of K uses (aot/tiles.json's split rule stays within it): step 1 loads
-# all partial sums of a tile at once.
+# Most programs a split of K uses (aot/tiles.json's split rule stays within it): step 1 adds
+# the partial sums of a tile in a loop unrolled this far.
 MAX_SPLIT = tl.constexpr(8)
 
 # Scalar parameter types, in signature order (pointers, named *_ptr, take their dtype from the
@@ -52,7 +53,7 @@ MAX_SPLIT = tl.constexpr(8)
 SIGNATURES = {
     "sgmv_kernel": {
         "batches": "i32", "num_loras": "i32", "total_tokens": "i64", "N": "i32", "N1": "i32", "N2": "i32",
-        "K": "i32", "x_slice_step": "i32", "rank_on_n": "i32", "has_ranks": "i32", "has_scales": "i32",
+        "K": "i32", "x_slice_step": "i32", "has_ranks": "i32", "has_scales": "i32",
         "scaling": "fp32", "meta_shift": "i32", "add_inputs": "i32", "flat": "i32", "plan_capacity": "i64",
         "k_split": "i32", "step": "i32", "x_stride_m": "i64", "w_stride_l": "i64", "w_stride_n": "i64",
         "w1_stride_l": "i64", "w1_stride_n": "i64", "w2_stride_l": "i64", "w2_stride_n": "i64",
@@ -67,7 +68,7 @@ SIGNATURES = {
 
 # K and the flags are not specialised when they are 1: the AOT variants serve every value with
 # one code path, and the JIT must run the same code to give the same bits.
-@triton.jit(do_not_specialize=["K", "rank_on_n", "has_ranks", "has_scales", "step"])
+@triton.jit(do_not_specialize=["K", "has_ranks", "has_scales", "step"])
 def sgmv_kernel(
     x_ptr,  # (total_tokens, K per slice) rows, unit stride along K
     w_ptr,  # slice 0: (num_loras, N, K), unit stride along K
@@ -89,7 +90,6 @@ def sgmv_kernel(
     N2,  # columns of slice 2 (0: none)
     K,
     x_slice_step,  # inputs columns between slices (expand: K; shrink: 0)
-    rank_on_n,  # a per-adapter rank limits the columns of each slice (shrink), else K (expand)
     has_ranks,
     has_scales,
     scaling,  # fp32, multiplies the product
@@ -112,6 +112,7 @@ def sgmv_kernel(
     BLOCK_K: tl.constexpr,
     PATH: tl.constexpr,  # PATH_*
     EVEN_K: tl.constexpr,
+    SHRINK: tl.constexpr,  # shrink: a per-adapter rank limits each slice's columns, scales, split K
 ):
     pid_g = tl.program_id(0).to(tl.int64)
     # The column tile's slice and its weights, columns and inputs.
@@ -147,8 +148,8 @@ def sgmv_kernel(
             if (lora >= 0) & (lora < num_loras) & (tl.max(m_mask.to(tl.int32), axis=0) > 0):
                 _tile(x_base, w_base + lora * stride_l, out_base, work_base, lora, rows, m_mask, x_stride_m,
                       out_stride_m, work_stride_m, w_cols, offs_n, n_mask, offs_k, K, k_split, step, total_tokens,
-                      ranks_ptr, has_ranks, rank_on_n, scales_ptr, has_scales, scaling, add_inputs, BLOCK_M, BLOCK_N,
-                      BLOCK_K, EVEN_K)
+                      ranks_ptr, has_ranks, scales_ptr, has_scales, scaling, add_inputs, BLOCK_M, BLOCK_N,
+                      BLOCK_K, EVEN_K, SHRINK)
     elif PATH == PATH_SHORT:
         # The BLOCK_M rows of a tile are BLOCK_M segments, row j of each. Program z takes the
         # adapters a with a % num_programs(2) == z, one pass per adapter present, so an adapter's
@@ -174,7 +175,7 @@ def sgmv_kernel(
                 acc = _accumulate(acc, x_base, w_base + adapter * stride_l, offs_m, todo & (loras == adapter),
                                   x_stride_m, w_cols, n_mask, offs_k, 0, k_end, BLOCK_K, EVEN_K)
                 todo = todo & (loras != adapter)
-            _store(acc * scaling, prior, out_ptrs, out_mask, add_inputs)
+            _store(acc, prior, out_ptrs, out_mask, add_inputs)
     elif flat == 0:  # PATH_ROWS by segment: program (g, n, z) covers segment g's row tiles z, z + num_programs(2), ...
         lora, start, end, valid = _segments(pid_g, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, batches,
                                             num_loras, total_tokens)
@@ -183,8 +184,8 @@ def sgmv_kernel(
                 offs_m = row0 + tl.arange(0, BLOCK_M)
                 _tile(x_base, w_base + lora * stride_l, out_base, work_base, lora, offs_m, offs_m < end, x_stride_m,
                       out_stride_m, work_stride_m, w_cols, offs_n, n_mask, offs_k, K, k_split, step, total_tokens,
-                      ranks_ptr, has_ranks, rank_on_n, scales_ptr, has_scales, scaling, add_inputs, BLOCK_M, BLOCK_N,
-                      BLOCK_K, EVEN_K)
+                      ranks_ptr, has_ranks, scales_ptr, has_scales, scaling, add_inputs, BLOCK_M, BLOCK_N,
+                      BLOCK_K, EVEN_K, SHRINK)
     else:  # PATH_ROWS, flat
         # Program g computes the g-th row tile of the list of all segments' row tiles, found by a
         # prefix sum over the segments, _SEARCH at a time; programs past the last tile idle.
@@ -212,8 +213,8 @@ def sgmv_kernel(
             offs_m = row0 + tl.arange(0, BLOCK_M)
             _tile(x_base, w_base + lora * stride_l, out_base, work_base, lora, offs_m, offs_m < end, x_stride_m,
                   out_stride_m, work_stride_m, w_cols, offs_n, n_mask, offs_k, K, k_split, step, total_tokens,
-                  ranks_ptr, has_ranks, rank_on_n, scales_ptr, has_scales, scaling, add_inputs, BLOCK_M, BLOCK_N,
-                  BLOCK_K, EVEN_K)
+                  ranks_ptr, has_ranks, scales_ptr, has_scales, scaling, add_inputs, BLOCK_M, BLOCK_N,
+                  BLOCK_K, EVEN_K, SHRINK)
 
 
 @triton.jit(do_not_specialize=["batches", "total_tokens", "plan_capacity", "step"])
@@ -317,46 +318,52 @@ def _round_up(n):
 
 @triton.jit
 def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m, out_stride_m, work_stride_m, w_cols,
-          offs_n, n_mask, offs_k, K, k_split, step, total_tokens, ranks_ptr, has_ranks, rank_on_n, scales_ptr,
-          has_scales, scaling, add_inputs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-          EVEN_K: tl.constexpr):
-    """Rows offs_m (where m_mask) of adapter `lora`, whose weights are at w_base."""
-    z = tl.program_id(2)
-    partial = work_base + offs_m[:, None] * work_stride_m + offs_n[None, :]  # split z's at + z * plane
-    plane = total_tokens * work_stride_m
-    # The old output where this program stores to it, loaded first: its latency overlaps the rest.
-    final = (k_split >= K) | ((step == 1) & (z == 0))
-    out_ptrs, out_mask, prior = _load_prior(out_base, offs_m, m_mask & final, offs_n, n_mask, out_stride_m,
-                                            add_inputs)
-    k_end = K
-    if has_ranks != 0:  # rank 0 (or less): nothing written
-        rank = tl.load(ranks_ptr + lora)
-        if rank_on_n != 0:
-            n_mask = n_mask & (offs_n < rank)
-        else:
-            n_mask = n_mask & (rank > 0)
-            k_end = tl.minimum(rank, K)
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if tl.max(n_mask.to(tl.int32), axis=0) > 0:
-        scale = scaling
-        if has_scales != 0:
-            scale = scale * tl.load(scales_ptr + lora)
-        if k_split >= K:
+          offs_n, n_mask, offs_k, K, k_split, step, total_tokens, ranks_ptr, has_ranks, scales_ptr, has_scales,
+          scaling, add_inputs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          EVEN_K: tl.constexpr, SHRINK: tl.constexpr):
+    """Rows offs_m (where m_mask) of adapter `lora`, whose weights are at w_base. Per-adapter
+    values are scalars chosen in branches; vector masks are never (a mask that passes through a
+    branch loses what the compiler knows of it, and with it 16-byte accesses)."""
+    if SHRINK:
+        rank = K  # with ranks, columns >= rank[lora] are neither read nor written (rank 0: nothing)
+        if has_ranks != 0:
+            rank = tl.load(ranks_ptr + lora)
+        w_mask = n_mask & ((offs_n < rank) | (has_ranks == 0))
+        if tl.max(w_mask.to(tl.int32), axis=0) > 0:
+            scale = scaling
+            if has_scales != 0:
+                scale = scale * tl.load(scales_ptr + lora)
+            z = tl.program_id(2)
+            out_mask = m_mask[:, None] & w_mask[None, :]
+            out_ptrs = out_base + offs_m[:, None] * out_stride_m + offs_n[None, :]
+            # Partial sums: whole rows of the tile (wide accesses); columns past the rank hold zeros.
+            part_mask = m_mask[:, None] & n_mask[None, :]
+            partial = work_base + offs_m[:, None] * work_stride_m + offs_n[None, :]  # split z's at + z * plane
+            plane = total_tokens * work_stride_m
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if k_split >= K:
+                acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, w_mask, offs_k, 0, K,
+                                  BLOCK_K, EVEN_K)
+                tl.store(out_ptrs, (acc * scale).to(out_ptrs.dtype.element_ty), mask=out_mask)
+            elif step == 0:
+                k_lo = tl.multiple_of(z * k_split, BLOCK_K)  # the planner makes k_split a multiple of BLOCK_K
+                acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, w_mask, offs_k, k_lo,
+                                  tl.minimum(k_lo + k_split, K), BLOCK_K, EVEN_K)
+                tl.store(partial + z * plane, acc, mask=part_mask)
+            elif z == 0:  # step 1: the partial sums in order of z (independent loads, issued together)
+                for j in tl.static_range(MAX_SPLIT):
+                    acc += tl.load(partial + j * plane, mask=part_mask & (j * k_split < K), other=0.0)
+                tl.store(out_ptrs, (acc * scale).to(out_ptrs.dtype.element_ty), mask=out_mask)
+    else:
+        out_ptrs, out_mask, prior = _load_prior(out_base, offs_m, m_mask, offs_n, n_mask, out_stride_m, add_inputs)
+        k_end = K  # a per-adapter rank ends K early (rank 0: nothing written)
+        if has_ranks != 0:
+            k_end = tl.minimum(tl.load(ranks_ptr + lora), K)
+        if k_end > 0:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, 0, k_end,
                               BLOCK_K, EVEN_K)
-            _store(acc * scale, prior, out_ptrs, out_mask, add_inputs)
-        elif step == 0:
-            k_lo = z * k_split
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, k_lo,
-                              tl.minimum(k_lo + k_split, K), BLOCK_K, EVEN_K)
-            tl.store(partial + z * plane, acc, mask=out_mask)
-        elif z == 0:  # step 1: the partial sums, all loaded at once, added in a fixed order
-            j = tl.arange(0, MAX_SPLIT)
-            parts = tl.load(partial[None, :, :] + j[:, None, None] * plane,
-                            mask=(j < tl.cdiv(K, k_split))[:, None, None] & out_mask[None, :, :], other=0.0)
-            _store(tl.sum(parts, axis=0) * scale, prior, out_ptrs, out_mask, add_inputs)
+            _store(acc, prior, out_ptrs, out_mask, add_inputs)
 
 
 _SEARCH = tl.constexpr(256)

@@ -29,10 +29,10 @@ const int sgmv_plan_header = 4, sgmv_plan_align = 64;
 const char sgmv_archs_list[] = "90";
 
 sgmv_variant_t sgmv_variants[] = {
-    {{90, SGMV_KERNEL_LORA, 0, 1, SGMV_DTYPE_FLOAT16, SGMV_DTYPE_FLOAT16, SGMV_DTYPE_FLOAT16, 1},
+    {{90, SGMV_KERNEL_EXPAND, 0, 1, SGMV_DTYPE_FLOAT16, SGMV_DTYPE_FLOAT16, SGMV_DTYPE_FLOAT16, 1},
      "fake_sm90_fp16_fp16_fp16_k1_decode_short", "sgmv_kernel", fake_cubin, fake_cubin + sizeof fake_cubin,
      4608, 4, NULL, NULL, 0},
-    {{90, SGMV_KERNEL_LORA, 1, 0, SGMV_DTYPE_BFLOAT16, SGMV_DTYPE_BFLOAT16, SGMV_DTYPE_FLOAT32, 0},
+    {{90, SGMV_KERNEL_EXPAND, 1, 0, SGMV_DTYPE_BFLOAT16, SGMV_DTYPE_BFLOAT16, SGMV_DTYPE_FLOAT32, 0},
      "fake_sm90_bf16_bf16_fp32_k0_unaligned_rows", "sgmv_kernel", fake_cubin,
      fake_cubin + sizeof fake_cubin, 8192, 4, NULL, NULL, 0},
     {{90, SGMV_KERNEL_PLAN, 0, 0, 0, 0, 0, 0}, "fake_sm90_plan", "sgmv_plan_kernel", fake_cubin,
