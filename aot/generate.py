@@ -22,7 +22,7 @@ sys.path.insert(0, str(HERE))
 import variants as V  # noqa: E402
 
 C_DTYPE = {"fp16": "SGMV_DTYPE_FLOAT16", "bf16": "SGMV_DTYPE_BFLOAT16", "fp32": "SGMV_DTYPE_FLOAT32"}
-C_SCALAR = {"i32": "int32_t", "i64": "int64_t"}
+C_SCALAR = {"i32": "int32_t", "i64": "int64_t", "fp32": "float"}
 
 
 def _kernels():
@@ -69,17 +69,19 @@ def compile_variant(v):
         options = {"num_warps": size.num_warps, "num_stages": 1}
     else:
         tile = V.TILES[v["tile"]]
-        ptr_types = {"x_ptr": "*" + v["x"], "w_ptr": "*" + v["w"], "out_ptr": "*" + v["out"],
-                     "seq_start_ptr": "*i32", "seq_len_ptr": "*i32", "lora_idx_ptr": "*i32", "plan_ptr": "*i32"}
+        ptr_types = {"x_ptr": "*" + v["x"], "w_ptr": "*" + v["w"], "w1_ptr": "*" + v["w"], "w2_ptr": "*" + v["w"],
+                     "out_ptr": "*" + v["out"], "seq_start_ptr": "*i32", "seq_len_ptr": "*i32", "lora_idx_ptr": "*i32",
+                     "plan_ptr": "*i32", "ranks_ptr": "*i32", "scales_ptr": "*fp32", "work_ptr": "*fp32"}
         constexprs = {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k,
                       "PATH": V.PATHS[v["path"]], "EVEN_K": v["even_k"]}
         options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages}
         if v["aligned"]:
             # What the planner checks before it picks an aligned variant (csrc/planner.c, is_aligned).
             names = list(kernel.arg_names)
-            for a in ("x_ptr", "w_ptr", "out_ptr"):
+            for a in ("x_ptr", "w_ptr", "w1_ptr", "w2_ptr", "out_ptr"):
                 attrs[(names.index(a),)] = [["tt.divisibility", 16]]
-            for a in ("N", "x_stride_m", "w_stride_l", "w_stride_n", "out_stride_m"):
+            for a in ("N", "N1", "N2", "x_slice_step", "x_stride_m", "w_stride_l", "w_stride_n", "w1_stride_l",
+                      "w1_stride_n", "w2_stride_l", "w2_stride_n", "out_stride_m"):
                 attrs[(names.index(a),)] = [["tt.divisibility", V.ALIGN_ELEMS]]
     signature = {n: ptr_types[n] if t == "*" else t for n, t in params}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
@@ -143,17 +145,18 @@ def main():
         c.append(f'  {{"{name}", {t.block_m}, {t.block_n}, {t.block_k}, {t.num_warps}, {t.num_stages}}},')
     c += ["};", "", "const sgmv_rule_t sgmv_rules[] = {"]
     opt = lambda v: -1 if v is None else v  # noqa: E731
-    for arch, rules in V.RULES.items():
-        for max_seq, max_rank, name, path in rules:
-            c.append(f"  {{{arch}, {opt(max_seq)}, {opt(max_rank)}, {tile_names.index(name)}, {int(path == 'short')}}},")
-    c += ["};", f"const int sgmv_num_rules = {sum(len(r) for r in V.RULES.values())};", "",
-          "const sgmv_grouped_rule_t sgmv_grouped_rules[] = {"]
-    for arch, rules in V.GROUPED_RULES.items():
-        for max_rows, max_rank, name in rules:
-            c.append(f"  {{{arch}, {opt(max_rows)}, {opt(max_rank)}, {tile_names.index(name)}}},")
-    c += ["};", f"const int sgmv_num_grouped_rules = {sum(len(r) for r in V.GROUPED_RULES.values())};", "",
+    rules = [(op, arch, r) for op in V.OPS for arch, rs in V.RULES[op].items() for r in rs]
+    for op, arch, (max_seq, max_rank, name, path) in rules:
+        c.append(f"  {{{V.OPS.index(op)}, {arch}, {opt(max_seq)}, {opt(max_rank)}, {tile_names.index(name)}, "
+                 f"{int(path == 'short')}}},")
+    c += ["};", f"const int sgmv_num_rules = {len(rules)};", "", "const sgmv_grouped_rule_t sgmv_grouped_rules[] = {"]
+    rules = [(op, arch, r) for op in V.OPS for arch, rs in V.GROUPED_RULES[op].items() for r in rs]
+    for op, arch, (max_rows, max_rank, name) in rules:
+        c.append(f"  {{{V.OPS.index(op)}, {arch}, {opt(max_rows)}, {opt(max_rank)}, {tile_names.index(name)}}},")
+    c += ["};", f"const int sgmv_num_grouped_rules = {len(rules)};", "",
           f"const sgmv_plan_size_t sgmv_plan_size = {{{V.PLAN_SIZE.segs}, {V.PLAN_SIZE.scan}, {V.PLAN_SIZE.rows}, "
           f"{V.PLAN_SIZE.num_warps}}};",
+          f"const sgmv_split_rule_t sgmv_split_rule = {{{V.SPLIT.programs}, {V.SPLIT.max_split}, {V.SPLIT.max_tokens}}};",
           f"const int sgmv_unaligned_tile = {tile_names.index('unaligned')};",
           f"const int sgmv_align_elems = {V.ALIGN_ELEMS};",
           f"const int sgmv_short_programs = {V.SHORT_PROGRAMS};",
@@ -164,7 +167,7 @@ def main():
         if v["kernel"] == "sgmv_plan_kernel":
             key = f'{v["arch"]}, SGMV_KERNEL_PLAN, 0, 0, 0, 0, 0, 0'
         else:
-            key = (f'{v["arch"]}, SGMV_KERNEL_EXPAND, {tile_names.index(v["tile"])}, {V.PATHS[v["path"]]}, {C_DTYPE[v["x"]]}, '
+            key = (f'{v["arch"]}, SGMV_KERNEL_LORA, {tile_names.index(v["tile"])}, {V.PATHS[v["path"]]}, {C_DTYPE[v["x"]]}, '
                    f'{C_DTYPE[v["w"]]}, {C_DTYPE[v["out"]]}, {int(v["even_k"])}')
         c.append(f'  {{{{{key}}}, "{name}", "{kname}", {name}, {name}_end, {shared}, {warps}, NULL, NULL, 0}},')
     c += ["};", f"const int sgmv_num_variants_total = {len(results)};", ""]

@@ -10,17 +10,28 @@ from pathlib import Path
 
 Tile = namedtuple("Tile", "block_m block_n block_k num_warps num_stages")
 PlanSize = namedtuple("PlanSize", "segs scan rows num_warps")
+Split = namedtuple("Split", "programs max_split max_tokens")
 
 _TABLE = json.loads((Path(__file__).resolve().parent / "tiles.json").read_text())
 TILES = {name: Tile(*v) for name, v in _TABLE["tiles"].items()}
-# Per arch, rules tried in order; None: any.
-RULES = {int(arch): [tuple(r) for r in rules] for arch, rules in _TABLE["rules"].items()}
-GROUPED_RULES = {int(arch): [tuple(r) for r in rules] for arch, rules in _TABLE["grouped_rules"].items()}
-PLAN_SIZE = PlanSize(*_TABLE["plan"])
-ARCHS = tuple(RULES)
+OPS = ("expand", "shrink")  # csrc/variant.h SGMV_OP_*
 
-# (inputs, weights, output): inputs and output are the weight dtype or fp32.
-DTYPES = [(i, w, o) for w in ("fp16", "bf16") for i in (w, "fp32") for o in (w, "fp32")]
+
+def _rules(key):
+    return {int(arch): [tuple(r) for r in rules] for arch, rules in _TABLE[key].items()}
+
+
+# Per op and arch, rules tried in order; None: any.
+RULES = {"expand": _rules("rules"), "shrink": _rules("shrink_rules")}
+GROUPED_RULES = {"expand": _rules("grouped_rules"), "shrink": _rules("shrink_grouped_rules")}
+PLAN_SIZE = PlanSize(*_TABLE["plan"])
+SPLIT = Split(*_TABLE["split"])
+ARCHS = tuple(RULES["expand"])
+
+# (inputs, weights, output): expand's inputs and output are the weight dtype or fp32; shrink's
+# inputs are the weight dtype.
+DTYPES = {"expand": [(i, w, o) for w in ("fp16", "bf16") for i in (w, "fp32") for o in (w, "fp32")],
+          "shrink": [(w, w, o) for w in ("fp16", "bf16") for o in (w, "fp32")]}
 
 # Row alignment the aligned variants assume, in elements: every data pointer 16-byte aligned,
 # and N and every row stride a multiple of this ("unaligned" serves the rest).
@@ -31,13 +42,17 @@ SHORT_PROGRAMS = 4096
 
 def check(plan_align):
     """The table's invariants, which the planner relies on."""
-    if min(t.block_n for t in TILES.values()) < 64:
-        raise ValueError("tiles narrower than 64 columns would let hidden exceed CUDA's grid limit")
+    if min(TILES[t].block_n for arch in ARCHS for t, _ in tiles_for_arch(arch, "expand")) < 64:
+        raise ValueError("expand tiles narrower than 64 columns would let hidden exceed CUDA's grid limit")
+    if min(t.block_n for t in TILES.values()) < 16:
+        raise ValueError("tl.dot needs tiles of at least 16 columns")
     if any(plan_align % t.block_m for t in TILES.values()):
         raise ValueError(f"every block_m must divide the plan's alignment ({plan_align})")
-    if set(GROUPED_RULES) != set(RULES) or "unaligned" not in TILES:
-        raise ValueError("every arch needs rules with and without a plan, and an 'unaligned' tile")
-    for rules in list(RULES.values()) + list(GROUPED_RULES.values()):
+    if "unaligned" not in TILES or any(set(rules[op]) != set(ARCHS) for rules in (RULES, GROUPED_RULES) for op in OPS):
+        raise ValueError("every op and arch needs rules with and without a plan, and an 'unaligned' tile")
+    if any(r[3] == "short" for rules in RULES["shrink"].values() for r in rules):
+        raise ValueError("shrink has no short path")
+    for rules in [r for op in OPS for table in (RULES, GROUPED_RULES) for r in table[op].values()]:
         if rules[-1][0] is not None or rules[-1][1] is not None:
             raise ValueError("every rule list must end with a catch-all")
 
@@ -46,16 +61,19 @@ def check(plan_align):
 PATHS = {"rows": 0, "short": 1, "grouped": 2}
 
 
-def tiles_for_arch(arch):
-    """(tile, path) pairs the rules of arch can select."""
-    pairs = [(r[2], r[3]) for r in RULES[arch]] + [(r[2], "grouped") for r in GROUPED_RULES[arch]]
+def tiles_for_arch(arch, op):
+    """(tile, path) pairs the rules of op on arch can select."""
+    pairs = [(r[2], r[3]) for r in RULES[op][arch]] + [(r[2], "grouped") for r in GROUPED_RULES[op][arch]]
     return list(dict.fromkeys(pairs + [("unaligned", "rows"), ("unaligned", "grouped")]))
 
 
 def variants():
-    """Every specialisation the AOT build compiles, as dicts."""
+    """Every specialisation the AOT build compiles, as dicts (one sgmv_kernel variant serves
+    both ops where their tiles and dtypes meet)."""
     for arch in ARCHS:
-        for (tile, path), (x, w, o), even_k in product(tiles_for_arch(arch), DTYPES, (False, True)):
-            yield dict(kernel="sgmv_expand_kernel", arch=arch, tile=tile, path=path, x=x, w=w, out=o, even_k=even_k,
+        keys = dict.fromkeys((tile, path, dt, even_k) for op in OPS for (tile, path), dt, even_k in
+                             product(tiles_for_arch(arch, op), DTYPES[op], (False, True)))
+        for tile, path, (x, w, o), even_k in keys:
+            yield dict(kernel="sgmv_kernel", arch=arch, tile=tile, path=path, x=x, w=w, out=o, even_k=even_k,
                        aligned=tile != "unaligned")
         yield dict(kernel="sgmv_plan_kernel", arch=arch)

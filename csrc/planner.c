@@ -1,7 +1,10 @@
 /* The planner: every decision made before a launch, as pure functions of the arguments and a
- * cubin arch (no driver). sgmv_expand and sgmv_batch_plan_build launch what it decides; the
- * Triton JIT path asks it (sgmv_expand_config, sgmv_batch_plan_config) and launches the same. */
+ * cubin arch (no driver). sgmv_expand, sgmv_shrink and sgmv_batch_plan_build launch what it
+ * decides; the Triton JIT path asks it (sgmv_expand_config, sgmv_shrink_config,
+ * sgmv_batch_plan_config) and launches the same. Expand and shrink are both one call of
+ * sgmv_kernel (sgmv_call_t): the checks below turn either into one. */
 #include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -9,10 +12,11 @@
 #include "sgmv.h"
 #include "variant.h"
 
-#define INVALID(fn, ...) sgmv_set_error(SGMV_ERROR_INVALID_ARGUMENT, fn ": " __VA_ARGS__)
+#define INVALID(...) sgmv_set_error(SGMV_ERROR_INVALID_ARGUMENT, __VA_ARGS__)
 /* 65535 column tiles of the narrowest tile the table may use (64; aot/generate.py checks). */
 #define SGMV_MAX_HIDDEN (65535 * 64)
 #define SGMV_MAX_RANK 256
+#define SGMV_MAX_SHRINK_HIDDEN (1 << 20)
 
 /* ceil(a / b) for a >= 0, b > 0, without the overflow of (a + b - 1) / b. */
 static int64_t cdiv(int64_t a, int64_t b) { return a / b + (a % b != 0); }
@@ -42,8 +46,9 @@ SGMV_API int sgmv_cubin_arch(int cc) {
 
 /* ---- argument structs of any size ---------------------------------------------------------- */
 
-/* The size of version 0.1's sgmv_expand_args_t: the smallest a caller may pass. */
+/* Sizes of earlier versions' structs: the smallest a caller may pass. */
 #define EXPAND_ARGS_V0_1 (offsetof(sgmv_expand_args_t, stream) + sizeof(sgmv_stream_t))
+#define EXPAND_TENSORS_V0_2 (offsetof(sgmv_expand_tensors_t, batch_plan_bytes) + sizeof(size_t))
 
 SGMV_API void sgmv_expand_args_init(sgmv_expand_args_t *args) {
   if (!args) return;
@@ -51,18 +56,30 @@ SGMV_API void sgmv_expand_args_init(sgmv_expand_args_t *args) {
   args->struct_size = sizeof *args;
 }
 
-int sgmv_expand_args_read(const sgmv_expand_args_t *a, sgmv_expand_args_t *out) {
-  if (!a) return INVALID("sgmv_expand", "args is NULL");
-  if (a->struct_size < EXPAND_ARGS_V0_1)
-    return INVALID("sgmv_expand", "args->struct_size is %zu, smaller than any version of sgmv_expand_args_t: "
-                   "initialise it with SGMV_EXPAND_ARGS_INIT", a->struct_size);
-  if (a->struct_size > sizeof *out)
-    return INVALID("sgmv_expand", "args->struct_size is %zu: the caller was built against a newer sgmv.h than "
-                   "this libsgmv %d.%d.%d (struct size %zu); update libsgmv", a->struct_size, SGMV_VERSION_MAJOR,
-                   SGMV_VERSION_MINOR, SGMV_VERSION_PATCH, sizeof *out);
-  memset(out, 0, sizeof *out);
-  memcpy(out, a, a->struct_size);
-  out->struct_size = sizeof *out;
+SGMV_API void sgmv_shrink_args_init(sgmv_shrink_args_t *args) {
+  if (!args) return;
+  memset(args, 0, sizeof *args);
+  args->struct_size = sizeof *args;
+  args->scaling = 1.0f;
+}
+
+/* Copies a caller's struct of size in [oldest, size] into out (fields it lacks zeroed). */
+static int read_struct(const char *fn, const char *type, const void *in, size_t in_size, size_t oldest, void *out,
+                       size_t size) {
+  char init[64];
+  snprintf(init, sizeof init, "%s", type + 5); /* sgmv_expand_args_t -> SGMV_EXPAND_ARGS_INIT */
+  for (char *p = init; *p; p++) *p = *p == '_' && p[1] == 't' && !p[2] ? 0 : *p >= 'a' && *p <= 'z' ? *p - 32 : *p;
+  if (!in) return INVALID("%s: args is NULL", fn);
+  if (in_size < oldest)
+    return INVALID("%s: args->struct_size is %zu, smaller than any version of %s: initialise it with SGMV_%s_INIT",
+                   fn, in_size, type, init);
+  if (in_size > size)
+    return INVALID("%s: args->struct_size is %zu: the caller was built against a newer sgmv.h than this libsgmv %d.%d.%d "
+                   "(%s is %zu bytes); update libsgmv", fn, in_size, SGMV_VERSION_MAJOR, SGMV_VERSION_MINOR,
+                   SGMV_VERSION_PATCH, type, size);
+  memset(out, 0, size);
+  memcpy(out, in, in_size);
+  *(size_t *)out = size;
   return SGMV_SUCCESS;
 }
 
@@ -94,75 +111,161 @@ SGMV_API size_t sgmv_batch_plan_bytes(int64_t max_batches, int64_t max_tokens) {
   return (size_t)(sgmv_plan_header + cap + cap / sgmv_plan_align + 4 * max_batches) * 4;
 }
 
+SGMV_API size_t sgmv_shrink_workspace_bytes(int64_t max_tokens, int64_t output_columns) {
+  if (max_tokens < 1 || max_tokens > INT32_MAX / 2 || output_columns < 1 ||
+      output_columns > SGMV_MAX_SLICES * SGMV_MAX_RANK)
+    return 0;
+  return (size_t)sgmv_split_rule.max_split * (size_t)min64(max_tokens, sgmv_split_rule.max_tokens) *
+         (size_t)output_columns * 4;
+}
+
 static int check_counts(const char *fn, int64_t total_tokens, int64_t batches, int64_t num_loras) {
   /* Token and segment counts bounded so that every grid dimension fits CUDA's limits. */
   if (total_tokens < 0 || total_tokens > INT32_MAX / 2)
-    return sgmv_set_error(SGMV_ERROR_INVALID_ARGUMENT, "%s: total_tokens must be in [0, 2^30), got %lld", fn,
-                          (long long)total_tokens);
+    return INVALID("%s: total_tokens must be in [0, 2^30), got %lld", fn, (long long)total_tokens);
   if (num_loras < 1 || num_loras > INT32_MAX)
-    return sgmv_set_error(SGMV_ERROR_INVALID_ARGUMENT, "%s: num_loras must be in [1, 2^31), got %lld", fn,
-                          (long long)num_loras);
+    return INVALID("%s: num_loras must be in [1, 2^31), got %lld", fn, (long long)num_loras);
   if (batches < 0 || batches > INT32_MAX / 2)
-    return sgmv_set_error(SGMV_ERROR_INVALID_ARGUMENT, "%s: batches must be in [0, 2^30), got %lld", fn,
-                          (long long)batches);
+    return INVALID("%s: batches must be in [0, 2^30), got %lld", fn, (long long)batches);
   return SGMV_SUCCESS;
 }
 
-/* Every check of sgmv_expand's arguments. */
-static int validate_expand(const sgmv_expand_args_t *a) {
-  if (!is_float(a->inputs_dtype) || !is_float(a->output_dtype) ||
-      (a->weights_dtype != SGMV_DTYPE_FLOAT16 && a->weights_dtype != SGMV_DTYPE_BFLOAT16) ||
-      !is_meta(a->metadata_dtype) ||
-      (a->inputs_dtype != a->weights_dtype && a->inputs_dtype != SGMV_DTYPE_FLOAT32) ||
-      (a->output_dtype != a->weights_dtype && a->output_dtype != SGMV_DTYPE_FLOAT32))
+/* Dtypes: weights fp16 or bf16; inputs and output the weights' dtype or (where allowed) fp32. */
+static int check_dtypes(const char *fn, int x, int w, int out, int meta, int x_fp32) {
+  int half = w == SGMV_DTYPE_FLOAT16 || w == SGMV_DTYPE_BFLOAT16;
+  if (!half || !is_meta(meta) || !(x == w || (x_fp32 && x == SGMV_DTYPE_FLOAT32)) ||
+      !(out == w || out == SGMV_DTYPE_FLOAT32))
     return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE,
-                          "sgmv_expand: unsupported dtypes (inputs %s, weights %s, output %s, metadata %s): "
-                          "weights are float16 or bfloat16, inputs and output the weights' dtype or float32, "
+                          "%s: unsupported dtypes (inputs %s, weights %s, output %s, metadata %s): weights are "
+                          "float16 or bfloat16, inputs the weights' dtype%s, output the weights' dtype or float32, "
                           "metadata int32 or int64",
-                          dtype_name(a->inputs_dtype), dtype_name(a->weights_dtype), dtype_name(a->output_dtype),
-                          dtype_name(a->metadata_dtype));
-  int status = check_counts("sgmv_expand", a->total_tokens, a->batches, a->num_loras);
-  if (status) return status;
-  if (a->hidden < 1 || a->hidden > SGMV_MAX_HIDDEN)
-    return INVALID("sgmv_expand", "hidden must be in [1, %d], got %lld", SGMV_MAX_HIDDEN, (long long)a->hidden);
-  if (a->rank < 1 || a->rank > SGMV_MAX_RANK)
-    return INVALID("sgmv_expand", "rank must be in [1, %d], got %lld", SGMV_MAX_RANK, (long long)a->rank);
-  if (a->max_seq_length < 0)
-    return INVALID("sgmv_expand", "max_seq_length must be >= 0, got %lld", (long long)a->max_seq_length);
-  if (a->total_tokens > 1 && a->inputs_row_stride < a->rank)
-    return INVALID("sgmv_expand", "inputs_row_stride %lld is smaller than rank %lld", (long long)a->inputs_row_stride,
-                   (long long)a->rank);
-  if (a->hidden > 1 && a->weights_row_stride < a->rank)
-    return INVALID("sgmv_expand", "weights_row_stride %lld is smaller than rank %lld",
-                   (long long)a->weights_row_stride, (long long)a->rank);
-  if (a->total_tokens > 1 && a->output_row_stride < a->hidden)
-    return INVALID("sgmv_expand", "output_row_stride %lld is smaller than hidden %lld",
-                   (long long)a->output_row_stride, (long long)a->hidden);
-  if (a->inputs_row_stride < 0 || a->weights_row_stride < 0 || a->weights_lora_stride < 0 ||
-      a->output_row_stride < 0)
-    return INVALID("sgmv_expand", "strides must be >= 0");
-  if (!extent_fits(a->total_tokens, a->rank, a->inputs_row_stride) ||
-      !extent_fits(a->total_tokens, a->hidden, a->output_row_stride) ||
-      !extent_fits(a->hidden, a->rank, a->weights_row_stride) ||
-      !extent_fits(a->num_loras, a->weights_lora_stride, a->weights_lora_stride))
-    return INVALID("sgmv_expand", "a stride is so large that element offsets overflow int64");
-  int64_t one_lora = (a->hidden - 1) * a->weights_row_stride + a->rank;
-  if (a->num_loras > 1 && a->weights_lora_stride < one_lora)
-    return INVALID("sgmv_expand", "weights_lora_stride %lld is smaller than one adapter's extent %lld",
-                   (long long)a->weights_lora_stride, (long long)one_lora);
-  if (a->batch_plan) {
-    if ((uintptr_t)a->batch_plan % 4) return INVALID("sgmv_expand", "batch_plan must be 4-byte aligned");
-    if (plan_capacity(a->batch_plan_bytes, a->batches) < plan_slots(a->batches, a->total_tokens))
-      return INVALID("sgmv_expand", "batch_plan_bytes %zu is smaller than sgmv_batch_plan_bytes(%lld, %lld) = %zu",
-                     a->batch_plan_bytes, (long long)a->batches, (long long)a->total_tokens,
-                     sgmv_batch_plan_bytes(a->batches, a->total_tokens));
-  }
-  if (a->batches == 0 || a->total_tokens == 0) return SGMV_SUCCESS; /* nothing to do: pointers unused */
-  if (!a->inputs || !a->weights || !a->output)
-    return INVALID("sgmv_expand", "inputs, weights and output must not be NULL");
-  if (!a->batch_plan && (!a->seq_start || !a->seq_len || !a->lora_indices))
-    return INVALID("sgmv_expand", "seq_start, seq_len and lora_indices must not be NULL");
+                          fn, dtype_name(x), dtype_name(w), dtype_name(out), dtype_name(meta),
+                          x_fp32 ? " or float32" : "");
   return SGMV_SUCCESS;
+}
+
+/* The checks expand and shrink share, on the call they were turned into. K is rank (expand) or
+ * hidden (shrink); each slice's weights are (num_loras, N, K). */
+static int check_call(const char *fn, const sgmv_call_t *c) {
+  int status = check_counts(fn, c->total_tokens, c->batches, c->num_loras);
+  if (status) return status;
+  if (c->max_seq_length < 0) return INVALID("%s: max_seq_length must be >= 0, got %lld", fn, (long long)c->max_seq_length);
+  int64_t x_cols = c->x_slice_step * (c->num_slices - 1) + c->K;
+  if (c->total_tokens > 1 && c->x_stride < x_cols)
+    return INVALID("%s: inputs_row_stride %lld is smaller than the inputs' %lld columns", fn, (long long)c->x_stride,
+                   (long long)x_cols);
+  if (c->total_tokens > 1 && c->out_stride < c->out_cols)
+    return INVALID("%s: output_row_stride %lld is smaller than the output's %lld columns", fn,
+                   (long long)c->out_stride, (long long)c->out_cols);
+  if (c->x_stride < 0 || c->out_stride < 0) return INVALID("%s: strides must be >= 0", fn);
+  if (!extent_fits(c->total_tokens, x_cols, c->x_stride) || !extent_fits(c->total_tokens, c->out_cols, c->out_stride))
+    return INVALID("%s: a stride is so large that element offsets overflow int64", fn);
+  for (int s = 0; s < c->num_slices; s++) {
+    const sgmv_slice_t *w = &c->w[s];
+    if (w->row_stride < 0 || w->lora_stride < 0) return INVALID("%s: strides must be >= 0", fn);
+    if (w->rows > 1 && w->row_stride < c->K)
+      return INVALID("%s: slice %d's weights row stride %lld is smaller than %lld", fn, s, (long long)w->row_stride,
+                     (long long)c->K);
+    if (!extent_fits(w->rows, c->K, w->row_stride) || !extent_fits(c->num_loras, w->lora_stride, w->lora_stride))
+      return INVALID("%s: a stride is so large that element offsets overflow int64", fn);
+    int64_t one_lora = (w->rows - 1) * w->row_stride + c->K;
+    if (c->num_loras > 1 && w->lora_stride < one_lora)
+      return INVALID("%s: slice %d's weights lora stride %lld is smaller than one adapter's extent %lld", fn, s,
+                     (long long)w->lora_stride, (long long)one_lora);
+  }
+  if (((uintptr_t)c->ranks | (uintptr_t)c->scales | (uintptr_t)c->work) % 4)
+    return INVALID("%s: lora_ranks, lora_scales and workspace must be 4-byte aligned", fn);
+  if (c->plan) {
+    if ((uintptr_t)c->plan % 4) return INVALID("%s: batch_plan must be 4-byte aligned", fn);
+    if (plan_capacity(c->plan_bytes, c->batches) < plan_slots(c->batches, c->total_tokens))
+      return INVALID("%s: batch_plan_bytes %zu is smaller than sgmv_batch_plan_bytes(%lld, %lld) = %zu", fn,
+                     c->plan_bytes, (long long)c->batches, (long long)c->total_tokens,
+                     sgmv_batch_plan_bytes(c->batches, c->total_tokens));
+  }
+  if (c->batches == 0 || c->total_tokens == 0) return SGMV_SUCCESS; /* nothing to do: pointers unused */
+  if (!c->x || !c->out) return INVALID("%s: inputs, weights and output must not be NULL", fn);
+  for (int s = 0; s < c->num_slices; s++)
+    if (!c->w[s].weights) return INVALID("%s: inputs, weights and output must not be NULL (slice %d)", fn, s);
+  if (!c->plan && (!c->seq_start || !c->seq_len || !c->lora_indices))
+    return INVALID("%s: seq_start, seq_len and lora_indices must not be NULL", fn);
+  return SGMV_SUCCESS;
+}
+
+static int check_slices(const char *fn, int32_t num_slices) {
+  if (num_slices < 0 || num_slices > SGMV_MAX_SLICES)
+    return INVALID("%s: num_slices must be in [0, %d], got %d", fn, SGMV_MAX_SLICES, num_slices);
+  return SGMV_SUCCESS;
+}
+
+int sgmv_expand_call(const sgmv_expand_args_t *args, sgmv_call_t *c) {
+  const char *fn = "sgmv_expand";
+  sgmv_expand_args_t a;
+  int status = read_struct(fn, "sgmv_expand_args_t", args, args ? args->struct_size : 0, EXPAND_ARGS_V0_1, &a,
+                           sizeof a);
+  if (status) return status;
+  if ((status = check_dtypes(fn, a.inputs_dtype, a.weights_dtype, a.output_dtype, a.metadata_dtype, 1))) return status;
+  if ((status = check_slices(fn, a.num_slices))) return status;
+  if (a.rank < 1 || a.rank > SGMV_MAX_RANK)
+    return INVALID("%s: rank must be in [1, %d], got %lld", fn, SGMV_MAX_RANK, (long long)a.rank);
+  memset(c, 0, sizeof *c);
+  c->op = SGMV_OP_EXPAND;
+  c->num_slices = a.num_slices > 1 ? a.num_slices : 1;
+  c->w[0] = (sgmv_slice_t){a.weights, a.weights_lora_stride, a.weights_row_stride, a.hidden};
+  for (int s = 1; s < c->num_slices; s++) c->w[s] = a.slices[s - 1];
+  for (int s = 0; s < c->num_slices; s++) {
+    if (c->w[s].rows < 1 || c->w[s].rows > SGMV_MAX_HIDDEN)
+      return INVALID("%s: hidden must be in [1, %d], got %lld (slice %d)", fn, SGMV_MAX_HIDDEN,
+                     (long long)c->w[s].rows, s);
+    c->out_cols += c->w[s].rows;
+  }
+  /* Column tiles of every slice together fit the grid (tiles are >= 64 wide). */
+  if (c->out_cols > SGMV_MAX_HIDDEN - 64 * (c->num_slices - 1))
+    return INVALID("%s: the slices' hidden add up to %lld, more than %d", fn, (long long)c->out_cols,
+                   SGMV_MAX_HIDDEN - 64 * (c->num_slices - 1));
+  c->x = a.inputs, c->x_dtype = a.inputs_dtype, c->x_stride = a.inputs_row_stride;
+  c->x_slice_step = c->num_slices > 1 ? a.rank : 0;
+  c->w_dtype = a.weights_dtype;
+  c->out = a.output, c->out_dtype = a.output_dtype, c->out_stride = a.output_row_stride;
+  c->total_tokens = a.total_tokens, c->K = a.rank, c->num_loras = a.num_loras;
+  c->seq_start = a.seq_start, c->seq_len = a.seq_len, c->lora_indices = a.lora_indices;
+  c->metadata_dtype = a.metadata_dtype, c->batches = a.batches, c->max_seq_length = a.max_seq_length;
+  c->add_inputs = a.add_inputs != 0, c->scaling = 1.0f, c->ranks = a.lora_ranks;
+  c->plan = a.batch_plan, c->plan_bytes = a.batch_plan_bytes, c->stream = a.stream;
+  return check_call(fn, c);
+}
+
+int sgmv_shrink_call(const sgmv_shrink_args_t *args, sgmv_call_t *c) {
+  const char *fn = "sgmv_shrink";
+  sgmv_shrink_args_t a;
+  int status = read_struct(fn, "sgmv_shrink_args_t", args, args ? args->struct_size : 0, sizeof a, &a, sizeof a);
+  if (status) return status;
+  if ((status = check_dtypes(fn, a.inputs_dtype, a.weights_dtype, a.output_dtype, a.metadata_dtype, 0))) return status;
+  if ((status = check_slices(fn, a.num_slices))) return status;
+  if (a.rank < 1 || a.rank > SGMV_MAX_RANK)
+    return INVALID("%s: rank must be in [1, %d], got %lld", fn, SGMV_MAX_RANK, (long long)a.rank);
+  if (a.hidden < 1 || a.hidden > SGMV_MAX_SHRINK_HIDDEN)
+    return INVALID("%s: hidden must be in [1, %d], got %lld", fn, SGMV_MAX_SHRINK_HIDDEN, (long long)a.hidden);
+  memset(c, 0, sizeof *c);
+  c->op = SGMV_OP_SHRINK;
+  c->num_slices = a.num_slices > 1 ? a.num_slices : 1;
+  c->w[0] = (sgmv_slice_t){a.weights, a.weights_lora_stride, a.weights_row_stride, a.rank};
+  for (int s = 1; s < c->num_slices; s++) {
+    c->w[s] = a.slices[s - 1];
+    if (c->w[s].rows != a.rank)
+      return INVALID("%s: slice %d has %lld rows, but every slice has rank = %lld", fn, s, (long long)c->w[s].rows,
+                     (long long)a.rank);
+  }
+  c->out_cols = c->num_slices * a.rank;
+  c->x = a.inputs, c->x_dtype = a.inputs_dtype, c->x_stride = a.inputs_row_stride, c->x_slice_step = 0;
+  c->w_dtype = a.weights_dtype;
+  c->out = a.output, c->out_dtype = a.output_dtype, c->out_stride = a.output_row_stride;
+  c->total_tokens = a.total_tokens, c->K = a.hidden, c->num_loras = a.num_loras;
+  c->seq_start = a.seq_start, c->seq_len = a.seq_len, c->lora_indices = a.lora_indices;
+  c->metadata_dtype = a.metadata_dtype, c->batches = a.batches, c->max_seq_length = a.max_seq_length;
+  c->scaling = a.scaling, c->ranks = a.lora_ranks, c->scales = a.lora_scales;
+  c->plan = a.batch_plan, c->plan_bytes = a.batch_plan_bytes;
+  c->work = a.workspace, c->work_bytes = a.workspace ? a.workspace_bytes : 0, c->stream = a.stream;
+  return check_call(fn, c);
 }
 
 /* ---- tensors ------------------------------------------------------------------------------- */
@@ -176,10 +279,10 @@ static int check_metadata(const char *fn, const sgmv_tensor_t *m[3], const char 
       return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE, "%s: %s must be int32 or int64, got %s", fn, names[i],
                             dtype_name(m[i]->dtype));
     if (m[i]->ndim != 1 || (m[i]->shape[0] > 1 && m[i]->strides[0] != 1))
-      return sgmv_set_error(SGMV_ERROR_INVALID_ARGUMENT, "%s: %s must be a contiguous 1-D tensor", fn, names[i]);
+      return INVALID("%s: %s must be a contiguous 1-D tensor", fn, names[i]);
     if (m[i]->shape[0] < batches)
-      return sgmv_set_error(SGMV_ERROR_INVALID_ARGUMENT, "%s: %s has %lld entries, fewer than batches = %lld", fn,
-                            names[i], (long long)m[i]->shape[0], (long long)batches);
+      return INVALID("%s: %s has %lld entries, fewer than batches = %lld", fn, names[i], (long long)m[i]->shape[0],
+                     (long long)batches);
   }
   if (m[0]->dtype != m[1]->dtype || m[1]->dtype != m[2]->dtype)
     return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE, "%s: %s, %s and %s must share one dtype, got %s, %s, %s", fn,
@@ -188,81 +291,184 @@ static int check_metadata(const char *fn, const sgmv_tensor_t *m[3], const char 
   return SGMV_SUCCESS;
 }
 
-SGMV_API sgmv_status_t sgmv_expand_args_from_tensors(const sgmv_expand_tensors_t *t, sgmv_expand_args_t *a) {
-  if (!t || !a) return (sgmv_status_t)INVALID("sgmv_expand", "NULL argument");
-  if (t->struct_size != sizeof *t)
-    return (sgmv_status_t)INVALID("sgmv_expand", "tensors->struct_size is %zu, expected %zu", t->struct_size,
-                                  sizeof *t);
-  const sgmv_tensor_t *all[6] = {&t->inputs, &t->weights, &t->output, &t->seq_start, &t->seq_len, &t->lora_indices};
-  for (int i = 0; i < 6; i++)
-    if (all[i]->ndim < 1 || all[i]->ndim > 4)
-      return (sgmv_status_t)INVALID("sgmv_expand", "%s must have 1 to 4 dimensions, got %d", tensor_names[i],
-                                    all[i]->ndim);
-  const sgmv_tensor_t *x = &t->inputs, *w = &t->weights, *out = &t->output;
-  if (x->ndim != 2) return (sgmv_status_t)INVALID("sgmv_expand", "inputs must be 2-D (total_tokens, rank)");
-  if (out->ndim != 2) return (sgmv_status_t)INVALID("sgmv_expand", "output must be 2-D (total_tokens, hidden)");
-  /* weights (num_loras, hidden, rank) or (num_loras, 1, hidden, rank) */
+/* An optional per-adapter array (data NULL: none): 1-D, contiguous, dtype, >= num_loras entries. */
+static int check_per_adapter(const char *fn, const char *name, const sgmv_tensor_t *t, int dtype, int64_t num_loras) {
+  if (!t->data) return SGMV_SUCCESS;
+  if ((int)t->dtype != dtype)
+    return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE, "%s: %s must be %s, got %s", fn, name, dtype_name(dtype),
+                          dtype_name(t->dtype));
+  if (t->ndim != 1 || (t->shape[0] > 1 && t->strides[0] != 1) || t->shape[0] < num_loras)
+    return INVALID("%s: %s must be a contiguous 1-D tensor of >= num_loras = %lld entries", fn, name,
+                   (long long)num_loras);
+  return SGMV_SUCCESS;
+}
+
+/* A weight stack (num_loras, rows, cols) or (num_loras, 1, rows, cols), unit stride along cols. */
+static int weight_stack(const char *fn, const char *name, const sgmv_tensor_t *w, int64_t *loras, int64_t *rows,
+                        int64_t *cols, sgmv_slice_t *slice) {
   int d = w->ndim == 4 ? 1 : 0;
   if (!(w->ndim == 3 || (w->ndim == 4 && w->shape[1] == 1)))
-    return (sgmv_status_t)INVALID("sgmv_expand", "weights must be (num_loras, hidden, rank) or "
-                                  "(num_loras, 1, hidden, rank)");
-  int64_t num_loras = w->shape[0], hidden = w->shape[1 + d], rank = w->shape[2 + d];
-  if (x->shape[1] != rank)
-    return (sgmv_status_t)INVALID("sgmv_expand", "inputs has rank %lld but weights have rank %lld",
-                                  (long long)x->shape[1], (long long)rank);
-  if (out->shape[0] != x->shape[0] || out->shape[1] != hidden)
-    return (sgmv_status_t)INVALID("sgmv_expand", "output must be (total_tokens, hidden) = (%lld, %lld), got (%lld, %lld)",
-                                  (long long)x->shape[0], (long long)hidden, (long long)out->shape[0],
-                                  (long long)out->shape[1]);
-  if ((x->strides[1] != 1 && rank > 1) || (w->strides[w->ndim - 1] != 1 && rank > 1) ||
-      (out->strides[1] != 1 && hidden > 1))
-    return (sgmv_status_t)INVALID("sgmv_expand", "inputs, weights and output must have unit stride in their last "
-                                  "dimension");
-  const sgmv_tensor_t *meta[3] = {&t->seq_start, &t->seq_len, &t->lora_indices};
-  int status = check_metadata("sgmv_expand", meta, tensor_names + 3, t->batches);
+    return INVALID("%s: %s must be (num_loras, %s) or (num_loras, 1, %s)", fn, name, fn[5] == 'e' ? "hidden, rank" :
+                   "rank, hidden", fn[5] == 'e' ? "hidden, rank" : "rank, hidden");
+  *loras = w->shape[0], *rows = w->shape[1 + d], *cols = w->shape[2 + d];
+  if (w->strides[w->ndim - 1] != 1 && *cols > 1)
+    return INVALID("%s: inputs, weights and output must have unit stride in their last dimension", fn);
+  *slice = (sgmv_slice_t){w->data, w->strides[0], w->strides[1 + d], *rows};
+  return SGMV_SUCCESS;
+}
+
+/* The checks of both ops' tensors: dims, the 2-D inputs and output, the weight stacks (one per
+ * slice: same dtype, adapters and cols), metadata. */
+static int check_tensors(const char *fn, const sgmv_tensor_t *const all[6], const sgmv_tensor_t *more, int32_t num_slices,
+                         int64_t batches, sgmv_slice_t slices[SGMV_MAX_SLICES], int64_t *loras, int64_t *rows,
+                         int64_t *cols) {
+  for (int i = 0; i < 6; i++)
+    if (all[i]->ndim < 1 || all[i]->ndim > 4)
+      return INVALID("%s: %s must have 1 to 4 dimensions, got %d", fn, tensor_names[i], all[i]->ndim);
+  int status = check_slices(fn, num_slices);
+  if (status) return status;
+  const sgmv_tensor_t *x = all[0], *out = all[2];
+  if (x->ndim != 2) return INVALID("%s: inputs must be 2-D (total_tokens, columns)", fn);
+  if (out->ndim != 2) return INVALID("%s: output must be 2-D (total_tokens, columns)", fn);
+  if ((x->strides[1] != 1 && x->shape[1] > 1) || (out->strides[1] != 1 && out->shape[1] > 1))
+    return INVALID("%s: inputs, weights and output must have unit stride in their last dimension", fn);
+  int n = num_slices > 1 ? num_slices : 1;
+  for (int s = 0; s < n; s++) {
+    const sgmv_tensor_t *w = s ? &more[s - 1] : all[1];
+    int64_t l, r, k;
+    char name[32];
+    snprintf(name, sizeof name, s ? "slice_weights[%d]" : "weights", s - 1);
+    if (s && (w->ndim < 1 || w->ndim > 4)) return INVALID("%s: %s must have 1 to 4 dimensions", fn, name);
+    if ((status = weight_stack(fn, name, w, &l, &r, &k, &slices[s]))) return status;
+    if (s && (w->dtype != all[1]->dtype || l != loras[0] || k != cols[0]))
+      return INVALID("%s: %s must match weights' dtype, adapters and %s (%s, %lld, %lld), got (%s, %lld, %lld)", fn,
+                     name, fn[5] == 'e' ? "rank" : "hidden", dtype_name(all[1]->dtype), (long long)loras[0],
+                     (long long)cols[0], dtype_name(w->dtype), (long long)l, (long long)k);
+    if (!s) loras[0] = l, cols[0] = k;
+    rows[s] = r;
+  }
+  const sgmv_tensor_t *meta[3] = {all[3], all[4], all[5]};
+  return check_metadata(fn, meta, tensor_names + 3, batches);
+}
+
+SGMV_API sgmv_status_t sgmv_expand_args_from_tensors(const sgmv_expand_tensors_t *tensors, sgmv_expand_args_t *a) {
+  const char *fn = "sgmv_expand";
+  sgmv_expand_tensors_t t;
+  if (!tensors || !a) return (sgmv_status_t)INVALID("%s: NULL argument", fn);
+  int status = read_struct(fn, "sgmv_expand_tensors_t", tensors, tensors->struct_size, EXPAND_TENSORS_V0_2, &t,
+                           sizeof t);
   if (status) return (sgmv_status_t)status;
+  const sgmv_tensor_t *all[6] = {&t.inputs, &t.weights, &t.output, &t.seq_start, &t.seq_len, &t.lora_indices};
+  sgmv_slice_t slices[SGMV_MAX_SLICES];
+  int64_t loras, rows[SGMV_MAX_SLICES], rank, hidden = 0;
+  if ((status = check_tensors(fn, all, t.slice_weights, t.num_slices, t.batches, slices, &loras, rows, &rank)))
+    return (sgmv_status_t)status;
+  int n = t.num_slices > 1 ? t.num_slices : 1;
+  for (int s = 0; s < n; s++) hidden += rows[s];
+  if (t.inputs.shape[1] != n * rank)
+    return (sgmv_status_t)INVALID("%s: inputs has %lld columns but %d slice(s) of rank %lld need %lld", fn,
+                                  (long long)t.inputs.shape[1], n, (long long)rank, (long long)(n * rank));
+  if (t.output.shape[0] != t.inputs.shape[0] || t.output.shape[1] != hidden)
+    return (sgmv_status_t)INVALID("%s: output must be (total_tokens, hidden) = (%lld, %lld), got (%lld, %lld)", fn,
+                                  (long long)t.inputs.shape[0], (long long)hidden, (long long)t.output.shape[0],
+                                  (long long)t.output.shape[1]);
+  if ((status = check_per_adapter(fn, "lora_ranks", &t.lora_ranks, SGMV_DTYPE_INT32, loras)))
+    return (sgmv_status_t)status;
   memset(a, 0, sizeof *a);
   a->struct_size = sizeof *a;
-  a->inputs = x->data, a->inputs_dtype = x->dtype, a->inputs_row_stride = x->strides[0];
-  a->weights = w->data, a->weights_dtype = w->dtype, a->weights_lora_stride = w->strides[0];
-  a->weights_row_stride = w->strides[1 + d];
-  a->output = (void *)out->data, a->output_dtype = out->dtype, a->output_row_stride = out->strides[0];
-  a->total_tokens = x->shape[0], a->hidden = hidden, a->rank = rank, a->num_loras = num_loras;
-  a->seq_start = t->seq_start.data, a->seq_len = t->seq_len.data, a->lora_indices = t->lora_indices.data;
-  a->metadata_dtype = t->seq_start.dtype, a->batches = t->batches, a->max_seq_length = t->max_seq_length;
-  a->add_inputs = t->add_inputs, a->stream = t->stream;
-  a->batch_plan = t->batch_plan, a->batch_plan_bytes = t->batch_plan_bytes;
+  a->inputs = t.inputs.data, a->inputs_dtype = t.inputs.dtype, a->inputs_row_stride = t.inputs.strides[0];
+  a->weights = slices[0].weights, a->weights_dtype = t.weights.dtype, a->weights_lora_stride = slices[0].lora_stride;
+  a->weights_row_stride = slices[0].row_stride;
+  a->output = (void *)t.output.data, a->output_dtype = t.output.dtype, a->output_row_stride = t.output.strides[0];
+  a->total_tokens = t.inputs.shape[0], a->hidden = rows[0], a->rank = rank, a->num_loras = loras;
+  a->seq_start = t.seq_start.data, a->seq_len = t.seq_len.data, a->lora_indices = t.lora_indices.data;
+  a->metadata_dtype = t.seq_start.dtype, a->batches = t.batches, a->max_seq_length = t.max_seq_length;
+  a->add_inputs = t.add_inputs, a->stream = t.stream;
+  a->batch_plan = t.batch_plan, a->batch_plan_bytes = t.batch_plan_bytes;
+  a->num_slices = t.num_slices;
+  for (int s = 1; s < n; s++) a->slices[s - 1] = slices[s];
+  a->lora_ranks = t.lora_ranks.data;
+  return SGMV_SUCCESS;
+}
+
+SGMV_API sgmv_status_t sgmv_shrink_args_from_tensors(const sgmv_shrink_tensors_t *tensors, sgmv_shrink_args_t *a) {
+  const char *fn = "sgmv_shrink";
+  sgmv_shrink_tensors_t t;
+  if (!tensors || !a) return (sgmv_status_t)INVALID("%s: NULL argument", fn);
+  int status = read_struct(fn, "sgmv_shrink_tensors_t", tensors, tensors->struct_size, sizeof t, &t, sizeof t);
+  if (status) return (sgmv_status_t)status;
+  const sgmv_tensor_t *all[6] = {&t.inputs, &t.weights, &t.output, &t.seq_start, &t.seq_len, &t.lora_indices};
+  sgmv_slice_t slices[SGMV_MAX_SLICES];
+  int64_t loras, rows[SGMV_MAX_SLICES], hidden;
+  if ((status = check_tensors(fn, all, t.slice_weights, t.num_slices, t.batches, slices, &loras, rows, &hidden)))
+    return (sgmv_status_t)status;
+  int n = t.num_slices > 1 ? t.num_slices : 1;
+  int64_t rank = rows[0];
+  for (int s = 1; s < n; s++)
+    if (rows[s] != rank)
+      return (sgmv_status_t)INVALID("%s: slice_weights[%d] has rank %lld, weights rank %lld: slices share one rank",
+                                    fn, s - 1, (long long)rows[s], (long long)rank);
+  if (t.inputs.shape[1] != hidden)
+    return (sgmv_status_t)INVALID("%s: inputs has hidden %lld but weights have hidden %lld", fn,
+                                  (long long)t.inputs.shape[1], (long long)hidden);
+  if (t.output.shape[0] != t.inputs.shape[0] || t.output.shape[1] != n * rank)
+    return (sgmv_status_t)INVALID("%s: output must be (total_tokens, num_slices * rank) = (%lld, %lld), got (%lld, %lld)",
+                                  fn, (long long)t.inputs.shape[0], (long long)(n * rank),
+                                  (long long)t.output.shape[0], (long long)t.output.shape[1]);
+  if ((status = check_per_adapter(fn, "lora_ranks", &t.lora_ranks, SGMV_DTYPE_INT32, loras)) ||
+      (status = check_per_adapter(fn, "lora_scales", &t.lora_scales, SGMV_DTYPE_FLOAT32, loras)))
+    return (sgmv_status_t)status;
+  sgmv_shrink_args_init(a);
+  a->inputs = t.inputs.data, a->inputs_dtype = t.inputs.dtype, a->inputs_row_stride = t.inputs.strides[0];
+  a->weights = slices[0].weights, a->weights_dtype = t.weights.dtype, a->weights_lora_stride = slices[0].lora_stride;
+  a->weights_row_stride = slices[0].row_stride;
+  a->output = (void *)t.output.data, a->output_dtype = t.output.dtype, a->output_row_stride = t.output.strides[0];
+  a->total_tokens = t.inputs.shape[0], a->hidden = hidden, a->rank = rank, a->num_loras = loras;
+  a->seq_start = t.seq_start.data, a->seq_len = t.seq_len.data, a->lora_indices = t.lora_indices.data;
+  a->metadata_dtype = t.seq_start.dtype, a->batches = t.batches, a->max_seq_length = t.max_seq_length;
+  a->scaling = t.scaling, a->num_slices = t.num_slices;
+  for (int s = 1; s < n; s++) a->slices[s - 1] = slices[s];
+  a->lora_ranks = t.lora_ranks.data, a->lora_scales = t.lora_scales.data;
+  a->batch_plan = t.batch_plan, a->batch_plan_bytes = t.batch_plan_bytes;
+  a->workspace = t.workspace, a->workspace_bytes = t.workspace_bytes, a->stream = t.stream;
   return SGMV_SUCCESS;
 }
 
 /* ---- tiles and grids ----------------------------------------------------------------------- */
 
-/* Aligned variants assume 16-byte aligned base pointers, and N and row strides multiples of
- * sgmv_align_elems: that is what lets them use 16-byte loads and stores (aot/generate.py). */
-static int is_aligned(const sgmv_expand_args_t *a) {
+/* Aligned variants assume 16-byte aligned base pointers, and every column count, column offset
+ * and row stride a multiple of sgmv_align_elems: that is what lets them use 16-byte loads and
+ * stores (aot/generate.py). */
+static int is_aligned(const sgmv_call_t *c) {
   int64_t e = sgmv_align_elems;
-  return ((uintptr_t)a->inputs | (uintptr_t)a->weights | (uintptr_t)a->output) % 16 == 0 && a->hidden % e == 0 &&
-         a->inputs_row_stride % e == 0 && a->weights_lora_stride % e == 0 && a->weights_row_stride % e == 0 &&
-         a->output_row_stride % e == 0;
+  uintptr_t ptrs = (uintptr_t)c->x | (uintptr_t)c->out;
+  int64_t sizes = c->x_stride | c->out_stride | c->x_slice_step;
+  for (int s = 0; s < c->num_slices; s++) {
+    ptrs |= (uintptr_t)c->w[s].weights;
+    sizes |= c->w[s].rows | c->w[s].lora_stride | c->w[s].row_stride;
+  }
+  return ptrs % 16 == 0 && sizes % e == 0;
 }
 
 /* The tile rules of aot/tiles.json; returns the tile index, or -1 if the arch has none. */
-static int select_tile(const sgmv_expand_args_t *a, int arch, int grouped, int *short_path) {
+static int select_tile(const sgmv_call_t *c, int arch, int grouped, int *short_path) {
+  int64_t rank = c->op == SGMV_OP_EXPAND ? c->K : c->w[0].rows;
   *short_path = 0;
-  if (!is_aligned(a)) return sgmv_unaligned_tile;
+  if (!is_aligned(c)) return sgmv_unaligned_tile;
   if (grouped) {
-    int64_t rows = cdiv(a->total_tokens, min64(a->batches, a->num_loras));
+    int64_t rows = cdiv(c->total_tokens, min64(c->batches, c->num_loras));
     for (int i = 0; i < sgmv_num_grouped_rules; i++) {
       const sgmv_grouped_rule_t *r = &sgmv_grouped_rules[i];
-      if (r->arch == arch && (r->max_rows < 0 || rows <= r->max_rows) && (r->max_rank < 0 || a->rank <= r->max_rank))
+      if (r->op == c->op && r->arch == arch && (r->max_rows < 0 || rows <= r->max_rows) &&
+          (r->max_rank < 0 || rank <= r->max_rank))
         return r->tile;
     }
     return -1;
   }
   for (int i = 0; i < sgmv_num_rules; i++) {
     const sgmv_rule_t *r = &sgmv_rules[i];
-    if (r->arch == arch && (r->max_seq < 0 || a->max_seq_length <= r->max_seq) &&
-        (r->max_rank < 0 || a->rank <= r->max_rank)) {
+    if (r->op == c->op && r->arch == arch && (r->max_seq < 0 || c->max_seq_length <= r->max_seq) &&
+        (r->max_rank < 0 || rank <= r->max_rank)) {
       *short_path = r->short_path;
       return r->tile;
     }
@@ -277,47 +483,77 @@ static int check_arch(const char *fn, int arch) {
   return SGMV_SUCCESS;
 }
 
-int sgmv_decide_expand(const sgmv_expand_args_t *a, int arch, const sgmv_launch_config_t *want, sgmv_launch_t *out) {
-  int status = validate_expand(a);
-  if (status) return status;
+/* Shrink's split of K over programs (flat and grouped paths): enough programs to fill the GPU,
+ * with partial sums the workspace has room for, each program a whole number of BLOCK_K. */
+static void choose_split(const sgmv_call_t *c, sgmv_launch_config_t *cfg) {
+  const sgmv_split_rule_t *r = &sgmv_split_rule;
+  cfg->split = 1;
+  cfg->k_split = c->K;
+  if (c->op != SGMV_OP_SHRINK || (cfg->path == SGMV_PATH_ROWS && !cfg->flat) || c->total_tokens > r->max_tokens)
+    return;
+  int64_t programs = cdiv(c->total_tokens, cfg->block_m) * cfg->grid[1];
+  int64_t split = cdiv(r->programs, programs);
+  int64_t room = (int64_t)(c->work_bytes / ((size_t)c->total_tokens * (size_t)c->out_cols * 4));
+  split = min64(min64(split, r->max_split), min64(room, cdiv(c->K, cfg->block_k)));
+  if (split < 2) return;
+  int64_t k_split = cdiv(cdiv(c->K, split), cfg->block_k) * cfg->block_k;
+  cfg->split = (int32_t)cdiv(c->K, k_split);
+  if (cfg->split < 2) {
+    cfg->split = 1;
+    return;
+  }
+  cfg->k_split = k_split;
+  cfg->steps = 2;
+  cfg->grid[2] = (uint32_t)cfg->split;
+}
+
+int sgmv_decide(const sgmv_call_t *a, int arch, const sgmv_launch_config_t *want, sgmv_launch_t *out) {
+  const char *fn = a->op == SGMV_OP_EXPAND ? "sgmv_expand" : "sgmv_shrink";
   memset(out, 0, sizeof *out);
   sgmv_launch_config_t *c = &out->config;
   c->struct_size = sizeof *c;
   c->steps = 1;
-  c->kernel = "sgmv_expand_kernel";
+  c->split = 1;
+  c->k_split = a->K;
+  c->op = a->op;
+  c->x_slice_step = a->x_slice_step;
+  c->kernel = "sgmv_kernel";
   c->meta_shift = a->metadata_dtype == SGMV_DTYPE_INT64;
   c->noop = a->batches == 0 || a->total_tokens == 0;
   if (c->noop) return SGMV_SUCCESS;
-  if ((status = check_arch("sgmv_expand", arch))) return status;
+  int status = check_arch(fn, arch);
+  if (status) return status;
   /* With a plan, adapter-grouped tiles, except for long segments of one length (uniform
    * prefill), which tile densely by segment already and gain nothing from the plan's gather. */
   int uniform = a->max_seq_length >= 256 && a->max_seq_length <= (a->total_tokens + a->total_tokens / 4) / a->batches;
-  int grouped = a->batch_plan && !uniform;
+  int grouped = a->plan && !uniform;
   int short_path, tile_id = select_tile(a, arch, grouped, &short_path);
-  if (tile_id < 0) return sgmv_set_error(SGMV_ERROR_INTERNAL, "sgmv_expand: no tile rule for sm_%d", arch);
+  if (tile_id < 0) return sgmv_set_error(SGMV_ERROR_INTERNAL, "%s: no tile rule for sm_%d", fn, arch);
   const sgmv_tile_t *t = &sgmv_tiles[tile_id];
   sgmv_tile_t asked;
-  if (want) { /* a tuner's tile (sgmv_expand_config): the rules' path and grid for it */
-    if (want->block_m < 1 || want->block_m > 256 || want->block_n < 64 || want->block_n > 1024 || want->block_k < 1 ||
-        want->num_warps < 1 || want->num_stages < 1 || (grouped && sgmv_plan_align % want->block_m))
-      return INVALID("sgmv_expand_config", "the requested tile %dx%dx%d (warps %d, stages %d) is out of range (with a plan, "
-                     "block_m must divide %d)",
-                     want->block_m, want->block_n, want->block_k, want->num_warps, want->num_stages,
-                     sgmv_plan_align);
+  if (want) { /* a tuner's tile (sgmv_*_config): the rules' path and grid for it */
+    if (want->block_m < 1 || want->block_m > 256 || want->block_n < 16 || want->block_n > 1024 ||
+        (a->op == SGMV_OP_EXPAND && want->block_n < 64) || want->block_k < 1 || want->num_warps < 1 ||
+        want->num_stages < 1 || (grouped && sgmv_plan_align % want->block_m))
+      return INVALID("%s_config: the requested tile %dx%dx%d (warps %d, stages %d) is out of range (with a plan, "
+                     "block_m must divide %d)", fn, want->block_m, want->block_n, want->block_k, want->num_warps,
+                     want->num_stages, sgmv_plan_align);
     asked = (sgmv_tile_t){"requested", want->block_m, want->block_n, want->block_k, want->num_warps, want->num_stages};
     t = &asked;
-    short_path = !grouped && want->path == SGMV_PATH_SHORT;
+    short_path = !grouped && want->path == SGMV_PATH_SHORT && a->op == SGMV_OP_EXPAND;
   }
   c->tile = t->name;
   c->block_m = t->block_m, c->block_n = t->block_n, c->block_k = t->block_k;
   c->num_warps = t->num_warps, c->num_stages = t->num_stages;
-  c->even_k = a->rank % t->block_k == 0;
-  int64_t n_tiles = cdiv(a->hidden, t->block_n); /* <= 65535: SGMV_MAX_HIDDEN, tiles >= 64 wide */
+  /* Per-adapter ranks end expand's K early, anywhere. */
+  c->even_k = a->K % t->block_k == 0 && !(a->ranks && a->op == SGMV_OP_EXPAND);
+  int64_t n_tiles = 0; /* <= 65535: the slices' hidden are bounded, expand tiles >= 64 wide, shrink N <= 768 */
+  for (int s = 0; s < a->num_slices; s++) n_tiles += cdiv(a->w[s].rows, t->block_n);
   int64_t x, z = 1;
   if (grouped) {
     /* Tiles of the plan's slots: every adapter's rows padded to a multiple of the alignment. */
     c->path = SGMV_PATH_GROUPED;
-    c->plan_capacity = plan_capacity(a->batch_plan_bytes, a->batches);
+    c->plan_capacity = plan_capacity(a->plan_bytes, a->batches);
     int64_t slots = (cdiv(a->total_tokens, sgmv_plan_align) + min64(a->batches, a->num_loras)) * sgmv_plan_align;
     x = cdiv(min64(slots, c->plan_capacity), t->block_m);
   } else if (short_path) {
@@ -332,50 +568,74 @@ int sgmv_decide_expand(const sgmv_expand_args_t *a, int arch, const sgmv_launch_
     int64_t row_tiles = cdiv(a->max_seq_length, t->block_m);
     row_tiles = row_tiles < 1 ? 1 : row_tiles > 65535 ? 65535 : row_tiles;
     c->path = SGMV_PATH_ROWS;
-    c->flat = a->batches * row_tiles > 2 * flat;
+    /* Flat too where shrink may split K (the by-segment grid's third axis strides rows). */
+    int may_split = a->op == SGMV_OP_SHRINK && a->work_bytes && a->total_tokens <= sgmv_split_rule.max_tokens;
+    c->flat = a->batches * row_tiles > 2 * flat || may_split;
     if (c->flat) x = flat;
     else x = a->batches, z = row_tiles;
   }
   c->grid[0] = (uint32_t)x, c->grid[1] = (uint32_t)n_tiles, c->grid[2] = (uint32_t)z;
-  out->key = (sgmv_variant_key_t){arch, SGMV_KERNEL_EXPAND, tile_id, c->path, a->inputs_dtype, a->weights_dtype,
-                                  a->output_dtype, c->even_k};
+  choose_split(a, c);
+  out->key = (sgmv_variant_key_t){arch, SGMV_KERNEL_LORA, tile_id, c->path, a->x_dtype, a->w_dtype, a->out_dtype,
+                                  c->even_k};
   return SGMV_SUCCESS;
 }
 
-SGMV_API sgmv_status_t sgmv_expand_config(const sgmv_expand_args_t *args, int cubin_arch, sgmv_launch_config_t *config) {
-  sgmv_expand_args_t a;
+/* Copies a launch configuration out, as much of it as the caller's struct holds (struct_size 0:
+ * the caller's is this version's). */
+static void copy_config(sgmv_launch_config_t *config, const sgmv_launch_config_t *c) {
+  size_t n = config->struct_size && config->struct_size < sizeof *c ? config->struct_size : sizeof *c;
+  memcpy(config, c, n);
+  config->struct_size = n;
+}
+
+static sgmv_status_t config_of(int (*to_call)(const void *, sgmv_call_t *), const void *args, int arch,
+                               sgmv_launch_config_t *config, const char *fn) {
+  sgmv_call_t call;
   sgmv_launch_t launch;
-  if (!config) return (sgmv_status_t)INVALID("sgmv_expand_config", "config is NULL");
+  if (!config) return (sgmv_status_t)INVALID("%s: config is NULL", fn);
   sgmv_launch_config_t want = *config;
-  int status = sgmv_expand_args_read(args, &a);
-  if (!status) status = sgmv_decide_expand(&a, cubin_arch, want.block_m > 0 ? &want : NULL, &launch);
-  if (!status) *config = launch.config;
+  int status = to_call(args, &call);
+  if (!status) status = sgmv_decide(&call, arch, want.block_m > 0 ? &want : NULL, &launch);
+  if (!status) copy_config(config, &launch.config);
   return (sgmv_status_t)status;
+}
+
+static int expand_call(const void *a, sgmv_call_t *c) { return sgmv_expand_call(a, c); }
+static int shrink_call(const void *a, sgmv_call_t *c) { return sgmv_shrink_call(a, c); }
+
+SGMV_API sgmv_status_t sgmv_expand_config(const sgmv_expand_args_t *args, int cubin_arch, sgmv_launch_config_t *config) {
+  return config_of(expand_call, args, cubin_arch, config, "sgmv_expand_config");
+}
+
+SGMV_API sgmv_status_t sgmv_shrink_config(const sgmv_shrink_args_t *args, int cubin_arch, sgmv_launch_config_t *config) {
+  return config_of(shrink_call, args, cubin_arch, config, "sgmv_shrink_config");
 }
 
 /* ---- the batch plan ------------------------------------------------------------------------ */
 
 int sgmv_decide_batch_plan(const sgmv_batch_plan_args_t *a, int arch, sgmv_launch_t *out) {
-  if (!a) return INVALID("sgmv_batch_plan_build", "args is NULL");
+  if (!a) return INVALID("sgmv_batch_plan_build: args is NULL");
   if (a->struct_size != sizeof *a)
-    return INVALID("sgmv_batch_plan_build", "args->struct_size is %zu, expected %zu: initialise it with "
+    return INVALID("sgmv_batch_plan_build: args->struct_size is %zu, expected %zu: initialise it with "
                    "SGMV_BATCH_PLAN_ARGS_INIT", a->struct_size, sizeof *a);
   const sgmv_tensor_t *meta[3] = {&a->seq_start, &a->seq_len, &a->lora_indices};
   int status = check_metadata("sgmv_batch_plan_build", meta, tensor_names + 3, a->batches);
   if (status) return status;
   if ((status = check_counts("sgmv_batch_plan_build", a->total_tokens, a->batches, a->num_loras))) return status;
-  if (!a->plan || (uintptr_t)a->plan % 4) return INVALID("sgmv_batch_plan_build", "plan must be a 4-byte aligned pointer");
+  if (!a->plan || (uintptr_t)a->plan % 4) return INVALID("sgmv_batch_plan_build: plan must be a 4-byte aligned pointer");
   if (plan_capacity(a->plan_bytes, a->batches) < plan_slots(a->batches, a->total_tokens))
-    return INVALID("sgmv_batch_plan_build", "plan_bytes %zu is smaller than sgmv_batch_plan_bytes(%lld, %lld) = %zu",
+    return INVALID("sgmv_batch_plan_build: plan_bytes %zu is smaller than sgmv_batch_plan_bytes(%lld, %lld) = %zu",
                    a->plan_bytes, (long long)a->batches, (long long)a->total_tokens,
                    sgmv_batch_plan_bytes(a->batches, a->total_tokens));
   if (a->batches && (!a->seq_start.data || !a->seq_len.data || !a->lora_indices.data))
-    return INVALID("sgmv_batch_plan_build", "seq_start, seq_len and lora_indices must not be NULL");
+    return INVALID("sgmv_batch_plan_build: seq_start, seq_len and lora_indices must not be NULL");
   if ((status = check_arch("sgmv_batch_plan_build", arch))) return status;
   memset(out, 0, sizeof *out);
   sgmv_launch_config_t *c = &out->config;
   c->struct_size = sizeof *c;
   c->kernel = "sgmv_plan_kernel";
+  c->split = 1;
   c->meta_shift = a->seq_start.dtype == SGMV_DTYPE_INT64;
   c->plan_capacity = plan_capacity(a->plan_bytes, a->batches);
   /* Always launched, even for an empty batch: the plan must say it holds no rows. Two launches
@@ -397,8 +657,8 @@ int sgmv_decide_batch_plan(const sgmv_batch_plan_args_t *a, int arch, sgmv_launc
 SGMV_API sgmv_status_t sgmv_batch_plan_config(const sgmv_batch_plan_args_t *args, int cubin_arch,
                                               sgmv_launch_config_t *config) {
   sgmv_launch_t launch;
-  if (!config) return (sgmv_status_t)INVALID("sgmv_batch_plan_config", "config is NULL");
+  if (!config) return (sgmv_status_t)INVALID("sgmv_batch_plan_config: config is NULL");
   int status = sgmv_decide_batch_plan(args, cubin_arch, &launch);
-  if (!status) *config = launch.config;
+  if (!status) copy_config(config, &launch.config);
   return (sgmv_status_t)status;
 }

@@ -213,8 +213,8 @@ static int launch(const sgmv_driver_t *cu, const sgmv_launch_t *l, CUdevice dev,
 /* The kernels' parameters, in their signatures' order (generated from python/sgmv/kernels.py). */
 #define FIELD(name, type) type name;
 typedef struct {
-  SGMV_EXPAND_KERNEL_PARAMS(FIELD)
-} expand_params_t;
+  SGMV_KERNEL_PARAMS(FIELD)
+} kernel_params_t;
 typedef struct {
   SGMV_PLAN_KERNEL_PARAMS(FIELD)
 } plan_params_t;
@@ -243,21 +243,29 @@ static int enter_and_launch(const sgmv_driver_t *cu, sgmv_stream_t stream, int (
   return status;
 }
 
-static int decide_expand(const void *a, int arch, sgmv_launch_t *l) { return sgmv_decide_expand(a, arch, NULL, l); }
+static int decide_call(const void *a, int arch, sgmv_launch_t *l) { return sgmv_decide(a, arch, NULL, l); }
 static int decide_plan(const void *a, int arch, sgmv_launch_t *l) { return sgmv_decide_batch_plan(a, arch, l); }
 
-static void fill_expand(const void *args, const sgmv_launch_t *l, int step, void *params) {
-  const sgmv_expand_args_t *a = args;
-  expand_params_t *p = params;
-  (void)step;
-  p->x_ptr = a->inputs, p->w_ptr = a->weights, p->out_ptr = a->output;
-  p->seq_start_ptr = a->seq_start, p->seq_len_ptr = a->seq_len, p->lora_idx_ptr = a->lora_indices;
-  p->plan_ptr = a->batch_plan;
+static void fill_call(const void *args, const sgmv_launch_t *l, int step, void *params) {
+  const sgmv_call_t *a = args;
+  const sgmv_launch_config_t *c = &l->config;
+  kernel_params_t *p = params;
+  const sgmv_slice_t *w = a->w;
+  /* Absent slices: slice 0's weights (never read: their column count is 0). */
+  int s1 = a->num_slices > 1, s2 = a->num_slices > 2;
+  p->x_ptr = a->x, p->w_ptr = w[0].weights, p->w1_ptr = w[s1].weights, p->w2_ptr = w[s2 ? 2 : 0].weights;
+  p->out_ptr = a->out, p->seq_start_ptr = a->seq_start, p->seq_len_ptr = a->seq_len, p->lora_idx_ptr = a->lora_indices;
+  p->plan_ptr = a->plan, p->ranks_ptr = a->ranks, p->scales_ptr = a->scales, p->work_ptr = a->work;
   p->batches = (int32_t)a->batches, p->num_loras = (int32_t)a->num_loras, p->total_tokens = a->total_tokens;
-  p->N = (int32_t)a->hidden, p->K = (int32_t)a->rank, p->meta_shift = l->config.meta_shift;
-  p->add_inputs = a->add_inputs != 0, p->flat = l->config.flat, p->plan_capacity = l->config.plan_capacity;
-  p->x_stride_m = a->inputs_row_stride, p->w_stride_l = a->weights_lora_stride;
-  p->w_stride_n = a->weights_row_stride, p->out_stride_m = a->output_row_stride;
+  p->N = (int32_t)w[0].rows, p->N1 = s1 ? (int32_t)w[1].rows : 0, p->N2 = s2 ? (int32_t)w[2].rows : 0;
+  p->K = (int32_t)a->K, p->x_slice_step = (int32_t)c->x_slice_step, p->rank_on_n = c->op == SGMV_OP_SHRINK;
+  p->has_ranks = a->ranks != NULL, p->has_scales = a->scales != NULL, p->scaling = a->scaling;
+  p->meta_shift = c->meta_shift, p->add_inputs = a->add_inputs, p->flat = c->flat;
+  p->plan_capacity = c->plan_capacity, p->k_split = (int32_t)c->k_split, p->step = step;
+  p->x_stride_m = a->x_stride, p->w_stride_l = w[0].lora_stride, p->w_stride_n = w[0].row_stride;
+  p->w1_stride_l = w[s1].lora_stride, p->w1_stride_n = w[s1].row_stride;
+  p->w2_stride_l = w[s2 ? 2 : 0].lora_stride, p->w2_stride_n = w[s2 ? 2 : 0].row_stride;
+  p->out_stride_m = a->out_stride;
 }
 
 static void fill_plan(const void *args, const sgmv_launch_t *l, int step, void *params) {
@@ -269,24 +277,42 @@ static void fill_plan(const void *args, const sgmv_launch_t *l, int step, void *
   p->step = step;
 }
 
-SGMV_API sgmv_status_t sgmv_expand(const sgmv_expand_args_t *args) {
-  sgmv_expand_args_t a;
+/* Checks the call and plans it for the build's first arch before the driver is touched, then
+ * plans it again for the stream's device and launches. */
+static sgmv_status_t launch_call(const sgmv_call_t *call) {
   sgmv_launch_t l;
-  int status = sgmv_expand_args_read(args, &a);
-  if (!status) status = sgmv_decide_expand(&a, any_arch(), NULL, &l); /* every check, before the driver */
+  int status = sgmv_decide(call, any_arch(), NULL, &l);
   if (status || l.config.noop) return (sgmv_status_t)status;
   const sgmv_driver_t *cu = sgmv_driver(&status);
   if (!cu) return (sgmv_status_t)status;
-  expand_params_t p;
+  kernel_params_t p;
   void *scratch = NULL, *profile_scratch = NULL; /* Triton's two trailing pointers (unused) */
-  void *params[] = {SGMV_EXPAND_KERNEL_PARAMS(ADDR) & scratch, &profile_scratch};
-  return (sgmv_status_t)enter_and_launch(cu, a.stream, decide_expand, &a, &l, fill_expand, &p, params);
+  void *params[] = {SGMV_KERNEL_PARAMS(ADDR) & scratch, &profile_scratch};
+  return (sgmv_status_t)enter_and_launch(cu, call->stream, decide_call, call, &l, fill_call, &p, params);
+}
+
+SGMV_API sgmv_status_t sgmv_expand(const sgmv_expand_args_t *args) {
+  sgmv_call_t call;
+  int status = sgmv_expand_call(args, &call);
+  return status ? (sgmv_status_t)status : launch_call(&call);
+}
+
+SGMV_API sgmv_status_t sgmv_shrink(const sgmv_shrink_args_t *args) {
+  sgmv_call_t call;
+  int status = sgmv_shrink_call(args, &call);
+  return status ? (sgmv_status_t)status : launch_call(&call);
 }
 
 SGMV_API sgmv_status_t sgmv_expand_tensors(const sgmv_expand_tensors_t *tensors) {
   sgmv_expand_args_t a;
   sgmv_status_t status = sgmv_expand_args_from_tensors(tensors, &a);
   return status ? status : sgmv_expand(&a);
+}
+
+SGMV_API sgmv_status_t sgmv_shrink_tensors(const sgmv_shrink_tensors_t *tensors) {
+  sgmv_shrink_args_t a;
+  sgmv_status_t status = sgmv_shrink_args_from_tensors(tensors, &a);
+  return status ? status : sgmv_shrink(&a);
 }
 
 SGMV_API sgmv_status_t sgmv_batch_plan_build(const sgmv_batch_plan_args_t *a) {

@@ -10,24 +10,32 @@ typedef struct {
   int block_m, block_n, block_k, num_warps, num_stages;
 } sgmv_tile_t;
 
-/* Without a plan: on arch, max_seq_length <= max_seq and rank <= max_rank (-1: any) select tile,
- * on the short path if short_path. */
+enum { SGMV_OP_EXPAND = 0, SGMV_OP_SHRINK = 1 };
+
+/* Without a plan: for op on arch, max_seq_length <= max_seq and rank <= max_rank (-1: any)
+ * select tile, on the short path if short_path. */
 typedef struct {
-  int arch, max_seq, max_rank, tile, short_path;
+  int op, arch, max_seq, max_rank, tile, short_path;
 } sgmv_rule_t;
 
 /* With a plan: rows per adapter (estimated as cdiv(total_tokens, min(batches, num_loras))) <=
  * max_rows and rank <= max_rank select tile. */
 typedef struct {
-  int arch, max_rows, max_rank, tile;
+  int op, arch, max_rows, max_rank, tile;
 } sgmv_grouped_rule_t;
+
+/* Shrink's split of hidden over programs: aimed at `programs` programs, at most max_split, for
+ * at most max_tokens rows. */
+typedef struct {
+  int programs, max_split, max_tokens;
+} sgmv_split_rule_t;
 
 /* The plan kernel's constexprs: segments per program, segments per scan step, rows per store. */
 typedef struct {
   int segs, scan, rows, num_warps;
 } sgmv_plan_size_t;
 
-enum { SGMV_KERNEL_EXPAND = 0, SGMV_KERNEL_PLAN = 1 };
+enum { SGMV_KERNEL_LORA = 0, SGMV_KERNEL_PLAN = 1 };  /* sgmv_kernel, sgmv_plan_kernel */
 
 /* What a variant is specialised on; compared as a whole. For the plan kernel, tile indexes
  * and the rest are 0. */
@@ -56,6 +64,7 @@ extern const int sgmv_num_rules;
 extern const sgmv_grouped_rule_t sgmv_grouped_rules[];
 extern const int sgmv_num_grouped_rules;
 extern const sgmv_plan_size_t sgmv_plan_size;
+extern const sgmv_split_rule_t sgmv_split_rule;
 extern const int sgmv_unaligned_tile;
 extern const int sgmv_align_elems;
 extern const int sgmv_short_programs;
@@ -72,10 +81,37 @@ typedef struct {
   sgmv_variant_key_t key;
 } sgmv_launch_t;
 
-/* Copies a caller's struct of any supported size into *out (fields it lacks zeroed). */
-int sgmv_expand_args_read(const sgmv_expand_args_t *args, sgmv_expand_args_t *out);
+/* One call of sgmv_kernel, expand or shrink, checked: what the planner decides from and the
+ * launcher fills the kernel's parameters from. Slice s's weights are w[s] (rows: its N). */
+typedef struct {
+  int op;
+  const void *x;
+  int x_dtype;
+  int64_t x_stride, x_slice_step;
+  int w_dtype, num_slices;
+  sgmv_slice_t w[SGMV_MAX_SLICES];
+  void *out;
+  int out_dtype;
+  int64_t out_stride, out_cols;
+  int64_t total_tokens, K, num_loras;
+  const void *seq_start, *seq_len, *lora_indices;
+  int metadata_dtype;
+  int64_t batches, max_seq_length;
+  int add_inputs;
+  float scaling;
+  const void *ranks, *scales;
+  const void *plan;
+  size_t plan_bytes;
+  void *work;
+  size_t work_bytes;
+  sgmv_stream_t stream;
+} sgmv_call_t;
+
+/* A caller's sgmv_expand_args_t / sgmv_shrink_args_t of any supported size, checked, as a call. */
+int sgmv_expand_call(const sgmv_expand_args_t *args, sgmv_call_t *call);
+int sgmv_shrink_call(const sgmv_shrink_args_t *args, sgmv_call_t *call);
 /* want: a tile to plan with instead of the rules' (a tuner's), or NULL. */
-int sgmv_decide_expand(const sgmv_expand_args_t *a, int arch, const sgmv_launch_config_t *want, sgmv_launch_t *out);
+int sgmv_decide(const sgmv_call_t *call, int arch, const sgmv_launch_config_t *want, sgmv_launch_t *out);
 int sgmv_decide_batch_plan(const sgmv_batch_plan_args_t *a, int arch, sgmv_launch_t *out);
 
 #endif

@@ -311,7 +311,8 @@ typedef struct {
   /* ---- end of version 0.2 ---- */
   int32_t split;                 /* shrink: programs along hidden (grid[2]); 1: none */
   int64_t k_split;               /* hidden per split program, a multiple of block_k */
-  int32_t op;                    /* 0 expand, 1 shrink */
+  int32_t op;                    /* 0 expand, 1 shrink: the kernel's rank_on_n */
+  int64_t x_slice_step;          /* inputs columns between fused slices (expand with slices: rank) */
 } sgmv_launch_config_t;
 
 /* The launch sgmv_expand would make on a GPU of cubin family cubin_arch (80, 90, 100, 120),

@@ -38,7 +38,10 @@ def _struct(ctype, fields, start=0):
                 add(offset + i * ffi.sizeof(t.item), t.item)
             return
         size = ffi.sizeof(t)
-        fmt += {8: "q", 4: "i"}[size] if t.kind in ("primitive", "enum") else "Q"
+        if t.kind == "primitive" and t.cname == "float":
+            fmt += "f"
+        else:
+            fmt += {8: "q", 4: "i"}[size] if t.kind in ("primitive", "enum") else "Q"
         pos = offset + size
 
     t = ffi.typeof(ctype)
@@ -56,16 +59,33 @@ def _offset(ctype, field):
 
 
 _TENSOR = _struct("sgmv_tensor_t", ("data", "dtype", "ndim", "shape", "strides"))
-_EXPAND_TENSORS = ("inputs", "weights", "output", "seq_start", "seq_len", "lora_indices")
-_EXPAND_OFFSETS = [_offset("sgmv_expand_tensors_t", f) for f in _EXPAND_TENSORS]
+_NO_TENSOR = (0,) * 11  # data NULL: an optional tensor not given
+_TENSORS = ("inputs", "weights", "output", "seq_start", "seq_len", "lora_indices")
+_MAX_SLICES = dict(capi.ffi.typeof("sgmv_expand_tensors_t").fields)["slice_weights"].type.length + 1
+_EXPAND_OFFSETS = [_offset("sgmv_expand_tensors_t", f) for f in _TENSORS]
 _EXPAND_TAIL = _struct("sgmv_expand_tensors_t", ("batches", "max_seq_length", "add_inputs", "stream", "batch_plan",
-                                                 "batch_plan_bytes"), _offset("sgmv_expand_tensors_t", "batches"))
+                                                 "batch_plan_bytes", "num_slices"),
+                       _offset("sgmv_expand_tensors_t", "batches"))
 _EXPAND_TAIL_AT = _offset("sgmv_expand_tensors_t", "batches")
+_EXPAND_SLICES_AT = _offset("sgmv_expand_tensors_t", "slice_weights")
+_EXPAND_RANKS_AT = _offset("sgmv_expand_tensors_t", "lora_ranks")
+_SHRINK_OFFSETS = [_offset("sgmv_shrink_tensors_t", f) for f in _TENSORS]
+_SHRINK_TAIL = _struct("sgmv_shrink_tensors_t", ("batches", "max_seq_length", "scaling", "num_slices"),
+                       _offset("sgmv_shrink_tensors_t", "batches"))
+_SHRINK_TAIL_AT = _offset("sgmv_shrink_tensors_t", "batches")
+_SHRINK_SLICES_AT = _offset("sgmv_shrink_tensors_t", "slice_weights")
+_SHRINK_RANKS_AT = _offset("sgmv_shrink_tensors_t", "lora_ranks")
+_SHRINK_SCALES_AT = _offset("sgmv_shrink_tensors_t", "lora_scales")
+_SHRINK_END = _struct("sgmv_shrink_tensors_t", ("stream", "batch_plan", "batch_plan_bytes", "workspace",
+                                                "workspace_bytes"), _offset("sgmv_shrink_tensors_t", "stream"))
+_SHRINK_END_AT = _offset("sgmv_shrink_tensors_t", "stream")
 _PLAN_HEAD = _struct("sgmv_batch_plan_args_t", ("plan", "plan_bytes"), _offset("sgmv_batch_plan_args_t", "plan"))
 _PLAN_OFFSETS = [_offset("sgmv_batch_plan_args_t", f) for f in ("seq_start", "seq_len", "lora_indices")]
 _PLAN_TAIL = _struct("sgmv_batch_plan_args_t", ("batches", "total_tokens", "num_loras", "stream"),
                      _offset("sgmv_batch_plan_args_t", "batches"))
 _NAMES = ("inputs", "lora_b_weights", "output_tensor", "b_seq_start_loc", "seq_len_tensor", "lora_indices_tensor")
+_SHRINK_NAMES = ("inputs", "lora_a_weights", "output_tensor", "b_seq_start_loc", "seq_len_tensor",
+                 "lora_indices_tensor")
 _PADS = [(0,) * (4 - n) for n in range(5)]
 
 
@@ -187,45 +207,171 @@ def _count(value, name):
     return value.__index__()
 
 
+def _slices(weights, name):
+    """The weight stacks of a call: one array, or a tuple/list of up to SGMV_MAX_SLICES (fused slices)."""
+    if isinstance(weights, (tuple, list)):
+        if not 1 <= len(weights) <= _MAX_SLICES:
+            raise ValueError(f"{name} must be an array or 1 to {_MAX_SLICES} arrays (fused slices), "
+                             f"got {len(weights)}")
+        return weights
+    return (weights,)
+
+
+def _pack_optional(mem, offset, a, name):
+    """An optional tensor (None: data NULL); returns its device, or None if absent."""
+    if a is None:
+        _TENSOR.pack_into(mem, offset, *_NO_TENSOR)
+        return None
+    return _pack(mem, offset, a, name)
+
+
+def _pack_common(mem, offsets, names, tensors, weights, slices_at, optional):
+    """The six tensors, the further slices and optional per-adapter arrays; returns (devices,
+    number of slices)."""
+    stacks = _slices(weights, names[1])
+    devices = [_pack(mem, offsets[0], tensors[0], names[0]), _pack(mem, offsets[1], stacks[0], names[1])]
+    devices += [_pack(mem, offsets[i], tensors[i], names[i]) for i in range(2, 6)]
+    size = _TENSOR.size
+    for i in range(1, _MAX_SLICES):
+        d = _pack_optional(mem, slices_at + (i - 1) * size, stacks[i] if i < len(stacks) else None,
+                           f"{names[1]}[{i}]")
+        if d is not None:
+            devices.append(d)
+    for at, a, name in optional:
+        d = _pack_optional(mem, at, a, name)
+        if d is not None:
+            devices.append(d)
+    return devices, len(stacks)
+
+
+def _call_device(devices, names, allow_cpu):
+    device = devices[0]
+    if devices.count(device) != len(devices) or (device < 0 and not allow_cpu):
+        _one_device(devices, names + ("others",) * (len(devices) - len(names)), allow_cpu)
+    return device
+
+
 def expand_tensors(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
-                   batches, max_seq_length, add_inputs, stream, batch_plan, allow_cpu=False):
+                   batches, max_seq_length, add_inputs, stream, batch_plan, lora_ranks=None, allow_cpu=False):
     """This thread's sgmv_expand_tensors_t for the call, filled; and the device."""
     buf, mem = _buffer("sgmv_expand_tensors_t")
-    o = _EXPAND_OFFSETS
-    devices = (_pack(mem, o[0], inputs, "inputs"), _pack(mem, o[1], lora_b_weights, "lora_b_weights"),
-               _pack(mem, o[2], output_tensor, "output_tensor"), _pack(mem, o[3], b_seq_start_loc, "b_seq_start_loc"),
-               _pack(mem, o[4], seq_len_tensor, "seq_len_tensor"),
-               _pack(mem, o[5], lora_indices_tensor, "lora_indices_tensor"))
+    devices, n = _pack_common(mem, _EXPAND_OFFSETS, _NAMES, (inputs, None, output_tensor, b_seq_start_loc,
+                                                             seq_len_tensor, lora_indices_tensor), lora_b_weights,
+                              _EXPAND_SLICES_AT, ((_EXPAND_RANKS_AT, lora_ranks, "lora_ranks"),))
     if type(add_inputs) is not bool:
         raise TypeError(f"add_inputs must be a bool, got {type(add_inputs).__name__}")
     plan_ptr, plan_bytes = 0, 0
     if batch_plan is not None:
         plan_ptr, plan_bytes, plan_device = _plan_ref(batch_plan)
-        devices += (plan_device,)
-    device = devices[0]
-    if devices.count(device) != len(devices) or (device < 0 and not allow_cpu):
-        _one_device(devices, _NAMES + ("batch_plan",), allow_cpu)
+        devices.append(plan_device)
+    device = _call_device(devices, _NAMES, allow_cpu)
     s = current_stream(device, output_tensor) if stream is None else stream_handle(stream)
     _EXPAND_TAIL.pack_into(mem, _EXPAND_TAIL_AT, _count(batches, "batches"), _count(max_seq_length, "max_seq_length"),
-                           add_inputs, s, plan_ptr, plan_bytes)
+                           add_inputs, s, plan_ptr, plan_bytes, n)
     return buf, device
 
 
 def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
-                batches, max_seq_length, add_inputs=False, stream=None, batch_plan=None):
+                batches, max_seq_length, add_inputs=False, stream=None, batch_plan=None, *, lora_ranks=None):
     """out[start_b + m, :] (+)= inputs[start_b + m, :] @ lora_b_weights[idx_b]^T, in place; returns output_tensor.
 
     Launched asynchronously on `stream` (default: torch's or CuPy's current stream). With
     `batch_plan` (from sgmv.batch_plan, built from the same metadata) every program computes a
-    dense tile of one adapter's rows. Raises ValueError/TypeError for arguments outside the
-    contract, sgmv.SgmvError for a failed call.
+    dense tile of one adapter's rows. `lora_b_weights` may be a tuple of up to three stacks
+    (fused slices: slice s reads inputs columns [s * rank, (s + 1) * rank) and writes its
+    columns after slice s - 1's). `lora_ranks` (int32, per adapter): adapter a reads only its
+    first lora_ranks[a] columns of each slice; 0 skips it. Raises ValueError/TypeError for
+    arguments outside the contract, sgmv.SgmvError for a failed call.
     """
     buf, _ = expand_tensors(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
-                            lora_indices_tensor, batches, max_seq_length, add_inputs, stream, batch_plan)
+                            lora_indices_tensor, batches, max_seq_length, add_inputs, stream, batch_plan, lora_ranks)
     status = (_lib or _library()).sgmv_expand_tensors(buf)
     if status:
         capi.check(status)
     return output_tensor
+
+
+def _float(value, name):
+    if type(value) is bool or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    return float(value)
+
+
+def shrink_tensors(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                   batches, max_seq_length, scaling, lora_ranks, lora_scales, batch_plan, workspace, stream,
+                   allow_cpu=False):
+    """This thread's sgmv_shrink_tensors_t for the call, filled; and the device."""
+    buf, mem = _buffer("sgmv_shrink_tensors_t")
+    devices, n = _pack_common(mem, _SHRINK_OFFSETS, _SHRINK_NAMES, (inputs, None, output_tensor, b_seq_start_loc,
+                                                                    seq_len_tensor, lora_indices_tensor),
+                              lora_a_weights, _SHRINK_SLICES_AT,
+                              ((_SHRINK_RANKS_AT, lora_ranks, "lora_ranks"),
+                               (_SHRINK_SCALES_AT, lora_scales, "lora_scales")))
+    plan_ptr, plan_bytes = 0, 0
+    if batch_plan is not None:
+        plan_ptr, plan_bytes, plan_device = _plan_ref(batch_plan)
+        devices.append(plan_device)
+    work_ptr, work_bytes = 0, 0
+    if workspace is not None:
+        (work_ptr, dt, ndim, *rest), work_device = describe(workspace, "workspace")
+        if ndim != 1 or (rest[0] > 1 and rest[4] != 1) or dt not in (2, 3):
+            raise ValueError("workspace must be a contiguous 1-D float32 or int32 array "
+                             "(see sgmv.shrink_workspace_bytes)")
+        work_bytes = rest[0] * 4
+        devices.append(work_device)
+    device = _call_device(devices, _SHRINK_NAMES, allow_cpu)
+    s = current_stream(device, output_tensor) if stream is None else stream_handle(stream)
+    _SHRINK_TAIL.pack_into(mem, _SHRINK_TAIL_AT, _count(batches, "batches"), _count(max_seq_length, "max_seq_length"),
+                           _float(scaling, "scaling"), n)
+    _SHRINK_END.pack_into(mem, _SHRINK_END_AT, s, plan_ptr, plan_bytes, work_ptr, work_bytes)
+    return buf, device
+
+
+def new_workspace(like, total_tokens, output_columns):
+    """A float32 split-K workspace on like's device for the call (torch), or None if the call
+    cannot split or like is not a torch tensor."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(like, torch.Tensor) or not like.is_cuda:
+        return None
+    n = (_lib or _library()).sgmv_shrink_workspace_bytes(total_tokens, output_columns)
+    return torch.empty(n // 4, dtype=torch.float32, device=like.device) if n else None
+
+
+def _shape(a):
+    cai = getattr(a, "__cuda_array_interface__", None)
+    return tuple(a.shape) if cai is None else tuple(cai["shape"])
+
+
+def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                batches, max_seq_length, scaling=1.0, *, lora_ranks=None, lora_scales=None, batch_plan=None,
+                workspace=None, stream=None):
+    """output[start_b + m, s*rank + r] = scaling * lora_scales[idx_b] * inputs[start_b + m, :] . A_s[idx_b, r, :]
+    (LoRA A), written in place; returns output_tensor.
+
+    `lora_a_weights`: (num_loras, rank, hidden) or (num_loras, 1, rank, hidden), or a tuple of
+    up to three (fused slices, one launch). `lora_ranks` (int32): adapter a writes only columns
+    r < lora_ranks[a] of each slice; `lora_scales` (float32): a per-adapter factor. Few rows with
+    a large hidden are split over hidden with `workspace` (default with torch: one allocated per
+    call when the call can split). Same launch and error rules as sgmv_expand.
+    """
+    if workspace is None:
+        shape = _shape(output_tensor)
+        if len(shape) == 2:
+            workspace = new_workspace(output_tensor, shape[0], shape[1])
+    buf, _ = shrink_tensors(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
+                            lora_indices_tensor, batches, max_seq_length, scaling, lora_ranks, lora_scales,
+                            batch_plan, workspace, stream)
+    status = (_lib or _library()).sgmv_shrink_tensors(buf)
+    if status:
+        capi.check(status)
+    return output_tensor
+
+
+def shrink_workspace_bytes(max_tokens, output_columns):
+    """Bytes of a shrink workspace that allows every split for calls of up to max_tokens rows and
+    output_columns (num_slices * rank) columns; 0 when such calls never split."""
+    return capi.lib.sgmv_shrink_workspace_bytes(_count(max_tokens, "max_tokens"),
+                                                _count(output_columns, "output_columns"))
 
 
 _lib = None

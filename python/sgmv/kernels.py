@@ -1,23 +1,34 @@
-"""The Triton kernels of libsgmv: SGMV expand and the per-step batch plan it can use.
+"""The Triton kernels of libsgmv: SGMV shrink and expand (one kernel) and the per-step batch plan.
 
-    out[start_b + m, :] (+)= x[start_b + m, :K] @ W[idx_b, :, :K]^T
+    expand: out[start_b + m, :] (+)= x[start_b + m, :K] @ W[idx_b, :, :K]^T      (N = hidden, K = rank)
+    shrink: out[start_b + m, :]    = scale * x[start_b + m, :K] @ W[idx_b, :, :K]^T (N = rank, K = hidden)
+
+Both are the same grouped GEMM with a small side (rank) and a large one (hidden); what differs is
+a runtime argument: which side a per-adapter rank limits (rank_on_n), where each fused slice
+reads its inputs (x_slice_step), the scale, and the split of K over programs (shrink's few rows
+with a large hidden). Up to three fused slices: column tiles of slice 0, then 1, then 2 along
+grid axis 1; slice s reads weights w{s}, inputs columns from s * x_slice_step and writes output
+columns after slice s - 1's.
 
 This file imports triton only: the AOT build executes it on a machine without a GPU or torch.
-Nothing here chooses a tile, a grid or a path: csrc/planner.c does (sgmv_expand_config), for the
-AOT launch and for the JIT alike. The generator (aot/generate.py) takes the launcher's argument
-layout from these signatures and the scalar types in SIGNATURES.
+Nothing here chooses a tile, a grid or a path: csrc/planner.c does (sgmv_expand_config,
+sgmv_shrink_config), for the AOT launch and for the JIT alike. The generator (aot/generate.py)
+takes the launcher's argument layout from these signatures and the scalar types in SIGNATURES.
 
-Paths of sgmv_expand_kernel (PATH, a constexpr; the grid the planner gives each):
+Paths of sgmv_kernel (PATH, a constexpr; the grid the planner gives each):
   ROWS    without a plan, by segment or flat (`flat`, a runtime argument):
           by segment (batches, column tiles, row-tile programs): program (g, n, z) covers segment
           g's row tiles z, z + num_programs(2), ...: uniform prefill;
-          flat (cdiv(total_tokens, BLOCK_M) + batches, column tiles, 1): program g computes the
+          flat (cdiv(total_tokens, BLOCK_M) + batches, column tiles, split): program g computes the
           g-th row tile of all segments' row tiles, found by a prefix search: a long segment
           beside many short ones;
   SHORT   (cdiv(batches, BLOCK_M), column tiles, adapter slots): row j of BLOCK_M segments,
-          one pass per distinct adapter: decode without a plan;
-  GROUPED (tiles of the plan's slots, column tiles, 1): program g computes the BLOCK_M rows of
+          one pass per distinct adapter: decode without a plan (expand only);
+  GROUPED (tiles of the plan's slots, column tiles, split): program g computes the BLOCK_M rows of
           one adapter in slots g * BLOCK_M ..., grouped by the batch plan (sgmv_plan_kernel).
+Split K (k_split < K, flat and GROUPED only): program z sums K range [z * k_split, ...) into the
+fp32 workspace at step 0; at step 1 (a second launch) program z == 0 adds the partial sums in
+order of z and stores. Results do not depend on scheduling.
 Every row of every valid segment is written once, whatever max_seq_length says (it only picks
 the tile), provided segments do not overlap.
 """
@@ -36,10 +47,13 @@ PLAN_ALIGN = tl.constexpr(64)
 # Scalar parameter types, in signature order (pointers, named *_ptr, take their dtype from the
 # variant). aot/generate.py checks these against the signatures.
 SIGNATURES = {
-    "sgmv_expand_kernel": {
-        "batches": "i32", "num_loras": "i32", "total_tokens": "i64", "N": "i32", "K": "i32",
-        "meta_shift": "i32", "add_inputs": "i32", "flat": "i32", "plan_capacity": "i64",
-        "x_stride_m": "i64", "w_stride_l": "i64", "w_stride_n": "i64", "out_stride_m": "i64",
+    "sgmv_kernel": {
+        "batches": "i32", "num_loras": "i32", "total_tokens": "i64", "N": "i32", "N1": "i32", "N2": "i32",
+        "K": "i32", "x_slice_step": "i32", "rank_on_n": "i32", "has_ranks": "i32", "has_scales": "i32",
+        "scaling": "fp32", "meta_shift": "i32", "add_inputs": "i32", "flat": "i32", "plan_capacity": "i64",
+        "k_split": "i32", "step": "i32", "x_stride_m": "i64", "w_stride_l": "i64", "w_stride_n": "i64",
+        "w1_stride_l": "i64", "w1_stride_n": "i64", "w2_stride_l": "i64", "w2_stride_n": "i64",
+        "out_stride_m": "i64",
     },
     "sgmv_plan_kernel": {
         "batches": "i32", "num_loras": "i32", "total_tokens": "i64", "meta_shift": "i32", "plan_capacity": "i64",
@@ -48,29 +62,47 @@ SIGNATURES = {
 }
 
 
-# K is not specialised when it is 1: the AOT variants serve every rank with one code path, and
-# the JIT must run the same code to give the same bits.
-@triton.jit(do_not_specialize=["K"])
-def sgmv_expand_kernel(
-    x_ptr,  # (total_tokens, K) rows, unit stride along K
-    w_ptr,  # (num_loras, N, K), unit stride along K
-    out_ptr,  # (total_tokens, N) rows, unit stride along N
+# K and the flags are not specialised when they are 1: the AOT variants serve every value with
+# one code path, and the JIT must run the same code to give the same bits.
+@triton.jit(do_not_specialize=["K", "x_slice_step", "rank_on_n", "has_ranks", "has_scales", "step"])
+def sgmv_kernel(
+    x_ptr,  # (total_tokens, K per slice) rows, unit stride along K
+    w_ptr,  # slice 0: (num_loras, N, K), unit stride along K
+    w1_ptr,  # slice 1 (N1 > 0), same dtype
+    w2_ptr,  # slice 2 (N2 > 0)
+    out_ptr,  # (total_tokens, N + N1 + N2) rows, unit stride along columns
     seq_start_ptr,  # (batches,) int32, or int64 read as pairs of int32 words (meta_shift 1)
     seq_len_ptr,  # (batches,) likewise
     lora_idx_ptr,  # (batches,) likewise
     plan_ptr,  # int32 batch plan (GROUPED), else unused
+    ranks_ptr,  # int32 (num_loras,) per-adapter ranks (has_ranks), else unused
+    scales_ptr,  # fp32 (num_loras,) per-adapter scales (has_scales), else unused
+    work_ptr,  # fp32 (split, total_tokens, N + N1 + N2) partial sums (k_split < K), else unused
     batches,
     num_loras,
     total_tokens,
-    N,
+    N,  # columns of slice 0
+    N1,  # columns of slice 1 (0: none)
+    N2,  # columns of slice 2 (0: none)
     K,
+    x_slice_step,  # inputs columns between slices (expand: K; shrink: 0)
+    rank_on_n,  # a per-adapter rank limits the columns of each slice (shrink), else K (expand)
+    has_ranks,
+    has_scales,
+    scaling,  # fp32, multiplies the product
     meta_shift,  # 0: int32 metadata, 1: int64 (one kernel serves both)
     add_inputs,  # nonzero: out += product
     flat,  # PATH_ROWS: 0 by segment, 1 flat
     plan_capacity,  # row slots of the plan
+    k_split,  # K per split program, a multiple of BLOCK_K (>= K: no split)
+    step,  # split K: 0 partial sums, 1 their sum stored
     x_stride_m,
     w_stride_l,
     w_stride_n,
+    w1_stride_l,
+    w1_stride_n,
+    w2_stride_l,
+    w2_stride_n,
     out_stride_m,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -79,13 +111,28 @@ def sgmv_expand_kernel(
     EVEN_K: tl.constexpr,
 ):
     pid_g = tl.program_id(0).to(tl.int64)
+    # The column tile's slice and its weights, columns and inputs.
     pid_n = tl.program_id(1)
+    tiles0 = tl.cdiv(N, BLOCK_N)
+    tiles1 = tl.cdiv(N1, BLOCK_N)
+    in1 = pid_n >= tiles0
+    in2 = pid_n >= tiles0 + tiles1
+    w_base = tl.where(in2, w2_ptr, tl.where(in1, w1_ptr, w_ptr))
+    stride_l = tl.where(in2, w2_stride_l, tl.where(in1, w1_stride_l, w_stride_l))
+    stride_n = tl.where(in2, w2_stride_n, tl.where(in1, w1_stride_n, w_stride_n))
+    n_len = tl.where(in2, N2, tl.where(in1, N1, N))
+    col0 = tl.where(in2, N + N1, tl.where(in1, N, 0)).to(tl.int64)
+    tile_n = pid_n - tl.where(in2, tiles0 + tiles1, tl.where(in1, tiles0, 0))
+    x_base = x_ptr + (in1.to(tl.int64) + in2.to(tl.int64)) * x_slice_step
+    out_base = out_ptr + col0
+    work_base = work_ptr + col0
+    work_stride_m = (N + N1 + N2).to(tl.int64)
 
     # All addresses are formed in int64: 87k tokens x 12288 columns already overflows int32.
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    offs_n = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < n_len
     offs_k = tl.arange(0, BLOCK_K)
-    w_cols = offs_n[None, :] * w_stride_n + offs_k[:, None]  # (BLOCK_K, BLOCK_N)
+    w_cols = offs_n[None, :] * stride_n + offs_k[:, None]  # (BLOCK_K, BLOCK_N)
 
     if PATH == PATH_GROUPED:  # the plan lists, per tile, BLOCK_M rows of one adapter
         p0 = pid_g * BLOCK_M
@@ -95,36 +142,46 @@ def sgmv_expand_kernel(
             # The plan is not trusted further than the metadata: rows and adapter are bounded here.
             m_mask = (rows >= 0) & (rows < total_tokens)
             if (lora >= 0) & (lora < num_loras) & (tl.max(m_mask.to(tl.int32), axis=0) > 0):
-                _tile(x_ptr, w_ptr + lora * w_stride_l, out_ptr, rows, m_mask, x_stride_m, out_stride_m, w_cols,
-                      offs_n, n_mask, offs_k, K, add_inputs, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+                _tile(x_base, w_base + lora * stride_l, out_base, work_base, lora, rows, m_mask, x_stride_m,
+                      out_stride_m, work_stride_m, w_cols, offs_n, n_mask, offs_k, K, k_split, step, total_tokens,
+                      ranks_ptr, has_ranks, rank_on_n, scales_ptr, has_scales, scaling, add_inputs, BLOCK_M, BLOCK_N,
+                      BLOCK_K, EVEN_K)
     elif PATH == PATH_SHORT:
         # The BLOCK_M rows of a tile are BLOCK_M segments, row j of each. Program z takes the
         # adapters a with a % num_programs(2) == z, one pass per adapter present, so an adapter's
-        # weight tile is read once per program however many of its segments use it.
+        # weight tile is read once per program however many of its segments use it. Expand only:
+        # no split, no scales, ranks limit K.
         segs = pid_g * BLOCK_M + tl.arange(0, BLOCK_M)
         loras, starts, ends, valid = _segments(segs, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, batches,
-                                            num_loras, total_tokens)
-        mine = valid & (loras % tl.num_programs(2) == tl.program_id(2))
+                                               num_loras, total_tokens)
+        ranks = tl.full((BLOCK_M,), K, tl.int32)
+        if has_ranks != 0:
+            ranks = tl.minimum(tl.load(ranks_ptr + loras, mask=valid, other=0), K)
+        mine = valid & (ranks > 0) & (loras % tl.num_programs(2) == tl.program_id(2))
         for j in range(0, tl.max(tl.where(mine, ends - starts, 0), axis=0)):
             offs_m = starts + j
             m_mask = mine & (offs_m < ends)
-            out_ptrs, out_mask, prior = _load_prior(out_ptr, offs_m, m_mask, offs_n, n_mask, out_stride_m, add_inputs)
+            out_ptrs, out_mask, prior = _load_prior(out_base, offs_m, m_mask, offs_n, n_mask, out_stride_m,
+                                                    add_inputs)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             todo = m_mask
             while tl.max(todo.to(tl.int32), axis=0) > 0:
                 adapter = tl.min(tl.where(todo, loras, num_loras), axis=0)
-                acc = _accumulate(acc, x_ptr, w_ptr + adapter * w_stride_l, offs_m, todo & (loras == adapter),
-                                  x_stride_m, w_cols, n_mask, offs_k, K, BLOCK_K, EVEN_K)
+                k_end = tl.max(tl.where(todo & (loras == adapter), ranks, 0), axis=0)
+                acc = _accumulate(acc, x_base, w_base + adapter * stride_l, offs_m, todo & (loras == adapter),
+                                  x_stride_m, w_cols, n_mask, offs_k, 0, k_end, BLOCK_K, EVEN_K)
                 todo = todo & (loras != adapter)
-            _store(acc, prior, out_ptrs, out_mask, add_inputs)
+            _store(acc * scaling, prior, out_ptrs, out_mask, add_inputs)
     elif flat == 0:  # PATH_ROWS by segment: program (g, n, z) covers segment g's row tiles z, z + num_programs(2), ...
         lora, start, end, valid = _segments(pid_g, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, batches,
                                             num_loras, total_tokens)
         if valid:
             for row0 in range(start + tl.program_id(2) * BLOCK_M, end, tl.num_programs(2) * BLOCK_M):
                 offs_m = row0 + tl.arange(0, BLOCK_M)
-                _tile(x_ptr, w_ptr + lora * w_stride_l, out_ptr, offs_m, offs_m < end, x_stride_m, out_stride_m,
-                      w_cols, offs_n, n_mask, offs_k, K, add_inputs, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+                _tile(x_base, w_base + lora * stride_l, out_base, work_base, lora, offs_m, offs_m < end, x_stride_m,
+                      out_stride_m, work_stride_m, w_cols, offs_n, n_mask, offs_k, K, k_split, step, total_tokens,
+                      ranks_ptr, has_ranks, rank_on_n, scales_ptr, has_scales, scaling, add_inputs, BLOCK_M, BLOCK_N,
+                      BLOCK_K, EVEN_K)
     else:  # PATH_ROWS, flat
         # Program g computes the g-th row tile of the list of all segments' row tiles, found by a
         # prefix sum over the segments, _SEARCH at a time; programs past the last tile idle.
@@ -150,8 +207,10 @@ def sgmv_expand_kernel(
             b0 += _SEARCH
         if found != 0:
             offs_m = row0 + tl.arange(0, BLOCK_M)
-            _tile(x_ptr, w_ptr + lora * w_stride_l, out_ptr, offs_m, offs_m < end, x_stride_m, out_stride_m, w_cols,
-                  offs_n, n_mask, offs_k, K, add_inputs, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+            _tile(x_base, w_base + lora * stride_l, out_base, work_base, lora, offs_m, offs_m < end, x_stride_m,
+                  out_stride_m, work_stride_m, w_cols, offs_n, n_mask, offs_k, K, k_split, step, total_tokens,
+                  ranks_ptr, has_ranks, rank_on_n, scales_ptr, has_scales, scaling, add_inputs, BLOCK_M, BLOCK_N,
+                  BLOCK_K, EVEN_K)
 
 
 @triton.jit(do_not_specialize=["batches", "total_tokens", "plan_capacity", "step"])
@@ -254,13 +313,45 @@ def _round_up(n):
 
 
 @triton.jit
-def _tile(x_ptr, w_base, out_ptr, offs_m, m_mask, x_stride_m, out_stride_m, w_cols, offs_n, n_mask, offs_k, K,
-          add_inputs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """Rows offs_m (where m_mask) of one adapter, whose weights are at w_base."""
-    out_ptrs, out_mask, prior = _load_prior(out_ptr, offs_m, m_mask, offs_n, n_mask, out_stride_m, add_inputs)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _accumulate(acc, x_ptr, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, K, BLOCK_K, EVEN_K)
-    _store(acc, prior, out_ptrs, out_mask, add_inputs)
+def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m, out_stride_m, work_stride_m, w_cols,
+          offs_n, n_mask, offs_k, K, k_split, step, total_tokens, ranks_ptr, has_ranks, rank_on_n, scales_ptr,
+          has_scales, scaling, add_inputs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          EVEN_K: tl.constexpr):
+    """Rows offs_m (where m_mask) of adapter `lora`, whose weights are at w_base."""
+    k_end = K
+    if has_ranks != 0:  # rank 0 (or less): nothing written
+        rank = tl.load(ranks_ptr + lora)
+        if rank_on_n != 0:
+            n_mask = n_mask & (offs_n < rank)
+        else:
+            n_mask = n_mask & (rank > 0)
+            k_end = tl.minimum(rank, K)
+    if tl.max(n_mask.to(tl.int32), axis=0) > 0:
+        scale = scaling
+        if has_scales != 0:
+            scale = scale * tl.load(scales_ptr + lora)
+        out_mask = m_mask[:, None] & n_mask[None, :]
+        z = tl.program_id(2)
+        partial = work_base + offs_m[:, None] * work_stride_m + offs_n[None, :]  # split z's at + z * plane
+        plane = total_tokens * work_stride_m
+        if k_split >= K:
+            out_ptrs, out_mask, prior = _load_prior(out_base, offs_m, m_mask, offs_n, n_mask, out_stride_m, add_inputs)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, 0, k_end,
+                              BLOCK_K, EVEN_K)
+            _store(acc * scale, prior, out_ptrs, out_mask, add_inputs)
+        elif step == 0:
+            k_lo = z * k_split
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, k_lo,
+                              tl.minimum(k_lo + k_split, K), BLOCK_K, EVEN_K)
+            tl.store(partial + z * plane, acc, mask=out_mask)
+        elif z == 0:  # step 1: the partial sums added in order of z
+            out_ptrs, out_mask, prior = _load_prior(out_base, offs_m, m_mask, offs_n, n_mask, out_stride_m, add_inputs)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for j in range(0, tl.cdiv(K, k_split)):
+                acc += tl.load(partial + j * plane, mask=out_mask, other=0.0)
+            _store(acc * scale, prior, out_ptrs, out_mask, add_inputs)
 
 
 _SEARCH = tl.constexpr(256)
@@ -300,17 +391,18 @@ def _load_prior(out_ptr, offs_m, m_mask, offs_n, n_mask, out_stride_m, add_input
 
 
 @triton.jit
-def _accumulate(acc, x_ptr, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, K, BLOCK_K: tl.constexpr,
-                EVEN_K: tl.constexpr):
-    """acc += x[offs_m, :K] @ w_base[cols, :K]^T over the rows in m_mask (others add zero)."""
+def _accumulate(acc, x_ptr, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, k_lo, k_hi,
+                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """acc += x[offs_m, k_lo:k_hi] @ w_base[cols, k_lo:k_hi]^T over the rows in m_mask (others add
+    zero). EVEN_K: k_hi - k_lo is a multiple of BLOCK_K."""
     x_rows = x_ptr + offs_m[:, None] * x_stride_m
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             x_mask = m_mask[:, None]
             w_mask = n_mask[None, :]
         else:
-            x_mask = m_mask[:, None] & (offs_k[None, :] < K - k0)
-            w_mask = n_mask[None, :] & (offs_k[:, None] < K - k0)
+            x_mask = m_mask[:, None] & (offs_k[None, :] < k_hi - k0)
+            w_mask = n_mask[None, :] & (offs_k[:, None] < k_hi - k0)
         x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=x_mask, other=0.0)
         w = tl.load(w_base + w_cols + k0, mask=w_mask, other=0.0)
         # fp32 inputs are rounded to the weight dtype first, as LoRAX does.

@@ -1,28 +1,64 @@
-"""SGMV expand in plain torch, accumulated in fp32: the reference the kernel is tested against."""
+"""SGMV shrink and expand in plain torch, accumulated in fp32: the reference the kernels are
+tested against. The library checks the arguments (the same contract as sgmv.sgmv_*)."""
 import torch
 
 from . import binding, capi
 
 
-def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
-                batches, max_seq_length, add_inputs=False, batch_plan=None):
-    """Same contract as sgmv.sgmv_expand (checked by the library), on any device; batch_plan
-    changes nothing here."""
-    tensors, _ = binding.expand_tensors(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
-                                        lora_indices_tensor, batches, max_seq_length, add_inputs, 0, None,
-                                        allow_cpu=True)
-    a = capi.ffi.new("sgmv_expand_args_t *")
-    capi.check(capi.lib.sgmv_expand_args_from_tensors(tensors, a))
-    w = lora_b_weights.reshape(a.num_loras, a.hidden, a.rank)
-    starts, lens, idxs = (t[:a.batches].tolist() for t in (b_seq_start_loc, seq_len_tensor, lora_indices_tensor))
+def _segments(a, seq_start, seq_len, lora_indices, ranks, rank):
+    """(rows, adapter, rank used) of every segment the kernels compute."""
+    starts, lens, idxs = (t[:a.batches].tolist() for t in (seq_start, seq_len, lora_indices))
+    ranks = None if ranks is None else ranks.tolist()
     for start, length, idx in zip(starts, lens, idxs):
         end = min(start + length, a.total_tokens)
         if not (0 <= idx < a.num_loras) or start < 0 or end <= start:
             continue
-        # fp32 inputs are rounded to the weights' dtype first, as the kernel does.
-        x = inputs[start:end].to(w.dtype).float()
-        acc = x @ w[idx].float().T
-        if add_inputs:
-            acc += output_tensor[start:end].float()
-        output_tensor[start:end] = acc.to(output_tensor.dtype)
+        r = rank if ranks is None else min(rank, ranks[idx])
+        if r > 0:
+            yield slice(start, end), idx, r
+
+
+def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                batches, max_seq_length, add_inputs=False, batch_plan=None, *, lora_ranks=None):
+    """Same contract as sgmv.sgmv_expand, on any device; batch_plan changes nothing here."""
+    tensors, _ = binding.expand_tensors(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
+                                        lora_indices_tensor, batches, max_seq_length, add_inputs, 0, None, lora_ranks,
+                                        allow_cpu=True)
+    a = capi.ffi.new("sgmv_expand_args_t *")
+    capi.check(capi.lib.sgmv_expand_args_from_tensors(tensors, a))
+    stacks = [w.reshape(a.num_loras, w.shape[-2], a.rank) for w in binding._slices(lora_b_weights, "weights")]
+    for rows, idx, r in _segments(a, b_seq_start_loc, seq_len_tensor, lora_indices_tensor, lora_ranks, a.rank):
+        col = 0
+        for s, w in enumerate(stacks):
+            # fp32 inputs are rounded to the weights' dtype first, as the kernel does.
+            x = inputs[rows, s * a.rank:s * a.rank + r].to(w.dtype).float()
+            cols = slice(col, col + w.shape[1])
+            acc = x @ w[idx, :, :r].float().T
+            if add_inputs:
+                acc += output_tensor[rows, cols].float()
+            output_tensor[rows, cols] = acc.to(output_tensor.dtype)
+            col += w.shape[1]
+    return output_tensor
+
+
+def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                batches, max_seq_length, scaling=1.0, *, lora_ranks=None, lora_scales=None, batch_plan=None,
+                workspace=None):
+    """Same contract as sgmv.sgmv_shrink, on any device; batch_plan and workspace change nothing here."""
+    tensors, _ = binding.shrink_tensors(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
+                                        lora_indices_tensor, batches, max_seq_length, scaling, lora_ranks,
+                                        lora_scales, None, None, 0, allow_cpu=True)
+    a = capi.ffi.new("sgmv_shrink_args_t *")
+    capi.check(capi.lib.sgmv_shrink_args_from_tensors(tensors, a))
+    stacks = [w.reshape(a.num_loras, a.rank, a.hidden) for w in binding._slices(lora_a_weights, "weights")]
+    scales = None if lora_scales is None else lora_scales.tolist()
+    for rows, idx, r in _segments(a, b_seq_start_loc, seq_len_tensor, lora_indices_tensor, lora_ranks, a.rank):
+        # The kernel's scale: scaling times the adapter's scale, in fp32.
+        scale = torch.tensor(a.scaling, dtype=torch.float32)
+        if scales is not None:
+            scale = scale * torch.tensor(scales[idx], dtype=torch.float32)
+        x = inputs[rows].float()
+        for s, w in enumerate(stacks):
+            acc = x @ w[idx, :r].float().T
+            output_tensor[rows, s * a.rank:s * a.rank + r] = (acc * scale.to(acc.device)).to(output_tensor.dtype)
     return output_tensor

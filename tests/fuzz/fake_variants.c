@@ -10,15 +10,18 @@ const sgmv_tile_t sgmv_tiles[] = {
     {"unaligned", 32, 64, 16, 4, 2},
 };
 const sgmv_rule_t sgmv_rules[] = {
-    {90, 1, -1, 0, 1},
-    {90, -1, -1, 0, 0},
+    {SGMV_OP_EXPAND, 90, 1, -1, 0, 1},
+    {SGMV_OP_EXPAND, 90, -1, -1, 0, 0},
+    {SGMV_OP_SHRINK, 90, -1, -1, 0, 0},
 };
-const int sgmv_num_rules = 2;
+const int sgmv_num_rules = 3;
 const sgmv_grouped_rule_t sgmv_grouped_rules[] = {
-    {90, -1, -1, 0},
+    {SGMV_OP_EXPAND, 90, -1, -1, 0},
+    {SGMV_OP_SHRINK, 90, -1, -1, 0},
 };
-const int sgmv_num_grouped_rules = 1;
+const int sgmv_num_grouped_rules = 2;
 const sgmv_plan_size_t sgmv_plan_size = {8, 256, 16, 4};
+const sgmv_split_rule_t sgmv_split_rule = {264, 8, 512};
 const int sgmv_unaligned_tile = 1;
 const int sgmv_align_elems = 8;
 const int sgmv_short_programs = 4096;
@@ -26,11 +29,11 @@ const int sgmv_plan_header = 4, sgmv_plan_align = 64;
 const char sgmv_archs_list[] = "90";
 
 sgmv_variant_t sgmv_variants[] = {
-    {{90, SGMV_KERNEL_EXPAND, 0, 1, SGMV_DTYPE_FLOAT16, SGMV_DTYPE_FLOAT16, SGMV_DTYPE_FLOAT16, 1},
-     "fake_sm90_fp16_fp16_fp16_k1_decode_short", "sgmv_expand_kernel", fake_cubin, fake_cubin + sizeof fake_cubin,
+    {{90, SGMV_KERNEL_LORA, 0, 1, SGMV_DTYPE_FLOAT16, SGMV_DTYPE_FLOAT16, SGMV_DTYPE_FLOAT16, 1},
+     "fake_sm90_fp16_fp16_fp16_k1_decode_short", "sgmv_kernel", fake_cubin, fake_cubin + sizeof fake_cubin,
      4608, 4, NULL, NULL, 0},
-    {{90, SGMV_KERNEL_EXPAND, 1, 0, SGMV_DTYPE_BFLOAT16, SGMV_DTYPE_BFLOAT16, SGMV_DTYPE_FLOAT32, 0},
-     "fake_sm90_bf16_bf16_fp32_k0_unaligned_rows", "sgmv_expand_kernel", fake_cubin,
+    {{90, SGMV_KERNEL_LORA, 1, 0, SGMV_DTYPE_BFLOAT16, SGMV_DTYPE_BFLOAT16, SGMV_DTYPE_FLOAT32, 0},
+     "fake_sm90_bf16_bf16_fp32_k0_unaligned_rows", "sgmv_kernel", fake_cubin,
      fake_cubin + sizeof fake_cubin, 8192, 4, NULL, NULL, 0},
     {{90, SGMV_KERNEL_PLAN, 0, 0, 0, 0, 0, 0}, "fake_sm90_plan", "sgmv_plan_kernel", fake_cubin,
      fake_cubin + sizeof fake_cubin, 0, 4, NULL, NULL, 0},
