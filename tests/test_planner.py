@@ -205,7 +205,7 @@ def test_plan_metadata_rules():
 
 # ---- 0.3: shrink, fused slices, per-adapter ranks ---------------------------------------------------
 
-FEW_ROWS = 512  # API.md: shrink splits hidden only for calls of at most this many rows
+SPLIT_PROGRAMS, MAX_SPLIT, FEW_ROWS = TABLE["split"]  # shrink splits hidden only for calls of <= FEW_ROWS rows
 BIG = 1 << 40  # a workspace larger than any split needs
 
 
@@ -241,13 +241,27 @@ def shrink_config(a, arch=90):
     return c
 
 
+def shrink_rule(max_seq, rank, arch="90"):
+    for ms, mr, name, path in TABLE["shrink_rules"][arch]:
+        if (ms is None or max_seq <= ms) and (mr is None or rank <= mr):
+            assert path == "rows"
+            return name
+
+
+def shrink_grouped_rule(rows, rank, arch="90"):
+    for mx, mr, name in TABLE["shrink_grouped_rules"][arch]:
+        if (mx is None or rows <= mx) and (mr is None or rank <= mr):
+            return name
+
+
 def check_split(c, hidden):
     """The split rules of sgmv.h: grid[2] programs along hidden, each k_split of it (a multiple of
-    block_k, the last one not empty); a second launch (steps 2) only to sum partials."""
-    assert c.split >= 1 and c.grid[2] == c.split
-    assert c.k_split % c.block_k == 0 and c.k_split > 0
+    block_k, the last one not empty); a second launch (steps 2) only to sum partials. Unsplit,
+    k_split covers hidden and grid[2] keeps its path's meaning (by segment: row tiles)."""
+    assert c.split >= 1 and c.steps == (2 if c.split > 1 else 1)
     assert c.split * c.k_split >= hidden > (c.split - 1) * c.k_split
-    assert c.steps == (2 if c.split > 1 else 1)
+    if c.split > 1:
+        assert c.grid[2] == c.split and c.k_split % c.block_k == 0
 
 
 SHRINK_SHAPES = [  # (tokens, batches, max_seq, hidden, rank, slices)
@@ -272,6 +286,48 @@ def test_shrink_split_rules(shape, plan):
         assert big.split == 1
     # The column tiles cover every slice's rank columns.
     assert none.grid[1] * none.block_n >= slices * rank or none.grid[1] >= slices * cdiv(rank, none.block_n)
+
+
+@pytest.mark.parametrize("arch", ffi.string(L.sgmv_archs()).decode().split(","))
+def test_shrink_tiles_and_grids_follow_the_table(arch):
+    """Each kind of call gets its rule's tile, the column tiles of every slice's rank columns, and
+    the rows of its path: decode by segment (one row tile each), flat when it may split, prefill
+    by segment, and adapter-grouped tiles with a plan."""
+    a = int(arch)
+    # decode, 3 slices, no workspace: by segment, one row tile per segment
+    c = shrink_config(shrink(tokens=256, rank=16, slices=3), a)
+    bm, bn, _ = check_tile(c, shrink_rule(1, 16, arch))
+    assert (c.path, c.flat, c.split) == (S["SGMV_PATH_ROWS"], 0, 1)
+    assert tuple(c.grid) == (256, 3 * cdiv(16, bn), 1)
+    # the same with a workspace: flat over all row tiles, split over hidden
+    c = shrink_config(shrink(tokens=256, rank=16, slices=3, workspace=BIG), a)
+    bm, bn, _ = check_tile(c, shrink_rule(1, 16, arch))
+    assert (c.path, c.flat) == (S["SGMV_PATH_ROWS"], 1)
+    assert tuple(c.grid[0:2]) == (cdiv(256, bm) + 256, 3 * cdiv(16, bn)) and c.grid[2] == c.split
+    # prefill: 4 segments of 1024 rows, rank 64, by segment
+    c = shrink_config(shrink(tokens=4096, batches=4, max_seq=1024, rank=64, slices=2, workspace=BIG), a)
+    bm, bn, _ = check_tile(c, shrink_rule(1024, 64, arch))
+    assert (c.path, c.flat, c.split) == (S["SGMV_PATH_ROWS"], 0, 1)
+    assert tuple(c.grid) == (4, 2 * cdiv(64, bn), cdiv(1024, bm))
+    # a plan: tiles of one adapter's rows (4 adapters, 64 rows each)
+    c = shrink_config(shrink(tokens=256, rank=16, slices=2, plan=True), a)
+    bm, bn, _ = check_tile(c, shrink_grouped_rule(cdiv(256, 4), 16, arch))
+    slots = (cdiv(256, ALIGN) + 4) * ALIGN
+    assert c.path == S["SGMV_PATH_GROUPED"] and tuple(c.grid) == (cdiv(min(slots, c.plan_capacity), bm),
+                                                                  2 * cdiv(16, bn), 1)
+    # rank 7 in two slices: 14-column output rows are off the 16-byte alignment
+    c = shrink_config(shrink(tokens=8, rank=7, slices=2), a)
+    check_tile(c, "unaligned")
+
+
+def test_split_stays_within_the_table_and_the_workspace():
+    for tokens in (1, 2, 7, 64, 300, FEW_ROWS):
+        for slices, rank in ((1, 16), (3, 64), (2, 256)):
+            cols = slices * rank
+            for ws in (BIG, L.sgmv_shrink_workspace_bytes(tokens, cols), 3 * tokens * cols * 4 + 4):
+                c = shrink_config(shrink(tokens=tokens, rank=rank, slices=slices, hidden=8192, workspace=ws))
+                check_split(c, 8192)
+                assert c.split <= MAX_SPLIT and c.split * tokens * cols * 4 <= ws
 
 
 def test_decode_with_a_workspace_splits():

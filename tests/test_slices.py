@@ -17,7 +17,7 @@ from test_shrink import DTYPE_CODES, Prepared, bits, run, skip_bf16_on_cpu
 
 L = capi.lib
 I32, I64 = torch.int32, torch.int64
-CPU_CASES = [c for c in make_lora_cases(gpu=HAS_GPU) if c.op == "expand"]
+CPU_CASES = [c for c in make_lora_cases(gpu=False) if c.op == "expand"]  # on a GPU too: the AOT tests take the big ones
 
 CORNERS = [
     # One slice, ranks: 0 (skipped even without add_inputs: NaN poison stays), above rank, negative.
@@ -55,7 +55,7 @@ def test_jit(case):
     run(sgmv.jit.sgmv_expand, case)
 
 
-@pytest.mark.parametrize("case", CPU_CASES[::2] + CORNERS[:2], ids=str)
+@pytest.mark.parametrize("case", CPU_CASES + CORNERS, ids=str)
 def test_jit_with_a_plan(case):
     skip_bf16_on_cpu(case)
     run(sgmv.jit.sgmv_expand, case, plan=sgmv.jit.batch_plan)

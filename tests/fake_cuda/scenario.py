@@ -77,7 +77,7 @@ def fill(ctype, values, into=None):
         if isinstance(value, dict):
             fill(ftype.cname, value, getattr(a, name))
             continue
-        if isinstance(value, list):  # an array of structs, e.g. slices
+        if isinstance(value, list) and value and isinstance(value[0], dict):  # an array of structs: slices
             for i, v in enumerate(value):
                 fill(ftype.item.cname, v, getattr(a, name)[i])
             continue
