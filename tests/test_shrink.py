@@ -124,7 +124,7 @@ def skip_bf16_on_cpu(case):
         pytest.skip("Triton's interpreter does not support bfloat16 tl.dot (triton issue 11584): GPU only")
 
 
-CPU_CASES = [c for c in make_lora_cases(gpu=False) if c.op == "shrink"]  # on a GPU too: the AOT tests take the big ones
+CPU_CASES = [c for c in make_lora_cases(gpu=False) if c.op == "shrink"]  # GPU_CASES: the big ones
 
 # Named corners, each poking one rule (fp16 unless said; hidden and rows kept small for the interpreter).
 I32, I64 = torch.int32, torch.int64

@@ -17,7 +17,7 @@ from test_shrink import DTYPE_CODES, Prepared, bits, run, skip_bf16_on_cpu
 
 L = capi.lib
 I32, I64 = torch.int32, torch.int64
-CPU_CASES = [c for c in make_lora_cases(gpu=False) if c.op == "expand"]  # on a GPU too: the AOT tests take the big ones
+CPU_CASES = [c for c in make_lora_cases(gpu=False) if c.op == "expand"]  # GPU_CASES: the big ones
 
 CORNERS = [
     # One slice, ranks: 0 (skipped even without add_inputs: NaN poison stays), above rank, negative.
