@@ -116,7 +116,7 @@ def main():
     args = ap.parse_args()
 
     mod = _kernels()
-    V.check(mod.PLAN_ALIGN.value)
+    V.check(mod.PLAN_ALIGN.value, mod.MAX_SPLIT.value)
     out = args.out_dir.resolve()
     (out / "cubins").mkdir(parents=True, exist_ok=True)
     archs = args.arch or V.ARCHS

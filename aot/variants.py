@@ -40,8 +40,10 @@ ALIGN_ELEMS = 8
 SHORT_PROGRAMS = 4096
 
 
-def check(plan_align):
-    """The table's invariants, which the planner relies on."""
+def check(plan_align, max_split):
+    """The table's invariants, which the planner and the kernel rely on."""
+    if not 2 <= SPLIT.max_split <= max_split:
+        raise ValueError(f"the split rule's max_split must be in [2, {max_split}] (kernels.MAX_SPLIT)")
     if min(TILES[t].block_n for arch in ARCHS for t, _ in tiles_for_arch(arch, "expand")) < 64:
         raise ValueError("expand tiles narrower than 64 columns would let hidden exceed CUDA's grid limit")
     if min(t.block_n for t in TILES.values()) < 16:

@@ -163,15 +163,18 @@ static int check_call(const char *fn, const sgmv_call_t *c) {
   for (int s = 0; s < c->num_slices; s++) {
     const sgmv_slice_t *w = &c->w[s];
     if (w->row_stride < 0 || w->lora_stride < 0) return INVALID("%s: strides must be >= 0", fn);
+    char row[32], lora[32];
+    snprintf(row, sizeof row, s ? "slices[%d].row_stride" : "weights_row_stride", s - 1);
+    snprintf(lora, sizeof lora, s ? "slices[%d].lora_stride" : "weights_lora_stride", s - 1);
     if (w->rows > 1 && w->row_stride < c->K)
-      return INVALID("%s: slice %d's weights row stride %lld is smaller than %lld", fn, s, (long long)w->row_stride,
-                     (long long)c->K);
+      return INVALID("%s: %s %lld is smaller than %s %lld", fn, row, (long long)w->row_stride,
+                     c->op == SGMV_OP_EXPAND ? "rank" : "hidden", (long long)c->K);
     if (!extent_fits(w->rows, c->K, w->row_stride) || !extent_fits(c->num_loras, w->lora_stride, w->lora_stride))
       return INVALID("%s: a stride is so large that element offsets overflow int64", fn);
     int64_t one_lora = (w->rows - 1) * w->row_stride + c->K;
     if (c->num_loras > 1 && w->lora_stride < one_lora)
-      return INVALID("%s: slice %d's weights lora stride %lld is smaller than one adapter's extent %lld", fn, s,
-                     (long long)w->lora_stride, (long long)one_lora);
+      return INVALID("%s: %s %lld is smaller than one adapter's extent %lld", fn, lora, (long long)w->lora_stride,
+                     (long long)one_lora);
   }
   if (((uintptr_t)c->ranks | (uintptr_t)c->scales | (uintptr_t)c->work) % 4)
     return INVALID("%s: lora_ranks, lora_scales and workspace must be 4-byte aligned", fn);
@@ -365,8 +368,11 @@ SGMV_API sgmv_status_t sgmv_expand_args_from_tensors(const sgmv_expand_tensors_t
     return (sgmv_status_t)status;
   int n = t.num_slices > 1 ? t.num_slices : 1;
   for (int s = 0; s < n; s++) hidden += rows[s];
+  if (t.inputs.shape[1] != n * rank && n == 1)
+    return (sgmv_status_t)INVALID("%s: inputs has rank %lld but weights have rank %lld", fn,
+                                  (long long)t.inputs.shape[1], (long long)rank);
   if (t.inputs.shape[1] != n * rank)
-    return (sgmv_status_t)INVALID("%s: inputs has %lld columns but %d slice(s) of rank %lld need %lld", fn,
+    return (sgmv_status_t)INVALID("%s: inputs has %lld columns but %d slices of rank %lld need %lld", fn,
                                   (long long)t.inputs.shape[1], n, (long long)rank, (long long)(n * rank));
   if (t.output.shape[0] != t.inputs.shape[0] || t.output.shape[1] != hidden)
     return (sgmv_status_t)INVALID("%s: output must be (total_tokens, hidden) = (%lld, %lld), got (%lld, %lld)", fn,
@@ -485,14 +491,14 @@ static int check_arch(const char *fn, int arch) {
 
 /* Shrink's split of K over programs (flat and grouped paths): enough programs to fill the GPU,
  * with partial sums the workspace has room for, each program a whole number of BLOCK_K. */
-static void choose_split(const sgmv_call_t *c, sgmv_launch_config_t *cfg) {
+static void choose_split(const sgmv_call_t *c, int32_t requested, sgmv_launch_config_t *cfg) {
   const sgmv_split_rule_t *r = &sgmv_split_rule;
   cfg->split = 1;
   cfg->k_split = c->K;
   if (c->op != SGMV_OP_SHRINK || (cfg->path == SGMV_PATH_ROWS && !cfg->flat) || c->total_tokens > r->max_tokens)
     return;
   int64_t programs = cdiv(c->total_tokens, cfg->block_m) * cfg->grid[1];
-  int64_t split = cdiv(r->programs, programs);
+  int64_t split = requested > 0 ? requested : cdiv(r->programs, programs); /* a tuner's, or the rule's */
   int64_t room = (int64_t)(c->work_bytes / ((size_t)c->total_tokens * (size_t)c->out_cols * 4));
   split = min64(min64(split, r->max_split), min64(room, cdiv(c->K, cfg->block_k)));
   if (split < 2) return;
@@ -575,7 +581,7 @@ int sgmv_decide(const sgmv_call_t *a, int arch, const sgmv_launch_config_t *want
     else x = a->batches, z = row_tiles;
   }
   c->grid[0] = (uint32_t)x, c->grid[1] = (uint32_t)n_tiles, c->grid[2] = (uint32_t)z;
-  choose_split(a, c);
+  choose_split(a, want ? want->split : 0, c);
   out->key = (sgmv_variant_key_t){arch, SGMV_KERNEL_LORA, tile_id, c->path, a->x_dtype, a->w_dtype, a->out_dtype,
                                   c->even_k};
   return SGMV_SUCCESS;

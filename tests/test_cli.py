@@ -1,4 +1,4 @@
-"""`sgmv check`, `sgmv bench` and the tensor-parallel example as a user meets them, each in its
+"""`sgmv check`, `sgmv bench` and the Python examples as a user meets them, each in its
 own process: what `sgmv check` says on a machine without a GPU, a wrong result caught under
 `python -O` (which strips every `assert`), and the one-line refusals when torch or a GPU is missing."""
 import os
@@ -78,8 +78,26 @@ def test_bench_without_gpu_or_torch_refuses_in_one_line(tmp_path, prelude):
     assert "GPU" in out, out
 
 
+def example(name):
+    """Runs examples/<name> as `python examples/<name>`."""
+    path = Path(__file__).resolve().parent.parent / "examples" / name
+    return subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=TIMEOUT, env=USER_ENV)
+
+
 @pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU: the example would run")
 def test_tensor_parallel_example_without_gpu_exits_2():
-    example = Path(__file__).resolve().parent.parent / "examples" / "tensor_parallel.py"
-    r = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=TIMEOUT)
+    r = example("tensor_parallel.py")
     assert r.returncode == 2 and "needs at least one CUDA GPU" in r.stderr and "ok" not in r.stdout, r
+
+
+@pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU: the example would run")
+def test_lora_layer_example_without_gpu_exits_2():
+    r = example("lora_layer.py")
+    assert r.returncode == 2 and not r.stdout and len(r.stderr.splitlines()) == 1, r
+    assert r.stderr.startswith("lora_layer: needs a CUDA GPU") and "nothing was run" in r.stderr, r
+
+
+@pytest.mark.gpu
+def test_lora_layer_example_runs_on_gpu():
+    r = example("lora_layer.py")
+    assert r.returncode == 0 and r.stdout.endswith("lora_layer: ok\n"), r

@@ -55,11 +55,11 @@ def cuda_toolkit(tmp_path_factory):
     return found["INC"].split(";"), found["LIB"]
 
 
-def cmake_build(example, build_dir, *defines):
-    """Configures and builds examples/<example> out of tree; returns the program."""
+def cmake_build(example, build_dir, *defines, target="expand"):
+    """Configures examples/<example> out of tree and builds one target; returns the program."""
     run(["cmake", "-S", EXAMPLES / example, "-B", build_dir, *defines])
-    run(["cmake", "--build", build_dir])
-    exe = build_dir / "expand"
+    run(["cmake", "--build", build_dir, "--target", target])
+    exe = build_dir / target
     assert exe.is_file()
     return exe
 
@@ -175,3 +175,34 @@ def test_example_fails_cleanly_without_a_driver(example, cuda_toolkit, tmp_path)
 @pytest.mark.parametrize("example", ["c", "cpp"])
 def test_example_runs_on_gpu(example, cuda_toolkit, tmp_path):
     check_run(cmake_build(example, tmp_path / "build", f"-Dsgmv_DIR={sgmv_cli('--cmake-dir')}"))
+
+
+@pytest.fixture(scope="module")
+def lora_layer(tmp_path_factory):
+    """examples/c/lora_layer.c built with CMake as where no CUDA toolkit is installed (hidden from
+    find_package here, should this machine have one)."""
+    if not shutil.which("cmake"):
+        pytest.skip("cmake is not on PATH")
+    return cmake_build("c", tmp_path_factory.mktemp("lora_layer") / "build", f"-Dsgmv_DIR={sgmv_cli('--cmake-dir')}",
+                       "-DCMAKE_DISABLE_FIND_PACKAGE_CUDAToolkit=ON", target="lora_layer")
+
+
+def test_lora_layer_example_links_no_cuda_library(lora_layer, tmp_path):
+    """It loads libcuda.so.1 itself: built anywhere, loadable anywhere (and warning-free C99)."""
+    needed = re.findall(r"\(NEEDED\).*\[(.+)\]", run(["readelf", "-d", lora_layer]))
+    assert "libsgmv.so.0" in needed and not [n for n in needed if "cuda" in n], needed
+    run(["gcc", "-std=c99", "-Wall", "-Wextra", "-Wpedantic", "-Werror", f"-I{capi.INCLUDE_DIR}", "-c",
+         EXAMPLES / "c" / "lora_layer.c", "-o", tmp_path / "lora_layer.o"])
+
+
+@pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU: the example would run")
+def test_lora_layer_example_without_gpu_exits_2(lora_layer):
+    r = subprocess.run([str(lora_layer)], capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 2 and not r.stdout and len(r.stderr.splitlines()) == 1, r
+    assert r.stderr.startswith("lora_layer: needs an NVIDIA GPU and its driver: ") and "nothing was run" in r.stderr, r
+
+
+@pytest.mark.gpu
+def test_lora_layer_example_runs_on_gpu(lora_layer):
+    r = subprocess.run([str(lora_layer)], capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0 and r.stdout.endswith("lora_layer: ok\n") and not r.stderr, r

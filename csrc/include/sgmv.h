@@ -318,7 +318,8 @@ typedef struct {
 /* The launch sgmv_expand would make on a GPU of cubin family cubin_arch (80, 90, 100, 120),
  * after the same checks (same statuses and messages). Zero *config first. A tuner may instead
  * set block_m, block_n, block_k, num_warps, num_stages (and path SGMV_PATH_SHORT to ask for the
- * short path) to get the launch of that tile; sgmv_expand itself only runs tiles of its table. */
+ * short path, split for a shrink's split of hidden) to get the launch of that tile; sgmv_expand
+ * and sgmv_shrink themselves only run tiles of their table. */
 SGMV_API sgmv_status_t sgmv_expand_config(const sgmv_expand_args_t *args, int cubin_arch, sgmv_launch_config_t *config);
 /* Likewise for sgmv_shrink and sgmv_batch_plan_build. */
 SGMV_API sgmv_status_t sgmv_shrink_config(const sgmv_shrink_args_t *args, int cubin_arch, sgmv_launch_config_t *config);

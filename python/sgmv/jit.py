@@ -25,11 +25,12 @@ def cubin_arch(device):
     return capi.lib.sgmv_cubin_arch(major * 10 + minor)
 
 
-def _config(fn, args, device, tile=None):
+def _config(fn, args, device, tile=None, split=None):
     cfg = capi.ffi.new("sgmv_launch_config_t *")
     if tile is not None:  # a tuner's tile: (block_m, block_n, block_k, num_warps, num_stages[, short])
         cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages = tile[:5]
         cfg.path = capi.lib.SGMV_PATH_SHORT if tile[5:] == (True,) else capi.lib.SGMV_PATH_ROWS
+        cfg.split = split or 0
     capi.check(fn(args, cubin_arch(device), cfg))
     return cfg
 
@@ -56,14 +57,14 @@ def launch_config(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_le
 
 def shrink_launch_config(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
                          batches, max_seq_length, scaling=1.0, lora_ranks=None, lora_scales=None, batch_plan=None,
-                         workspace=None, tile=None):
+                         workspace=None, tile=None, split=None):
     """(sgmv_shrink_args_t, sgmv_launch_config_t, device) the library gives this shrink call."""
     tensors, device = binding.shrink_tensors(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
                                              lora_indices_tensor, batches, max_seq_length, scaling, lora_ranks,
                                              lora_scales, batch_plan, workspace, 0, allow_cpu=INTERPRETED)
     a = capi.ffi.new("sgmv_shrink_args_t *")
     capi.check(capi.lib.sgmv_shrink_args_from_tensors(tensors, a))
-    return a, _config(capi.lib.sgmv_shrink_config, a, device, tile), device
+    return a, _config(capi.lib.sgmv_shrink_config, a, device, tile, split), device
 
 
 def _launch(a, c, device, x, weights, out, meta, plan, ranks, scales, work, add_inputs, scaling):
@@ -113,13 +114,14 @@ def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_
 
 def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
                 batches, max_seq_length, scaling=1.0, *, lora_ranks=None, lora_scales=None, batch_plan=None,
-                workspace=None, tile=None):
-    """Same contract as sgmv.sgmv_shrink, on torch's current stream (`tile` as in sgmv_expand)."""
+                workspace=None, tile=None, split=None):
+    """Same contract as sgmv.sgmv_shrink, on torch's current stream (`tile` as in sgmv_expand;
+    with it, `split` asks for a split of hidden over that many programs)."""
     if workspace is None and output_tensor.dim() == 2 and output_tensor.is_cuda:
         workspace = binding.new_workspace(output_tensor, *output_tensor.shape)
     a, c, device = shrink_launch_config(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
                                         lora_indices_tensor, batches, max_seq_length, scaling, lora_ranks,
-                                        lora_scales, batch_plan, workspace, tile)
+                                        lora_scales, batch_plan, workspace, tile, split)
     if not c.noop:
         _launch(a, c, device, inputs, lora_a_weights, output_tensor,
                 (b_seq_start_loc, seq_len_tensor, lora_indices_tensor), batch_plan, lora_ranks, lora_scales,

@@ -43,6 +43,9 @@ PATH_ROWS, PATH_SHORT, PATH_GROUPED = tl.constexpr(0), tl.constexpr(1), tl.const
 # PLAN_ALIGN) holds one adapter's rows.
 PLAN_HEADER = tl.constexpr(4)  # [0] slots used, [1] batches, [2] capacity, [3] 0
 PLAN_ALIGN = tl.constexpr(64)
+# Most programs a split of K uses (aot/tiles.json's split rule stays within it): step 1 loads
+# all partial sums of a tile at once.
+MAX_SPLIT = tl.constexpr(8)
 
 # Scalar parameter types, in signature order (pointers, named *_ptr, take their dtype from the
 # variant). aot/generate.py checks these against the signatures.
@@ -64,7 +67,7 @@ SIGNATURES = {
 
 # K and the flags are not specialised when they are 1: the AOT variants serve every value with
 # one code path, and the JIT must run the same code to give the same bits.
-@triton.jit(do_not_specialize=["K", "x_slice_step", "rank_on_n", "has_ranks", "has_scales", "step"])
+@triton.jit(do_not_specialize=["K", "rank_on_n", "has_ranks", "has_scales", "step"])
 def sgmv_kernel(
     x_ptr,  # (total_tokens, K per slice) rows, unit stride along K
     w_ptr,  # slice 0: (num_loras, N, K), unit stride along K
@@ -318,6 +321,13 @@ def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m,
           has_scales, scaling, add_inputs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
           EVEN_K: tl.constexpr):
     """Rows offs_m (where m_mask) of adapter `lora`, whose weights are at w_base."""
+    z = tl.program_id(2)
+    partial = work_base + offs_m[:, None] * work_stride_m + offs_n[None, :]  # split z's at + z * plane
+    plane = total_tokens * work_stride_m
+    # The old output where this program stores to it, loaded first: its latency overlaps the rest.
+    final = (k_split >= K) | ((step == 1) & (z == 0))
+    out_ptrs, out_mask, prior = _load_prior(out_base, offs_m, m_mask & final, offs_n, n_mask, out_stride_m,
+                                            add_inputs)
     k_end = K
     if has_ranks != 0:  # rank 0 (or less): nothing written
         rank = tl.load(ranks_ptr + lora)
@@ -326,16 +336,12 @@ def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m,
         else:
             n_mask = n_mask & (rank > 0)
             k_end = tl.minimum(rank, K)
+    out_mask = m_mask[:, None] & n_mask[None, :]
     if tl.max(n_mask.to(tl.int32), axis=0) > 0:
         scale = scaling
         if has_scales != 0:
             scale = scale * tl.load(scales_ptr + lora)
-        out_mask = m_mask[:, None] & n_mask[None, :]
-        z = tl.program_id(2)
-        partial = work_base + offs_m[:, None] * work_stride_m + offs_n[None, :]  # split z's at + z * plane
-        plane = total_tokens * work_stride_m
         if k_split >= K:
-            out_ptrs, out_mask, prior = _load_prior(out_base, offs_m, m_mask, offs_n, n_mask, out_stride_m, add_inputs)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, 0, k_end,
                               BLOCK_K, EVEN_K)
@@ -346,12 +352,11 @@ def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m,
             acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, k_lo,
                               tl.minimum(k_lo + k_split, K), BLOCK_K, EVEN_K)
             tl.store(partial + z * plane, acc, mask=out_mask)
-        elif z == 0:  # step 1: the partial sums added in order of z
-            out_ptrs, out_mask, prior = _load_prior(out_base, offs_m, m_mask, offs_n, n_mask, out_stride_m, add_inputs)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for j in range(0, tl.cdiv(K, k_split)):
-                acc += tl.load(partial + j * plane, mask=out_mask, other=0.0)
-            _store(acc * scale, prior, out_ptrs, out_mask, add_inputs)
+        elif z == 0:  # step 1: the partial sums, all loaded at once, added in a fixed order
+            j = tl.arange(0, MAX_SPLIT)
+            parts = tl.load(partial[None, :, :] + j[:, None, None] * plane,
+                            mask=(j < tl.cdiv(K, k_split))[:, None, None] & out_mask[None, :, :], other=0.0)
+            _store(tl.sum(parts, axis=0) * scale, prior, out_ptrs, out_mask, add_inputs)
 
 
 _SEARCH = tl.constexpr(256)
