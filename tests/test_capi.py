@@ -238,6 +238,11 @@ def shrink_args(**over):
     for k, v in fields.items():
         ftype = dict(ffi.typeof("sgmv_shrink_args_t").fields)[k].type
         setattr(a, k, ffi.cast(ftype, v) if ftype.kind == "pointer" else v)
+    return set_slices(a, slices)
+
+
+def set_slices(a, slices):
+    """Sets a's slices[i] fields from dicts (weights: an address)."""
     for i, sl in enumerate(slices):
         for k, v in sl.items():
             setattr(a.slices[i], k, ffi.cast("void *", v) if k == "weights" else v)
@@ -260,12 +265,8 @@ def call_shrink(a):
 THREE = dict(num_slices=3, output_row_stride=48, slices=[slice_of(), slice_of(0xA0000)])
 BAD_SHRINK = [  # (field overrides, expected status, a word of the message)
     (dict(struct_size=8), "SGMV_ERROR_INVALID_ARGUMENT", "struct_size"),
-    (dict(inputs=0), "SGMV_ERROR_INVALID_ARGUMENT", "NULL"),
-    (dict(weights=0), "SGMV_ERROR_INVALID_ARGUMENT", "NULL"),
-    (dict(output=0), "SGMV_ERROR_INVALID_ARGUMENT", "NULL"),
-    (dict(seq_start=0), "SGMV_ERROR_INVALID_ARGUMENT", "NULL"),
-    (dict(seq_len=0), "SGMV_ERROR_INVALID_ARGUMENT", "NULL"),
-    (dict(lora_indices=0), "SGMV_ERROR_INVALID_ARGUMENT", "NULL"),
+    *[({name: 0}, "SGMV_ERROR_INVALID_ARGUMENT", "NULL")
+      for name in ("inputs", "weights", "output", "seq_start", "seq_len", "lora_indices")],
     (dict(THREE, slices=[slice_of(), slice_of(0)]), "SGMV_ERROR_INVALID_ARGUMENT", "slice.*NULL|NULL.*slice"),
     (dict(total_tokens=-1), "SGMV_ERROR_INVALID_ARGUMENT", "total_tokens"),
     (dict(hidden=0), "SGMV_ERROR_INVALID_ARGUMENT", "hidden"),
@@ -457,15 +458,9 @@ def test_shrink_tensors_rules():
 
 
 # Expand's 0.3 fields.
-EXPAND_THREE = dict(num_slices=3, output_row_stride=64 + 32 + 96)
-
 
 def expand_with_slices(slices, **over):
-    a = valid_args(**over)
-    for i, sl in enumerate(slices):
-        for k, v in sl.items():
-            setattr(a.slices[i], k, ffi.cast("void *", v) if k == "weights" else v)
-    return a
+    return set_slices(valid_args(**over), slices)
 
 
 def expand_slice(weights=0x90000, rows=32, row_stride=16, lora_stride=32 * 16):

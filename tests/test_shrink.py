@@ -46,21 +46,25 @@ def plan_for(args, make=sgmv.jit.batch_plan):
     return make(starts, lens, idx, batches, x.shape[0], w0.shape[0])
 
 
-def shrink_args(args, kw):
-    """sgmv_shrink_args_t of a call, filled here from the tensors (not by the binding), for the
-    planner (sgmv_shrink_config)."""
-    x, w, out, starts, lens, idx, batches, max_seq, scaling = args
+def call_args(op, args, kw):
+    """sgmv_shrink_args_t or sgmv_expand_args_t of a call (op "shrink" or "expand"), filled here
+    from the tensors (not by the binding), for the planner (sgmv_*_config)."""
+    x, w, out, starts, lens, idx, batches, max_seq, last = args
     ws = list(w) if isinstance(w, (tuple, list)) else [w]
-    a = ffi.new("sgmv_shrink_args_t *")
-    L.sgmv_shrink_args_init(a)
+    a = ffi.new(f"sgmv_{op}_args_t *")
+    getattr(L, f"sgmv_{op}_args_init")(a)
     ptr = lambda t: ffi.cast("void *", t.data_ptr())  # noqa: E731
     a.inputs, a.inputs_dtype, a.inputs_row_stride = ptr(x), DTYPE_CODES[x.dtype], x.stride(0)
     a.weights, a.weights_dtype = ptr(ws[0]), DTYPE_CODES[ws[0].dtype]
     a.weights_lora_stride, a.weights_row_stride = ws[0].stride(0), ws[0].stride(-2)
     a.output, a.output_dtype, a.output_row_stride = ptr(out), DTYPE_CODES[out.dtype], out.stride(0)
-    a.total_tokens, a.hidden, a.rank, a.num_loras = x.shape[0], x.shape[1], ws[0].shape[-2], ws[0].shape[0]
+    a.total_tokens, a.num_loras = x.shape[0], ws[0].shape[0]
     a.seq_start, a.seq_len, a.lora_indices = ptr(starts), ptr(lens), ptr(idx)
-    a.metadata_dtype, a.batches, a.max_seq_length, a.scaling = DTYPE_CODES[starts.dtype], batches, max_seq, scaling
+    a.metadata_dtype, a.batches, a.max_seq_length = DTYPE_CODES[starts.dtype], batches, max_seq
+    if op == "shrink":
+        a.hidden, a.rank, a.scaling = x.shape[1], ws[0].shape[-2], last
+    else:
+        a.hidden, a.rank, a.add_inputs = ws[0].shape[-2], ws[0].shape[-1], last
     a.num_slices = len(ws)
     for s, t in enumerate(ws[1:]):
         a.slices[s].weights, a.slices[s].lora_stride = ptr(t), t.stride(0)
@@ -75,10 +79,15 @@ def shrink_args(args, kw):
     return a
 
 
-def split_of(args, kw, arch=90):
+def launch_config(op, args, kw, arch=90):
+    """The planner's launch for the call."""
     c = ffi.new("sgmv_launch_config_t *")
-    capi.check(L.sgmv_shrink_config(shrink_args(args, kw), arch, c))
-    return c.split
+    capi.check(getattr(L, f"sgmv_{op}_config")(call_args(op, args, kw), arch, c))
+    return c
+
+
+def split_of(args, kw):
+    return launch_config("shrink", args, kw).split
 
 
 class Prepared:

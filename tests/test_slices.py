@@ -9,13 +9,10 @@ import torch
 import sgmv
 import sgmv.jit
 import sgmv.reference
-from sgmv import capi
-from sgmv.capi import ffi
 from sgmv.testing import LoraCase, build_lora, check, expected_lora, make_lora_cases
 from conftest import DEVICE, HAS_GPU
-from test_shrink import DTYPE_CODES, Prepared, bits, run, skip_bf16_on_cpu
+from test_shrink import Prepared, bits, launch_config, run, skip_bf16_on_cpu
 
-L = capi.lib
 I32, I64 = torch.int32, torch.int64
 CPU_CASES = [c for c in make_lora_cases(gpu=False) if c.op == "expand"]  # GPU_CASES: the big ones
 
@@ -76,36 +73,11 @@ def test_ranks_at_or_above_rank_compute_what_no_ranks_do():
     assert torch.equal(bits(plain), bits(ranked))
 
 
-def expand_config(args, kw, arch=90):
-    """The planner's launch for an expand call, its arguments filled here from the tensors."""
-    x, w, out, starts, lens, idx, batches, max_seq, add = args
-    ws = list(w) if isinstance(w, (tuple, list)) else [w]
-    a = ffi.new("sgmv_expand_args_t *")
-    L.sgmv_expand_args_init(a)
-    ptr = lambda t: ffi.cast("void *", t.data_ptr())  # noqa: E731
-    a.inputs, a.inputs_dtype, a.inputs_row_stride = ptr(x), DTYPE_CODES[x.dtype], x.stride(0)
-    a.weights, a.weights_dtype = ptr(ws[0]), DTYPE_CODES[ws[0].dtype]
-    a.weights_lora_stride, a.weights_row_stride = ws[0].stride(0), ws[0].stride(-2)
-    a.output, a.output_dtype, a.output_row_stride = ptr(out), DTYPE_CODES[out.dtype], out.stride(0)
-    a.total_tokens, a.hidden, a.rank, a.num_loras = x.shape[0], ws[0].shape[-2], ws[0].shape[-1], ws[0].shape[0]
-    a.seq_start, a.seq_len, a.lora_indices = ptr(starts), ptr(lens), ptr(idx)
-    a.metadata_dtype, a.batches, a.max_seq_length, a.add_inputs = DTYPE_CODES[starts.dtype], batches, max_seq, add
-    a.num_slices = len(ws)
-    for s, t in enumerate(ws[1:]):
-        a.slices[s].weights, a.slices[s].lora_stride = ptr(t), t.stride(0)
-        a.slices[s].row_stride, a.slices[s].rows = t.stride(-2), t.shape[-2]
-    if kw.get("lora_ranks") is not None:
-        a.lora_ranks = ptr(kw["lora_ranks"])
-    c = ffi.new("sgmv_launch_config_t *")
-    capi.check(L.sgmv_expand_config(a, arch, c))
-    return c
-
-
 def test_the_planner_sees_these_calls_as_fused():
     """The calls above are single launches over all slices (grid[1] spans every slice's column
     tiles), not one call per slice."""
     args, kw, _ = build_lora(CORNERS[1], "cpu")
-    c = expand_config(args, kw)
+    c = launch_config("expand", args, kw)
     assert c.grid[1] == sum(-(-h // c.block_n) for h in CORNERS[1].hiddens)
 
 
