@@ -3,6 +3,9 @@ torch reference against a float64 expectation computed here (sgmv.testing.expect
 odd shapes, skipped segments, both metadata dtypes, scaling, per-adapter scales and ranks, fused
 slices, split-K through a workspace and the batch plan. On a GPU: the library (AOT) against the
 JIT bit for bit, and a whole LoRA step in a CUDA graph."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -187,6 +190,23 @@ def test_jit_split(case, with_plan):
 def test_jit_with_a_plan(case):
     skip_bf16_on_cpu(case)
     run(sgmv.jit.sgmv_shrink, case, plan=sgmv.jit.batch_plan)
+
+
+TABLE = json.loads((Path(__file__).resolve().parent.parent / "aot" / "tiles.json").read_text())
+TILES = TABLE["tiles"]
+SHRINK_TILES = sorted({r[2] for rules in ("shrink_rules", "shrink_grouped_rules") for arch in TABLE[rules].values()
+                       for r in arch} | {"unaligned"})
+
+
+@pytest.mark.parametrize("tile", SHRINK_TILES)
+def test_jit_every_tile(tile):
+    """Every tile shrink's rules may pick computes the same shrink, split too."""
+    case = LoraCase("every-tile", "shrink", 24, [200] * 2, [9, 1, 0, 6, 1], [1, 0, 2, 1, -1], 3, "fp16-fp32out", I64,
+                    scaling=0.5, lora_ranks=[24, 11, 0], lora_scales=[1.0, -0.5, 2.0], out_slice=True, seed=20)
+    p = Prepared(case)
+    for split in ("none", "split"):
+        p.run(lambda *a, **kw: sgmv.jit.sgmv_shrink(*a, **kw, tile=tuple(TILES[tile])), workspace=split,
+              what=f"tile {tile} workspace {split}")
 
 
 @pytest.mark.parametrize("meta_dtype", [I32, I64], ids=str)
