@@ -20,7 +20,8 @@ from conftest import DEVICE, HAS_GPU
 
 L = capi.lib
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.int32: 3, torch.int64: 4}
-FEW_ROWS = 512  # API.md: shrink splits hidden for at most this many rows
+TABLE = json.loads((Path(__file__).resolve().parent.parent / "aot" / "tiles.json").read_text())
+FEW_ROWS = TABLE["split"][2]  # shrink splits hidden for at most this many rows (API.md: 512)
 
 
 def bits(t):
@@ -192,7 +193,6 @@ def test_jit_with_a_plan(case):
     run(sgmv.jit.sgmv_shrink, case, plan=sgmv.jit.batch_plan)
 
 
-TABLE = json.loads((Path(__file__).resolve().parent.parent / "aot" / "tiles.json").read_text())
 TILES = TABLE["tiles"]
 SHRINK_TILES = sorted({r[2] for rules in ("shrink_rules", "shrink_grouped_rules") for arch in TABLE[rules].values()
                        for r in arch} | {"unaligned"})
