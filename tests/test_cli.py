@@ -69,11 +69,12 @@ def test_check_without_torch_names_a_command_that_works_from_a_checkout(tmp_path
     assert 'pip install torch triton==3.6.0 "numpy<2.4"' in out and "sgmv[jit]" not in out, out
 
 
+@pytest.mark.parametrize("suites", [[], ["--suite", "shrink", "qkv", "ranks"]], ids=["default", "new-suites"])
 @pytest.mark.parametrize("prelude", ["", NO_TORCH], ids=["with-torch", "without-torch"])
-def test_bench_without_gpu_or_torch_refuses_in_one_line(tmp_path, prelude):
+def test_bench_without_gpu_or_torch_refuses_in_one_line(tmp_path, prelude, suites):
     if HAS_GPU and not prelude:
         pytest.skip("this machine has a GPU: sgmv bench would run")
-    rc, out = sgmv(tmp_path, "bench", "--out", str(tmp_path / "bench"), prelude=prelude)
+    rc, out = sgmv(tmp_path, "bench", "--out", str(tmp_path / "bench"), *suites, prelude=prelude)
     assert rc == 2 and len(out.strip().splitlines()) == 1 and "Traceback" not in out, out
     assert "GPU" in out, out
 

@@ -162,7 +162,8 @@ def cmd_bench(args):
               file=sys.stderr)
         return UNAVAILABLE
     from . import bench
-    return bench.run(args.out, providers=args.providers or bench.PROVIDERS, cases=args.cases)
+    suites = None if args.suite is None or "all" in args.suite else args.suite
+    return bench.run(args.out, providers=args.providers or None, cases=args.cases, suites=suites)
 
 
 def main(argv=None):
@@ -175,9 +176,14 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd")
     sub.add_parser("info", help="version, ABI, cubin archs and variants, driver and GPU")
     sub.add_parser("check", help="self-test: AOT vs JIT vs reference on a GPU, the interpreter without one")
-    b = sub.add_parser("bench", help="time every provider on the shape suite against the bandwidth floor (GPU)")
-    b.add_argument("--out", default="sgmv-bench", help="folder for results.json, results.md and results.png")
-    b.add_argument("--providers", nargs="*", default=None, help="subset of: plan aot aot-c-plan aot-c jit-plan torch")
+    b = sub.add_parser("bench", help="time every provider on the shape suites against the bandwidth floor (GPU)")
+    b.add_argument("--out", default="sgmv-bench", help="folder for results.json, results.md and results*.png")
+    from . import bench  # the suites' names (bench imports neither torch nor the library at import)
+    b.add_argument("--suite", nargs="+", default=None, choices=[*bench.SUITES, "all"],
+                   help="suites to run (default all): expand, shrink (LoRA A), qkv (fused slices against "
+                        "three calls), ranks (per-adapter ranks against padding)")
+    b.add_argument("--providers", nargs="*", default=None, help="a subset of the suites' providers: " +
+                   "; ".join(f"{k}: {' '.join(v)}" for k, v in bench.SUITES.items()))
     b.add_argument("--cases", nargs="*", default=None, help="only cases whose name contains one of these")
     args = ap.parse_args(argv)
     for flag, folder in [(args.include_dir, capi.INCLUDE_DIR), (args.lib_dir, capi.LIB_DIR),

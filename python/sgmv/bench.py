@@ -1,9 +1,14 @@
-"""`sgmv bench`: the shape suite, every provider in one run, against the memory-bandwidth floor.
+"""`sgmv bench`: the shape suites, every provider in one run, against the memory-bandwidth floor.
 
 GPU time per launch is CUDA-graph replay (20 launches per graph) over buffer sets rotated so
 that each launch finds its operands outside the L2 cache. The floor of a case is the bytes it
 must move (inputs, the distinct adapters' weights, output rows read when add_inputs and
 written) over the device-to-device copy bandwidth measured in the same run.
+
+Suites: `expand` (the serving batches of the performance issue), `shrink` (LoRA A, bf16 in,
+fp32 out), `qkv` (one fused three-slice expand against three calls) and `ranks` (adapters of
+ranks 8/16/64 stored padded to 64: lora_ranks against reading the padding). The last three run
+on the expand suite's batches: same segments, same adapters.
 """
 import json
 import math
@@ -46,6 +51,29 @@ PEERS = {
 }
 PROVIDERS = ("plan", "aot", "aot-c-plan", "aot-c", "jit-plan", "torch")
 
+# The expand suite's batches by the start of their case name ("decode 256x1"): (the case whose
+# name seeds the draw, layout, adapters). The other suites draw from the same seed, so their
+# segments and adapters are the expand case's.
+LAYOUTS = {}
+for _c in SUITE:
+    LAYOUTS.setdefault(_c[0].split(" N")[0], (_c[0], _c[1], _c[4]))
+
+SHRINK_LAYOUTS = ("decode 256x1", "decode 512x1", "spec 64x4", "mixed 512+192x1", "mixed 3x700+100x1",
+                  "prefill 16x4096", "prefill 4x2048", "prefill 8x1024")
+SHRINK_SCALING = 0.5
+QKV_LAYOUTS = ("decode 256x1", "decode 512x1", "spec 64x4", "mixed 512+192x1", "mixed 2048+64x1")
+QKV_SLICES = (4096, 1024, 1024)
+RANKS_LAYOUTS = ("decode 256x1", "decode 512x1", "mixed 512+192x1")
+MIXED_RANKS = (8, 16, 64)  # adapter a has rank MIXED_RANKS[a % 3], stored padded to the largest
+
+# Each suite's providers; in `qkv` and `ranks` the first over the second is the reported ratio.
+SUITES = {
+    "expand": PROVIDERS,
+    "shrink": ("plan", "aot", "jit-plan", "torch"),
+    "qkv": ("fused", "three-calls"),
+    "ranks": ("ranks", "padded"),
+}
+
 
 def segment_lengths(layout, rng):
     kind, *p = layout.split(":")
@@ -70,9 +98,17 @@ def segment_lengths(layout, rng):
 
 
 class Case:
-    def __init__(self, name, layout, hidden, rank, adapters, dtype, add):
-        rng = random.Random(name)
+    """One timed problem. op "expand" or "shrink"; slices: the output columns of each fused
+    expand slice (default one, `hidden`); ranks: each adapter's rank, its weights stored padded
+    to `rank`; seed: what draws the adapters (default the name); target: (what, limit), see
+    evaluate(); ratio: the two providers whose GPU times are compared."""
+
+    def __init__(self, name, layout, hidden, rank, adapters, dtype, add, op="expand", slices=None, ranks=None,
+                 seed=None, target=None, ratio=None):
+        rng = random.Random(name if seed is None else seed)
         self.name, self.hidden, self.rank, self.adapters, self.dtype, self.add = name, hidden, rank, adapters, dtype, add
+        self.op, self.slices, self.ranks = op, tuple(slices or (hidden,)), ranks
+        self.target, self.ratio = target, ratio
         self.lens = segment_lengths(layout, rng)
         # Adapters drawn zipf-distributed; batches of 32 or more segments have 1/16 of them at -1.
         self.idx = rng.choices(range(adapters), weights=[1 / (a + 1) for a in range(adapters)], k=len(self.lens))
@@ -82,15 +118,85 @@ class Case:
         self.starts = [sum(self.lens[:i]) for i in range(len(self.lens))]
         self.tokens = sum(self.lens)
 
+    def rank_of(self, a):
+        return self.rank if self.ranks is None else min(self.ranks[a], self.rank)
+
     def floor_bytes(self):
         """Bytes that must move: the rows of segments with an adapter (inputs, output read with
-        add_inputs and written) and each adapter's weights once."""
-        esize = 2
-        rows = sum(n for n, i in zip(self.lens, self.idx) if i >= 0)
-        x = rows * self.rank * esize
-        w = len({i for i in self.idx if i >= 0}) * self.hidden * self.rank * esize
-        out = rows * self.hidden * esize * (2 if self.add else 1)
+        add_inputs and written) and each adapter's weights once, at the adapter's own rank.
+        Shrink writes fp32; everything else is 2 bytes an element."""
+        rows = {}  # adapter: rows of its segments
+        for n, i in zip(self.lens, self.idx):
+            if i >= 0:
+                rows[i] = rows.get(i, 0) + n
+        if self.op == "shrink":
+            x = sum(rows.values()) * self.hidden * 2
+            w = sum(self.rank_of(a) * self.hidden * 2 for a in rows)
+            out = sum(n * self.rank_of(a) * 4 for a, n in rows.items())
+            return x + w + out
+        x = sum(n * len(self.slices) * self.rank_of(a) * 2 for a, n in rows.items())
+        w = sum(self.hidden * self.rank_of(a) * 2 for a in rows)  # hidden: all slices' columns
+        out = sum(rows.values()) * self.hidden * 2 * (2 if self.add else 1)
         return x + w + out
+
+
+def _on_layout(prefix, op, hidden, rank, **kw):
+    """A case of another suite on the expand suite's batch `prefix`, bf16, add_inputs for expand."""
+    seed, layout, adapters = LAYOUTS[prefix]
+    h = "+".join(map(str, kw.get("slices") or (hidden,)))
+    r = "/".join(map(str, MIXED_RANKS)) + f" pad {rank}" if kw.get("ranks") else rank
+    name = f"{'qkv' if kw.get('slices') else op} {prefix} N{h} r{r}, {adapters}"
+    return Case(name, layout, hidden, rank, adapters, "bf16", op == "expand", op=op, seed=seed, **kw)
+
+
+def suite_cases(suite):
+    """The cases of one suite (SUITES' keys), with the issue's targets."""
+    if suite == "expand":
+        return [Case(*c) for c in SUITE]
+    cases = []
+    if suite == "shrink":
+        # Hidden 4096 at ranks 16/32/64, and hidden 8192 once for decode (split-K's K) and prefill.
+        shapes = [(p, 4096, r) for p in SHRINK_LAYOUTS for r in (16, 32, 64)]
+        for prefix, hidden, rank in shapes + [("decode 256x1", 8192, 16), ("prefill 4x2048", 8192, 16)]:
+            c = _on_layout(prefix, "shrink", hidden, rank)
+            if c.tokens >= 4096:
+                c.target = ("pct_floor", 80)
+            if (prefix, hidden, rank) == ("decode 256x1", 4096, 16):
+                c.target = ("gpu_us", 5)
+            cases.append(c)
+    if suite == "qkv":
+        for prefix in QKV_LAYOUTS:
+            cases.append(_on_layout(prefix, "expand", sum(QKV_SLICES), 16, slices=QKV_SLICES,
+                                    target=("ratio", 0.7), ratio=SUITES["qkv"]))
+    if suite == "ranks":
+        for op in ("expand", "shrink"):
+            for prefix in RANKS_LAYOUTS:
+                ranks = [MIXED_RANKS[a % 3] for a in range(LAYOUTS[prefix][2])]
+                target = ("ratio", 0.6) if (op, prefix) == ("expand", "decode 256x1") else None
+                cases.append(_on_layout(prefix, op, 4096, max(MIXED_RANKS), ranks=ranks, target=target,
+                                        ratio=SUITES["ranks"]))
+    return cases
+
+
+TARGET_TEXT = {"pct_floor": "plan >= {}% of floor", "gpu_us": "plan <= {} us", "ratio": "{} <= {}"}
+
+
+def evaluate(case, by_provider):
+    """The case's ratio (first over second of case.ratio) and target against its results
+    ({provider: result}); value None where a provider has no time."""
+    ev = {}
+    if case.ratio:
+        num, den = (by_provider.get(p, {}).get("gpu_us") for p in case.ratio)
+        ev["ratio_of"] = "/".join(case.ratio)
+        ev["ratio"] = num / den if num and den else None
+    if case.target:
+        what, limit = case.target
+        value = ev["ratio"] if what == "ratio" else by_provider.get("plan", {}).get(what)
+        ev["what"] = what
+        ev["target"] = TARGET_TEXT[what].format(*([ev["ratio_of"]] if what == "ratio" else []), limit)
+        ev["value"] = value
+        ev["met"] = None if value is None else (value >= limit if what == "pct_floor" else value <= limit)
+    return ev
 
 
 def _copy_bandwidth(torch):
@@ -176,17 +282,28 @@ def host_call_us(torch, calls=2000, reps=3):
     return got
 
 
-def make_sets(torch, case, l2_bytes):
-    """Buffer sets (x, w, out) enough to overflow the L2 four times when cycled."""
+def make_sets(torch, case, l2_bytes, device="cuda"):
+    """Buffer sets (x, weights, out) enough to overflow the L2 four times when cycled, and the
+    metadata (seq_start, seq_len, lora_indices). Weights are a tuple of the slices' stacks for a
+    fused case; with case.ranks the padding past an adapter's rank is zero."""
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
     per_set = case.floor_bytes()
     n = min(64, max(2, math.ceil(4 * l2_bytes / per_set)))
-    meta = [torch.tensor(v, dtype=torch.int32, device="cuda") for v in (case.starts, case.lens, case.idx)]
+    meta = [torch.tensor(v, dtype=torch.int32, device=device) for v in (case.starts, case.lens, case.idx)]
     sets = []
     for _ in range(n):
-        sets.append((torch.randn(case.tokens, case.rank, dtype=dt, device="cuda"),
-                     torch.randn(case.adapters, case.hidden, case.rank, dtype=dt, device="cuda") * 0.1,
-                     torch.randn(case.tokens, case.hidden, dtype=dt, device="cuda")))
+        if case.op == "shrink":  # fp32 output, as LoRAX and vLLM keep it between shrink and expand
+            x = torch.randn(case.tokens, case.hidden, dtype=dt, device=device)
+            ws = [torch.randn(case.adapters, case.rank, case.hidden, dtype=dt, device=device) * 0.1]
+            out = torch.randn(case.tokens, case.rank, dtype=torch.float32, device=device)
+        else:
+            x = torch.randn(case.tokens, len(case.slices) * case.rank, dtype=dt, device=device)
+            ws = [torch.randn(case.adapters, h, case.rank, dtype=dt, device=device) * 0.1 for h in case.slices]
+            out = torch.randn(case.tokens, case.hidden, dtype=dt, device=device)
+        for w in ws:
+            for a, r in enumerate(case.ranks or ()):
+                (w[a, r:] if case.op == "shrink" else w[a, :, r:]).zero_()
+        sets.append((x, ws[0] if len(ws) == 1 else tuple(ws), out))
     return sets, meta
 
 
@@ -215,20 +332,46 @@ def _c_bench(case, nsets, plan):
 
 
 def _launchers(torch, provider, case, sets, meta, plan):
+    """One callable per buffer set: `provider`'s call of the case on that set."""
     from . import binding, jit
-    max_len = max(case.lens)
-    args = lambda s: (*s, *meta, len(case.lens), max_len, case.add)  # noqa: E731
-    if provider == "aot":
-        return [lambda s=s: binding.sgmv_expand(*args(s)) for s in sets]
-    if provider == "plan":
-        return [lambda s=s: binding.sgmv_expand(*args(s), batch_plan=plan) for s in sets]
-    if provider == "jit-plan":
-        return [lambda s=s: jit.sgmv_expand(*args(s), batch_plan=plan) for s in sets]
+    batches, max_len = len(case.lens), max(case.lens)
     if provider == "plan-build":
-        return [lambda: binding.batch_plan(*meta, len(case.lens), case.tokens, case.adapters, out=plan)]
+        return [lambda: binding.batch_plan(*meta, batches, case.tokens, case.adapters, out=plan)]
     if provider == "torch":
-        segs = list(zip(case.starts, case.lens, case.idx))
+        return _torch_launchers(torch, case, sets)
+    kw = {} if provider == "aot" else {"batch_plan": plan}
+    if provider == "ranks":
+        kw["lora_ranks"] = torch.tensor(case.ranks, dtype=torch.int32, device=meta[0].device)
+    if case.op == "shrink":
+        # The binding's workspace, allocated once here as a caller does once per step (None: no split).
+        kw["workspace"] = binding.new_workspace(sets[0][2], case.tokens, case.rank)
+        fn = jit.sgmv_shrink if provider == "jit-plan" else binding.sgmv_shrink
+        return [lambda s=s: fn(*s, *meta, batches, max_len, SHRINK_SCALING, **kw) for s in sets]
+    fn = jit.sgmv_expand if provider == "jit-plan" else binding.sgmv_expand
+    if provider == "three-calls":
+        return [lambda v=_slice_views(case, s): [fn(*a, *meta, batches, max_len, case.add, **kw) for a in v]
+                for s in sets]
+    return [lambda s=s: fn(*s, *meta, batches, max_len, case.add, **kw) for s in sets]
 
+
+def _slice_views(case, s):
+    """A fused expand's set as one (inputs, weights, output) per slice: column views."""
+    x, ws, out = s
+    views, col = [], 0
+    for i, (w, h) in enumerate(zip(ws, case.slices)):
+        views.append((x[:, i * case.rank:(i + 1) * case.rank], w, out[:, col:col + h]))
+        col += h
+    return views
+
+
+def _torch_launchers(torch, case, sets):
+    """Plain torch. Expand: an addmm per segment. Shrink: cuBLAS writing fp32 scaled (out_dtype,
+    alpha), a GEMM per segment for up to 32 segments, else one GEMM against every adapter's A
+    stacked, each valid row then taking its adapter's columns (the faster way for many short
+    segments: 3 kernels instead of one per segment)."""
+    # Segments at -1 are skipped: they have no adapter (w[-1] would be the last one's).
+    segs = [(st, n, i) for st, n, i in zip(case.starts, case.lens, case.idx) if i >= 0]
+    if case.op == "expand":
         def loop(x, w, out):
             for st, n, i in segs:
                 o = out[st:st + n]
@@ -237,10 +380,39 @@ def _launchers(torch, provider, case, sets, meta, plan):
                 else:
                     torch.mm(x[st:st + n], w[i].T, out=o)
         return [lambda s=s: loop(*s) for s in sets]
-    raise ValueError(provider)
+    f32, scale, r = torch.float32, SHRINK_SCALING, case.rank
+    if len(case.lens) <= 32:
+        def per_segment(x, a, out):
+            for st, n, i in segs:
+                o = out[st:st + n]
+                torch.addmm(o, x[st:st + n], a[i].T, beta=0, alpha=scale, out_dtype=f32, out=o)
+        return [lambda s=s: per_segment(*s) for s in sets]
+    dev, cols = sets[0][0].device, case.adapters * r
+    rows = torch.tensor([st + m for st, n, _ in segs for m in range(n)], dtype=torch.int64, device=dev)
+    row_adapter = torch.tensor([i for _, n, i in segs for _ in range(n)], dtype=torch.int64, device=dev)
+    take = (rows * cols + row_adapter * r)[:, None] + torch.arange(r, device=dev)
+    y = torch.empty(case.tokens, cols, dtype=f32, device=dev)
+
+    def stacked(x, a, out):
+        torch.addmm(y, x, a.view(cols, -1).T, beta=0, alpha=scale, out_dtype=f32, out=y)
+        out.index_copy_(0, rows, torch.take(y, take))
+    return [lambda s=s: stacked(*s) for s in sets]
 
 
-def run(out_dir, providers=PROVIDERS, cases=None, progress=True):
+SUITE_TITLES = {
+    "expand": "Expand (LoRA B), the performance issue's batches",
+    "shrink": f"Shrink (LoRA A): bf16 in, fp32 out, scaling {SHRINK_SCALING}; floor: input rows, distinct "
+              "adapters' A, fp32 output written",
+    "qkv": "Fused QKV expand (slices " + "/".join(map(str, QKV_SLICES)) + ", rank 16, bf16, add_inputs): one call "
+           "against three on column views",
+    "ranks": "Adapters of ranks " + "/".join(map(str, MIXED_RANKS)) + " stored padded to 64 (hidden 4096, bf16): "
+             "lora_ranks against the same call reading the padding; floor at each adapter's rank",
+}
+
+
+def run(out_dir, providers=None, cases=None, suites=None, progress=True):
+    """Times `suites` (default all of SUITES), each with its providers that are in `providers`
+    (default all), on the cases whose name contains one of `cases` (default all)."""
     try:
         import torch
     except ImportError:
@@ -250,29 +422,36 @@ def run(out_dir, providers=PROVIDERS, cases=None, progress=True):
     if not torch.cuda.is_available():
         print("sgmv bench: no CUDA GPU visible to torch: there is nothing to time on this machine.")
         return 2
+    suites = list(SUITES) if suites is None else list(suites)
+    work = []  # (suite, case, providers)
+    for suite in suites:
+        ps = [p for p in SUITES[suite] if providers is None or p in providers]
+        work += [(suite, c, ps) for c in suite_cases(suite)
+                 if ps and (cases is None or any(k in c.name for k in cases))]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 * 2**20)
     bw = _copy_bandwidth(torch)
-    suite = [Case(*c) for c in SUITE if cases is None or any(k in c[0] for k in cases)]
-    results = []
-    total = len(suite) * len(providers)
-    for ci, case in enumerate(suite):
+    results, evaluations = [], []
+    total, done = sum(len(ps) for _, _, ps in work), 0
+    for suite, case, ps in work:
         sets, meta = make_sets(torch, case, l2)
         plan = binding.batch_plan(*meta, len(case.lens), case.tokens, case.adapters)
         floor_us = case.floor_bytes() / bw * 1e6
         build = _launchers(torch, "plan-build", case, sets, meta, plan)
         plan_build = dict(gpu_us=graph_time_us(torch, build), host_us=host_time_us(torch, build))
-        for pi, provider in enumerate(providers):
+        by_provider = {}
+        for provider in ps:
             if progress:  # a bar on a terminal, a line per step in a log
-                done = ci * len(providers) + pi
                 bar = "#" * (30 * done // total)
                 tty = sys.stderr.isatty()
                 print(f"{chr(13) if tty else ''}[{bar:30}] {done}/{total} {case.name[:36]:36} {provider:6}",
                       end="" if tty else "\n", file=sys.stderr, flush=True)
+            done += 1
             r = dict(case=case.name, provider=provider, floor_us=floor_us, tokens=case.tokens,
-                     hidden=case.hidden, rank=case.rank, segments=len(case.lens), plan_build=plan_build)
+                     hidden=case.hidden, rank=case.rank, segments=len(case.lens), plan_build=plan_build,
+                     suite=suite, op=case.op)
             try:
                 if provider in ("aot-c", "aot-c-plan"):
                     got = _c_bench(case, len(sets), provider == "aot-c-plan")
@@ -288,28 +467,56 @@ def run(out_dir, providers=PROVIDERS, cases=None, progress=True):
             except Exception as e:  # a provider that fails is reported, not fatal
                 r["error"] = f"{type(e).__name__}: {e}"[:200]
             results.append(r)
+            by_provider[provider] = r
+        ev = evaluate(case, by_provider)
+        if ev:
+            evaluations.append(dict(suite=suite, case=case.name, **ev))
         del sets, plan
         torch.cuda.empty_cache()
     if progress:
         print(f"\r[{'#' * 30}] {total}/{total}" + " " * 50, file=sys.stderr)
 
     meta = dict(device=props.name, copy_bandwidth_tbps=bw / 1e12, l2_bytes=l2, torch=torch.__version__,
-                command="sgmv bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "sgmv bench")
-    host = host_call_us(torch)
-    (out_dir / "results.json").write_text(json.dumps(dict(meta=meta, results=results, host_call_us=host), indent=1))
-    table = format_table(results, providers)
+                command="sgmv bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "sgmv bench",
+                suites=suites)
+    host = host_call_us(torch) if "expand" in suites else {}
+    (out_dir / "results.json").write_text(json.dumps(dict(meta=meta, results=results, host_call_us=host,
+                                                          cases=evaluations), indent=1))
+    tables = []
+    for suite in suites:
+        rs = [r for r in results if r["suite"] == suite]
+        if rs:
+            ps = [p for p in SUITES[suite] if providers is None or p in providers]
+            table = (format_table(rs, ps) if suite == "expand" else
+                     format_suite_table(rs, ps, [e for e in evaluations if e["suite"] == suite]))
+            tables.append(f"{SUITE_TITLES[suite]}:\n\n{table}")
+            _plot(rs, ps, out_dir / ("results.png" if suite == "expand" else f"results-{suite}.png"), props.name,
+                  suite)
     host_lines = "\n".join(f"- {k}: {v:.1f} us" for k, v in host.items())
+    host_md = f"\nHost time per eager Python call (tiny problem, best of 3 x 2000 calls):\n\n{host_lines}\n"
     (out_dir / "results.md").write_text(
-        f"{props.name}, copy bandwidth {bw / 1e12:.2f} TB/s; GPU us per launch (% of floor)\n\n{table}\n\n"
-        f"Host time per eager Python call (tiny problem, best of 3 x 2000 calls):\n\n{host_lines}\n")
+        f"{props.name}, copy bandwidth {bw / 1e12:.2f} TB/s; GPU us per launch (% of floor)\n\n" +
+        "\n\n".join(tables) + "\n" + (host_md if host else ""))
     print(f"{props.name}: copy bandwidth {bw / 1e12:.2f} TB/s; GPU us per launch (% of the floor)")
-    print(table)
-    print("host time per eager call (tiny problem, best of 3 x 2000):", ", ".join(f"{k} {v:.1f} us"
-                                                                             for k, v in host.items()))
+    print("\n\n".join(tables))
+    if host:
+        print("host time per eager call (tiny problem, best of 3 x 2000):", ", ".join(f"{k} {v:.1f} us"
+                                                                                 for k, v in host.items()))
     _summary(results)
-    _plot(results, providers, out_dir / "results.png", props.name)
-    print(f"written: {out_dir}/results.json, results.md, results.png")
+    for e in evaluations:
+        if "target" in e:
+            print(f"target: {e['case']:48} {e['target']:28} {_target_cell(e)}")
+    print(f"written: {out_dir}/results.json, results.md, results*.png")
     return 0
+
+
+def _time_cells(by_provider, providers):
+    """'GPU us (% of floor)' for each provider, or the start of its error."""
+    cells = []
+    for p in providers:
+        r = by_provider.get(p, {})
+        cells.append(f"{r['gpu_us']:.1f} ({r['pct_floor']:.0f}%)" if "gpu_us" in r else r.get("error", "-")[:20])
+    return cells
 
 
 def format_table(results, providers):
@@ -319,10 +526,7 @@ def format_table(results, providers):
     lines = [head, "|" + "---|" * (len(providers) + 5)]
     for c in cases:
         rs = {r["provider"]: r for r in results if r["case"] == c}
-        cells = []
-        for p in providers:
-            r = rs.get(p, {})
-            cells.append(f"{r['gpu_us']:.1f} ({r['pct_floor']:.0f}%)" if "gpu_us" in r else r.get("error", "-")[:20])
+        cells = _time_cells(rs, providers)
         host = " / ".join(f"{rs[p]['host_us']:.1f}" if "host_us" in rs.get(p, {}) else "-"
                           for p in ("aot-c", "aot-c-plan", "aot", "plan"))
         first = next(iter(rs.values()))
@@ -342,13 +546,45 @@ def _summary(results):
                   f"{best / r['gpu_us']:.2f}x")
 
 
-def _plot(results, providers, path, device):
+def _target_cell(e):
+    """'value met' / 'value MISSED' / '-' for an evaluation with a target."""
+    if e.get("met") is None:
+        return "-"
+    v = e["value"]
+    shown = {"pct_floor": f"{v:.0f}%", "gpu_us": f"{v:.1f} us", "ratio": f"{v:.2f}"}[e["what"]]
+    return f"{shown} {'met' if e['met'] else 'MISSED'}"
+
+
+def format_suite_table(results, providers, evaluations):
+    """A shrink, qkv or ranks table: GPU us (% of floor) per provider, the ratio where the suite
+    has one, the target and its outcome."""
+    cases = list(dict.fromkeys(r["case"] for r in results))
+    evs = {e["case"]: e for e in evaluations}
+    ratio_of = next((e["ratio_of"] for e in evaluations if "ratio_of" in e), None)
+    head = ("| case | floor us | " + " | ".join(providers) + (f" | {ratio_of}" if ratio_of else "") +
+            " | target | plan build us (GPU / host) |")
+    lines = [head, "|" + "---|" * (len(providers) + 4 + bool(ratio_of))]
+    for c in cases:
+        rs = {r["provider"]: r for r in results if r["case"] == c}
+        cells = _time_cells(rs, providers)
+        e = evs.get(c, {})
+        if ratio_of:
+            cells.append("-" if e.get("ratio") is None else f"{e['ratio']:.2f}")
+        cells.append(f"{e['target']}: {_target_cell(e)}" if "target" in e else "-")
+        first = next(iter(rs.values()))
+        build = first["plan_build"]
+        lines.append(f"| {c} | {first['floor_us']:.1f} | " + " | ".join(cells) +
+                     f" | {build['gpu_us']:.1f} / {build['host_us']:.1f} |")
+    return "\n".join(lines)
+
+
+def _plot(results, providers, path, device, suite="expand"):
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed: no plot")
+        print(f"matplotlib not installed: no {path.name}")
         return
     cases = list(dict.fromkeys(r["case"] for r in results))
     fig, ax = plt.subplots(figsize=(max(10, len(cases) * 0.6), 6))
@@ -359,7 +595,7 @@ def _plot(results, providers, path, device):
     ax.set_xticks([j + 0.4 for j in range(len(cases))])
     ax.set_xticklabels(cases, rotation=75, ha="right", fontsize=7)
     ax.set_ylabel("% of the memory-bandwidth floor")
-    ax.set_title(f"SGMV expand, {device}: GPU time per launch against the floor")
+    ax.set_title(f"SGMV {suite}, {device}: GPU time per launch against the floor")
     ax.axhline(100, color="k", lw=0.5)
     ax.legend()
     fig.tight_layout()

@@ -1,34 +1,63 @@
-"""torch.ops.sgmv.expand and torch.ops.sgmv.batch_plan: the AOT kernels as torch custom ops, for
-torch.compile and CUDA graphs. Registered when sgmv is imported where torch is installed."""
-from typing import Optional
+"""torch.ops.sgmv.shrink, expand and batch_plan: the AOT kernels as torch ops, for torch.compile and
+CUDA graphs. Registered when sgmv is imported where torch is installed.
 
+Each op writes its output argument (marked `(a!)` in the schema, so that torch.compile functionalizes
+the call) on torch's current stream and returns nothing. The ops are registered through
+torch.library.Library rather than the torch.library.custom_op decorator: the same schema and fake
+kernel, but the decorator's dispatch costs tens of microseconds a call (benchmarks/NOTES.md). What
+the decorator did besides, bumping the written tensors' version counters (so that autograd refuses
+a tensor it saved and we overwrote), the kernels do themselves.
+A fused layer passes slice 0's weights as `weights` and the further slices as `slice_weights`.
+"""
 import torch
 
 from . import binding
 
+_written = torch.autograd.graph.increment_version
 
-@torch.library.custom_op("sgmv::expand", mutates_args=("output",), device_types="cuda")
-def expand(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, seq_start: torch.Tensor,
-           seq_len: torch.Tensor, lora_indices: torch.Tensor, batches: int, max_seq_length: int,
-           add_inputs: bool, batch_plan: Optional[torch.Tensor] = None) -> None:
-    """sgmv.sgmv_expand on torch's current stream; updates `output` in place."""
-    binding.sgmv_expand(inputs, weights, output, seq_start, seq_len, lora_indices, batches, max_seq_length,
-                        add_inputs, None, batch_plan)
+_lib = torch.library.Library("sgmv", "DEF")  # kept: the ops live as long as this object
+
+_lib.define("shrink(Tensor inputs, Tensor weights, Tensor(a!) output, Tensor seq_start, Tensor seq_len, "
+            "Tensor lora_indices, SymInt batches, SymInt max_seq_length, float scaling=1.0, "
+            "Tensor? lora_ranks=None, Tensor? lora_scales=None, Tensor? batch_plan=None, "
+            "Tensor(b!)? workspace=None, Tensor[]? slice_weights=None) -> ()")
+_lib.define("expand(Tensor inputs, Tensor weights, Tensor(a!) output, Tensor seq_start, Tensor seq_len, "
+            "Tensor lora_indices, SymInt batches, SymInt max_seq_length, bool add_inputs, "
+            "Tensor? batch_plan=None, Tensor? lora_ranks=None, Tensor[]? slice_weights=None) -> ()")
+_lib.define("batch_plan(Tensor seq_start, Tensor seq_len, Tensor lora_indices, SymInt batches, "
+            "SymInt total_tokens, SymInt num_loras, Tensor(a!) plan) -> ()")
 
 
-@expand.register_fake
-def _(inputs, weights, output, seq_start, seq_len, lora_indices, batches, max_seq_length, add_inputs,
-      batch_plan=None):
-    return None
+def shrink(inputs, weights, output, seq_start, seq_len, lora_indices, batches, max_seq_length, scaling=1.0,
+           lora_ranks=None, lora_scales=None, batch_plan=None, workspace=None, slice_weights=None):
+    """sgmv.sgmv_shrink into `output`. Without a workspace the binding takes one from torch's caching
+    allocator when the call splits over hidden (inside a CUDA graph capture: the graph's pool)."""
+    binding.sgmv_shrink(inputs, (weights, *slice_weights) if slice_weights else weights, output, seq_start,
+                        seq_len, lora_indices, batches, max_seq_length, scaling, lora_ranks=lora_ranks,
+                        lora_scales=lora_scales, batch_plan=batch_plan, workspace=workspace)
+    _written(output if workspace is None else (output, workspace))
 
 
-@torch.library.custom_op("sgmv::batch_plan", mutates_args=("plan",), device_types="cuda")
-def batch_plan(seq_start: torch.Tensor, seq_len: torch.Tensor, lora_indices: torch.Tensor, batches: int,
-               total_tokens: int, num_loras: int, plan: torch.Tensor) -> None:
-    """sgmv.batch_plan into `plan` (int32, sgmv.batch_plan_bytes() bytes) on torch's current stream."""
+def expand(inputs, weights, output, seq_start, seq_len, lora_indices, batches, max_seq_length, add_inputs,
+           batch_plan=None, lora_ranks=None, slice_weights=None):
+    """sgmv.sgmv_expand into `output`."""
+    binding.sgmv_expand(inputs, (weights, *slice_weights) if slice_weights else weights, output, seq_start,
+                        seq_len, lora_indices, batches, max_seq_length, add_inputs, None, batch_plan,
+                        lora_ranks=lora_ranks)
+    _written(output)
+
+
+def batch_plan(seq_start, seq_len, lora_indices, batches, total_tokens, num_loras, plan):
+    """sgmv.batch_plan into `plan` (int32, sgmv.batch_plan_bytes() bytes)."""
     binding.batch_plan(seq_start, seq_len, lora_indices, batches, total_tokens, num_loras, out=plan)
+    _written(plan)
 
 
-@batch_plan.register_fake
-def _(seq_start, seq_len, lora_indices, batches, total_tokens, num_loras, plan):
+def _fake(*args, **kwargs):
+    """Under fake tensors and torch.compile: the ops only write arguments that already have their shape."""
     return None
+
+
+for _op in (shrink, expand, batch_plan):
+    _lib.impl(_op.__name__, _op, "CUDA")
+    torch.library.register_fake("sgmv::" + _op.__name__, _fake, lib=_lib)
