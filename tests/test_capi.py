@@ -219,3 +219,380 @@ def test_cubin_inventory_covers_every_arch_and_variant(tmp_path):
     for v in aot_variants.variants():
         want[v["arch"]] = want.get(v["arch"], 0) + 1
     assert per_arch == want
+
+
+# ---- 0.3: shrink, fused slices, per-adapter ranks ------------------------------------------------
+
+def shrink_args(**over):
+    """A valid shrink at fake addresses: fp16, 10 tokens, hidden 64, rank 16, two adapters."""
+    a = ffi.new("sgmv_shrink_args_t *")
+    capi.lib.sgmv_shrink_args_init(a)
+    fields = dict(
+        inputs=0x10000, inputs_dtype=S["SGMV_DTYPE_FLOAT16"], inputs_row_stride=64, weights=0x20000,
+        weights_dtype=S["SGMV_DTYPE_FLOAT16"], weights_lora_stride=16 * 64, weights_row_stride=64, output=0x30000,
+        output_dtype=S["SGMV_DTYPE_FLOAT16"], output_row_stride=16, total_tokens=10, hidden=64, rank=16,
+        num_loras=2, seq_start=0x40000, seq_len=0x50000, lora_indices=0x60000, metadata_dtype=S["SGMV_DTYPE_INT32"],
+        batches=2, max_seq_length=5)
+    slices = over.pop("slices", [])
+    fields.update(over)
+    for k, v in fields.items():
+        ftype = dict(ffi.typeof("sgmv_shrink_args_t").fields)[k].type
+        setattr(a, k, ffi.cast(ftype, v) if ftype.kind == "pointer" else v)
+    return set_slices(a, slices)
+
+
+def set_slices(a, slices):
+    """Sets a's slices[i] fields from dicts (weights: an address)."""
+    for i, sl in enumerate(slices):
+        for k, v in sl.items():
+            setattr(a.slices[i], k, ffi.cast("void *", v) if k == "weights" else v)
+    return a
+
+
+def slice_of(weights=0x90000, rows=16, row_stride=64, lora_stride=16 * 64):
+    return dict(weights=weights, rows=rows, row_stride=row_stride, lora_stride=lora_stride)
+
+
+def call_shrink(a):
+    """(status, message) of sgmv_shrink, and the planner's status for the same arguments."""
+    status = capi.lib.sgmv_shrink(a)
+    msg = ffi.string(capi.lib.sgmv_last_error()).decode()
+    c = ffi.new("sgmv_launch_config_t *")
+    planned = capi.lib.sgmv_shrink_config(a, 90, c)
+    return status, msg, planned
+
+
+THREE = dict(num_slices=3, output_row_stride=48, slices=[slice_of(), slice_of(0xA0000)])
+BAD_SHRINK = [  # (field overrides, expected status, a word of the message)
+    (dict(struct_size=8), "SGMV_ERROR_INVALID_ARGUMENT", "struct_size"),
+    *[({name: 0}, "SGMV_ERROR_INVALID_ARGUMENT", "NULL")
+      for name in ("inputs", "weights", "output", "seq_start", "seq_len", "lora_indices")],
+    (dict(THREE, slices=[slice_of(), slice_of(0)]), "SGMV_ERROR_INVALID_ARGUMENT", "slice.*NULL|NULL.*slice"),
+    (dict(total_tokens=-1), "SGMV_ERROR_INVALID_ARGUMENT", "total_tokens"),
+    (dict(hidden=0), "SGMV_ERROR_INVALID_ARGUMENT", "hidden"),
+    (dict(hidden=(1 << 20) + 1, inputs_row_stride=(1 << 20) + 1, weights_row_stride=(1 << 20) + 1,
+          weights_lora_stride=16 * ((1 << 20) + 1)), "SGMV_ERROR_INVALID_ARGUMENT", "hidden"),
+    (dict(rank=0), "SGMV_ERROR_INVALID_ARGUMENT", "rank"),
+    (dict(rank=257, output_row_stride=257, weights_lora_stride=257 * 64), "SGMV_ERROR_INVALID_ARGUMENT", "rank"),
+    (dict(num_loras=0), "SGMV_ERROR_INVALID_ARGUMENT", "num_loras"),
+    (dict(batches=-1), "SGMV_ERROR_INVALID_ARGUMENT", "batches"),
+    (dict(max_seq_length=-1), "SGMV_ERROR_INVALID_ARGUMENT", "max_seq_length"),
+    (dict(num_slices=4, output_row_stride=64), "SGMV_ERROR_INVALID_ARGUMENT", "num_slices"),
+    (dict(num_slices=-1), "SGMV_ERROR_INVALID_ARGUMENT", "num_slices"),
+    (dict(THREE, slices=[slice_of(), slice_of(0xA0000, rows=8)]), "SGMV_ERROR_INVALID_ARGUMENT", r"slice.*(rows|rank)"),
+    (dict(THREE, slices=[slice_of(row_stride=32), slice_of(0xA0000)]), "SGMV_ERROR_INVALID_ARGUMENT",
+     r"slice.*row.stride"),
+    (dict(THREE, slices=[slice_of(), slice_of(0xA0000, lora_stride=100)]), "SGMV_ERROR_INVALID_ARGUMENT",
+     r"slice.*lora.stride"),
+    (dict(THREE, output_row_stride=32), "SGMV_ERROR_INVALID_ARGUMENT", "output_row_stride"),
+    (dict(inputs_row_stride=32), "SGMV_ERROR_INVALID_ARGUMENT", "inputs_row_stride"),
+    (dict(weights_row_stride=32), "SGMV_ERROR_INVALID_ARGUMENT", "weights.row.stride"),
+    (dict(weights_lora_stride=100), "SGMV_ERROR_INVALID_ARGUMENT", "weights.lora.stride"),
+    (dict(output_row_stride=8), "SGMV_ERROR_INVALID_ARGUMENT", "output_row_stride"),
+    (dict(output_row_stride=2**62), "SGMV_ERROR_INVALID_ARGUMENT", "overflow"),
+    (dict(batch_plan=0x70000, batch_plan_bytes=64), "SGMV_ERROR_INVALID_ARGUMENT", "batch_plan_bytes"),
+    (dict(weights_dtype=2, inputs_dtype=2), "SGMV_ERROR_UNSUPPORTED_DTYPE", "float32"),
+    (dict(inputs_dtype=2), "SGMV_ERROR_UNSUPPORTED_DTYPE", "inputs float32"),
+    (dict(inputs_dtype=1), "SGMV_ERROR_UNSUPPORTED_DTYPE", "inputs bfloat16"),
+    (dict(output_dtype=1), "SGMV_ERROR_UNSUPPORTED_DTYPE", "output bfloat16"),
+    (dict(output_dtype=3), "SGMV_ERROR_UNSUPPORTED_DTYPE", "output int32"),
+    (dict(metadata_dtype=0), "SGMV_ERROR_UNSUPPORTED_DTYPE", "metadata float16"),
+    (dict(metadata_dtype=77), "SGMV_ERROR_UNSUPPORTED_DTYPE", "metadata unknown"),
+]
+
+
+def _ids(v):
+    if not isinstance(v, dict):
+        return str(v)
+    return ",".join(f"{k}={x}" if k != "slices" else "slices" for k, x in v.items())
+
+
+@pytest.mark.parametrize("over,status,word", BAD_SHRINK, ids=_ids)
+def test_shrink_bad_argument_gets_its_status_and_message(over, status, word):
+    got, msg, planned = call_shrink(shrink_args(**over))
+    assert got == S[status], msg
+    assert re.search(word, msg) and msg.startswith("sgmv_shrink"), msg
+    assert planned == got  # the planner checks alike
+
+
+def test_shrink_null_args_and_config():
+    assert capi.lib.sgmv_shrink(ffi.NULL) == S["SGMV_ERROR_INVALID_ARGUMENT"]
+    assert "NULL" in ffi.string(capi.lib.sgmv_last_error()).decode()
+    assert capi.lib.sgmv_shrink_config(shrink_args(), 90, ffi.NULL) == S["SGMV_ERROR_INVALID_ARGUMENT"]
+
+
+def _sized(ctype, a, size):
+    """A copy of *a in a buffer of `size` bytes (zero-padded past the struct) with struct_size = size."""
+    buf = ffi.new("char[]", max(size, ffi.sizeof(ctype)) + 64)
+    ffi.memmove(buf, a, ffi.sizeof(ctype))
+    b = ffi.cast(ctype + " *", buf)
+    b.struct_size = size
+    return b, buf
+
+
+def test_shrink_struct_size_too_large_is_refused():
+    """A caller built against a newer header (a larger struct) gets INVALID_ARGUMENT, not a guess."""
+    b, keep = _sized("sgmv_shrink_args_t", shrink_args(), ffi.sizeof("sgmv_shrink_args_t") + 8)
+    got, msg, planned = call_shrink(b)
+    assert got == planned == S["SGMV_ERROR_INVALID_ARGUMENT"] and "struct_size" in msg, msg
+
+
+def test_shrink_workspace_too_small_is_not_an_error():
+    """A workspace too small (or none) only reduces the split: the call passes validation."""
+    for ws, n in ((0, 0), (0x80000, 4), (0x80000, 1)):
+        for tokens in (1, 10):
+            a = shrink_args(total_tokens=tokens, batches=1, hidden=4096, inputs_row_stride=4096,
+                            weights_row_stride=4096, weights_lora_stride=16 * 4096, workspace=ws, workspace_bytes=n)
+            c = ffi.new("sgmv_launch_config_t *")
+            assert capi.lib.sgmv_shrink_config(a, 90, c) == 0, ffi.string(capi.lib.sgmv_last_error())
+            assert c.split == 1
+
+
+def test_shrink_args_init_sets_scaling_one():
+    a = ffi.new("sgmv_shrink_args_t *")
+    ffi.memmove(a, b"\xab" * ffi.sizeof("sgmv_shrink_args_t"), ffi.sizeof("sgmv_shrink_args_t"))
+    capi.lib.sgmv_shrink_args_init(a)
+    assert a.struct_size == ffi.sizeof("sgmv_shrink_args_t") and a.scaling == 1.0
+    assert a.num_slices == 0 and a.workspace == ffi.NULL and a.lora_ranks == ffi.NULL and a.rank == 0
+    capi.lib.sgmv_shrink_args_init(ffi.NULL)  # no crash
+
+
+def test_shrink_initialisers_in_c_and_cpp(tmp_path):
+    """SGMV_SHRINK_ARGS_INIT and SGMV_SHRINK_TENSORS_INIT: struct_size set, scaling 1, the rest zero,
+    in C99 and in C++ (where the header uses a template)."""
+    body = ('sgmv_shrink_args_t a = SGMV_SHRINK_ARGS_INIT; sgmv_shrink_tensors_t t = SGMV_SHRINK_TENSORS_INIT; '
+            'sgmv_expand_args_t e = SGMV_EXPAND_ARGS_INIT; '
+            'return !(a.struct_size == sizeof(sgmv_shrink_args_t) && a.scaling == 1.0f && a.num_slices == 0 && '
+            'a.rank == 0 && a.workspace == 0 && t.struct_size == sizeof(sgmv_shrink_tensors_t) && '
+            't.scaling == 1.0f && t.batches == 0 && e.struct_size == sizeof(sgmv_expand_args_t) && '
+            'e.num_slices == 0 && e.lora_ranks == 0);')
+    inc = str(capi.INCLUDE_DIR)
+    for lang, compiler, std in (("c", "gcc", "-std=c99"), ("cpp", "g++", "-std=c++11")):
+        src = tmp_path / f"init.{lang}"
+        src.write_text(f'#include "sgmv.h"\nint main({"void" if lang == "c" else ""}) {{ {body} }}\n')
+        exe = tmp_path / f"init_{lang}"
+        subprocess.run([compiler, std, "-Wall", "-Wextra", "-Werror", "-pedantic", "-I", inc, str(src), "-o",
+                        str(exe)], check=True)
+        r = subprocess.run([str(exe)])
+        assert r.returncode == 0, f"{lang}: an initialiser left a field wrong"
+
+
+def test_shrink_workspace_bytes():
+    """Bytes for every call of up to max_tokens rows: > 0 at decode sizes, no fewer for more rows
+    or columns, and no more past the rows any call splits (test_planner.py checks they suffice)."""
+    ws = capi.lib.sgmv_shrink_workspace_bytes
+    assert all(ws(t, 16) > 0 for t in (1, 2, 8, 64))  # decode sizes split
+    assert ws(513, 16) == ws(8192, 16) == ws(1 << 20, 16) == ws(512, 16)  # calls past 512 rows never split
+    assert ws(-1, 16) == ws(1, -16) == ws(1, 0) == ws(1, 769) == ws(1 << 30, 16) == 0
+    for t in (1, 4, 64, 512):  # more columns, no fewer bytes
+        got = [ws(t, c) for c in (1, 8, 16, 48, 64, 256, 768)]
+        assert got == sorted(got), (t, got)
+    for c in (16, 768):  # it covers every call of up to t rows: no fewer bytes for more rows
+        got = [ws(t, c) for t in (1, 2, 3, 16, 100, 256, 512)]
+        assert got == sorted(got), (c, got)
+
+
+def test_shrink_tensors_rules():
+    """sgmv_shrink_args_from_tensors: the shapes of inputs, weights (3-D and 4-D), output and
+    slices, a slice of another dtype or shape, ranks and scales tensors."""
+    def tensor(t, data, dtype, shape):
+        t.data, t.dtype, t.ndim = ffi.cast("void *", data), S[dtype], len(shape)
+        stride = 1
+        for i in reversed(range(len(shape))):
+            t.shape[i], t.strides[i] = shape[i], stride
+            stride *= shape[i]
+
+    def make(**over):
+        t = ffi.new("sgmv_shrink_tensors_t *")
+        t.struct_size, t.scaling = ffi.sizeof("sgmv_shrink_tensors_t"), 1.0
+        spec = dict(inputs=((10, 64), "SGMV_DTYPE_FLOAT16"), weights=((2, 16, 64), "SGMV_DTYPE_FLOAT16"),
+                    output=((10, 16), "SGMV_DTYPE_FLOAT16"), seq_start=((2,), "SGMV_DTYPE_INT32"),
+                    seq_len=((2,), "SGMV_DTYPE_INT32"), lora_indices=((2,), "SGMV_DTYPE_INT32"))
+        spec.update({k: v for k, v in over.items() if k in spec})
+        for i, (name, (shape, dtype)) in enumerate(spec.items()):
+            tensor(getattr(t, name), 0x10000 * (i + 1), dtype, shape)
+        t.batches, t.max_seq_length = 2, 5
+        t.num_slices = over.get("num_slices", 0)
+        for i, (shape, dtype) in enumerate(over.get("slices", [])):
+            tensor(t.slice_weights[i], 0xA0000 + 0x10000 * i, dtype, shape)
+        for name in ("lora_ranks", "lora_scales"):
+            if name in over:
+                tensor(getattr(t, name), 0xF0000, *over[name][::-1])
+        a = ffi.new("sgmv_shrink_args_t *")
+        status = capi.lib.sgmv_shrink_args_from_tensors(t, a)
+        return status, ffi.string(capi.lib.sgmv_last_error()).decode() if status else "", a
+
+    status, msg, a = make()
+    assert status == 0, msg
+    assert (a.total_tokens, a.hidden, a.rank, a.num_loras, a.scaling) == (10, 64, 16, 2, 1.0)
+    assert (a.inputs_row_stride, a.weights_lora_stride, a.weights_row_stride, a.output_row_stride) == (64, 1024, 64, 16)
+    status, msg, a = make(weights=((2, 1, 16, 64), "SGMV_DTYPE_FLOAT16"))
+    assert status == 0 and (a.rank, a.hidden, a.weights_row_stride) == (16, 64, 64), msg
+    fp16 = "SGMV_DTYPE_FLOAT16"
+    two = dict(num_slices=2, output=((10, 32), fp16))
+    status, msg, a = make(**two, slices=[((2, 16, 64), fp16)])
+    assert status == 0 and a.num_slices == 2 and a.slices[0].rows == 16, msg
+    assert a.slices[0].lora_stride == 1024 and a.slices[0].row_stride == 64
+    status, msg, a = make(lora_ranks=((2,), "SGMV_DTYPE_INT32"), lora_scales=((3,), "SGMV_DTYPE_FLOAT32"))
+    assert status == 0 and a.lora_ranks != ffi.NULL and a.lora_scales != ffi.NULL, msg
+    bad = [  # (overrides, status, pattern of the message)
+        (dict(**two, slices=[((2, 16, 64), "SGMV_DTYPE_BFLOAT16")]), "SGMV_ERROR_UNSUPPORTED_DTYPE", "slice"),
+        (dict(**two, slices=[((2, 8, 64), fp16)]), "SGMV_ERROR_INVALID_ARGUMENT", "rank"),
+        (dict(**two, slices=[((2, 16, 32), fp16)]), "SGMV_ERROR_INVALID_ARGUMENT", "hidden"),
+        (dict(**two, slices=[((3, 16, 64), fp16)]), "SGMV_ERROR_INVALID_ARGUMENT", "num_loras|adapters"),
+        (dict(num_slices=2, slices=[((2, 16, 64), fp16)]), "SGMV_ERROR_INVALID_ARGUMENT", "output"),
+        (dict(inputs=((10, 32), fp16)), "SGMV_ERROR_INVALID_ARGUMENT", "hidden"),
+        (dict(output=((9, 16), fp16)), "SGMV_ERROR_INVALID_ARGUMENT", "output"),
+        (dict(num_slices=4), "SGMV_ERROR_INVALID_ARGUMENT", "num_slices"),
+        (dict(lora_ranks=((1,), "SGMV_DTYPE_INT32")), "SGMV_ERROR_INVALID_ARGUMENT", "lora_ranks"),
+        (dict(lora_ranks=((2,), "SGMV_DTYPE_INT64")), "SGMV_ERROR_UNSUPPORTED_DTYPE", "lora_ranks"),
+        (dict(lora_scales=((2,), "SGMV_DTYPE_FLOAT16")), "SGMV_ERROR_UNSUPPORTED_DTYPE", "lora_scales"),
+        (dict(lora_scales=((1,), "SGMV_DTYPE_FLOAT32")), "SGMV_ERROR_INVALID_ARGUMENT", "lora_scales"),
+    ]
+    wrong = []
+    for over, want, word in bad:
+        status, msg, _ = make(**over)
+        if not (status == S[want] and re.search(word, msg)):
+            wrong.append((over, status, msg))
+    assert not wrong, wrong
+
+
+# Expand's 0.3 fields.
+
+def expand_with_slices(slices, **over):
+    return set_slices(valid_args(**over), slices)
+
+
+def expand_slice(weights=0x90000, rows=32, row_stride=16, lora_stride=32 * 16):
+    return dict(weights=weights, rows=rows, row_stride=row_stride, lora_stride=lora_stride)
+
+
+BAD_EXPAND_SLICES = [
+    (dict(num_slices=4, inputs_row_stride=64), [], "num_slices"),
+    (dict(num_slices=-1), [], "num_slices"),
+    (dict(num_slices=2, inputs_row_stride=32, output_row_stride=96), [expand_slice(weights=0)],
+     "slice.*NULL|NULL.*slice"),
+    (dict(num_slices=2, inputs_row_stride=32, output_row_stride=96), [expand_slice(rows=0)],
+     r"slice.*(rows|hidden)|hidden.*slice"),
+    (dict(num_slices=2, inputs_row_stride=32, output_row_stride=96), [expand_slice(row_stride=8)],
+     r"slice.*row.stride"),
+    (dict(num_slices=2, inputs_row_stride=32, output_row_stride=96), [expand_slice(lora_stride=100)],
+     r"slice.*lora.stride"),
+    (dict(num_slices=2, inputs_row_stride=16, output_row_stride=96), [expand_slice()], "inputs_row_stride"),
+    (dict(num_slices=2, inputs_row_stride=32, output_row_stride=64), [expand_slice()], "output_row_stride"),
+]
+
+
+@pytest.mark.parametrize("over,slices,word", BAD_EXPAND_SLICES, ids=lambda v: _ids(v) if isinstance(v, dict) else
+                         None)
+def test_expand_bad_slices(over, slices, word):
+    a = expand_with_slices(slices, **over)
+    got, msg = call(a)
+    assert got == S["SGMV_ERROR_INVALID_ARGUMENT"] and re.search(word, msg) and msg.startswith("sgmv_expand"), msg
+    c = ffi.new("sgmv_launch_config_t *")
+    assert capi.lib.sgmv_expand_config(a, 90, c) == got
+
+
+def test_expand_v02_struct_is_still_accepted():
+    """A caller built against 0.2's header passes a shorter struct: the 0.3 fields it lacks take
+    their defaults (one slice, no ranks) whatever lies in memory past it."""
+    v02 = ffi.offsetof("sgmv_expand_args_t", "num_slices")
+    full = valid_args()
+    want = ffi.new("sgmv_launch_config_t *")
+    assert capi.lib.sgmv_expand_config(full, 90, want) == 0
+    junk = valid_args(num_slices=7)  # past the 0.2 size: must be ignored
+    junk.lora_ranks = ffi.cast("void *", 0xDEAD0)
+    b, keep = _sized("sgmv_expand_args_t", junk, v02)
+    got = ffi.new("sgmv_launch_config_t *")
+    assert capi.lib.sgmv_expand_config(b, 90, got) == 0, ffi.string(capi.lib.sgmv_last_error())
+    assert ffi.buffer(got)[:] == ffi.buffer(want)[:]
+    v01 = ffi.offsetof("sgmv_expand_args_t", "batch_plan")
+    b, keep = _sized("sgmv_expand_args_t", junk, v01)
+    assert capi.lib.sgmv_expand_config(b, 90, got) == 0, ffi.string(capi.lib.sgmv_last_error())
+    b, keep = _sized("sgmv_expand_args_t", valid_args(), ffi.sizeof("sgmv_expand_args_t") + 8)
+    status, msg = call(b)
+    assert status == S["SGMV_ERROR_INVALID_ARGUMENT"] and "struct_size" in msg, msg
+
+
+@pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU: the no-driver path cannot be observed")
+def test_shrink_no_driver_status():
+    status, msg, _ = call_shrink(shrink_args())
+    if ctypes.util.find_library("cuda"):
+        assert status in (S["SGMV_ERROR_NO_DEVICE"], S["SGMV_ERROR_NO_DRIVER"]), msg
+    else:
+        assert status == S["SGMV_ERROR_NO_DRIVER"] and "libcuda.so.1" in msg, msg
+
+
+def test_shrink_nothing_to_do_needs_no_driver_nor_pointers():
+    for over in (dict(batches=0, inputs=0, weights=0, output=0), dict(total_tokens=0, seq_start=0, seq_len=0,
+                                                                      lora_indices=0)):
+        status, msg, planned = call_shrink(shrink_args(**over))
+        assert status == planned == 0, msg
+
+
+# Through the fake driver (tests/fake_cuda): an error touches no driver function and launches
+# nothing; a valid call launches what the planner says.
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    from test_faults import build_fake
+    return build_fake(tmp_path_factory.mktemp("fake_cuda"))
+
+
+def _scenario(fake, steps):
+    from test_faults import scenario
+    return scenario(fake, steps)
+
+
+SHRINK_ERRORS = [dict(rank=0), dict(num_slices=4, output_row_stride=64), dict(inputs=0), dict(weights_dtype=2),
+                 dict(struct_size=8)]
+
+
+def test_shrink_errors_touch_no_driver(fake):
+    reports = _scenario(fake, [{"shrink": over} for over in SHRINK_ERRORS])
+    for over, r in zip(SHRINK_ERRORS, reports):
+        assert r["status"] in (S["SGMV_ERROR_INVALID_ARGUMENT"], S["SGMV_ERROR_UNSUPPORTED_DTYPE"]), (over, r)
+        assert sum(r["calls"].values()) == 0, (over, r["calls"])
+
+
+@pytest.mark.parametrize("over", [
+    dict(), dict(with_workspace=True, total_tokens=2, batches=1, hidden=4096, inputs_row_stride=4096,
+                 weights_row_stride=4096, weights_lora_stride=16 * 4096),
+    dict(with_plan=True, num_slices=2, output_row_stride=32, slices=[slice_of()]),
+], ids=["plain", "split", "plan-two-slices"])
+def test_shrink_launches_what_the_planner_says(fake, over):
+    first, second = _scenario(fake, [{"shrink": over}, {"shrink": over}])
+    assert first["status"] == 0 and second["status"] == 0, (first["error"], second["error"])
+    planned = first["planned"]
+    assert planned["status"] == 0 and not planned["noop"]
+    launches = first["calls"]["cuLaunchKernel"]
+    assert launches == planned["steps"] == (2 if planned["split"] > 1 else 1), (launches, planned)
+    assert second["calls"]["cuLaunchKernel"] == 2 * launches
+    if over.get("with_workspace"):
+        assert planned["split"] > 1, planned
+    else:  # one launch: exactly the planned one (a split's second launch sums the partials)
+        assert first["last_launch"]["grid"] == planned["grid"], (first["last_launch"], planned)
+        assert first["last_launch"]["block"] == planned["block"]
+
+
+def test_expand_tensors_v02_struct_is_still_accepted():
+    """sgmv_expand_tensors_t as 0.2's header had it: the slices and ranks it lacks default to one
+    slice and none, whatever lies past it."""
+    t = ffi.new("sgmv_expand_tensors_t *")
+    t.struct_size = ffi.sizeof("sgmv_expand_tensors_t")
+    for i, (name, shape, dtype) in enumerate((("inputs", (10, 16), 0), ("weights", (2, 64, 16), 0),
+                                              ("output", (10, 64), 0), ("seq_start", (2,), 3), ("seq_len", (2,), 3),
+                                              ("lora_indices", (2,), 3))):
+        d = getattr(t, name)
+        d.data, d.dtype, d.ndim = ffi.cast("void *", 0x10000 * (i + 1)), dtype, len(shape)
+        stride = 1
+        for j in reversed(range(len(shape))):
+            d.shape[j], d.strides[j] = shape[j], stride
+            stride *= shape[j]
+    t.batches, t.max_seq_length = 2, 5
+    t.num_slices = 3  # junk past the 0.2 struct
+    t.lora_ranks.data = ffi.cast("void *", 0xDEAD0)
+    b, keep = _sized("sgmv_expand_tensors_t", t, ffi.offsetof("sgmv_expand_tensors_t", "num_slices"))
+    a = ffi.new("sgmv_expand_args_t *")
+    assert capi.lib.sgmv_expand_args_from_tensors(b, a) == 0, ffi.string(capi.lib.sgmv_last_error())
+    assert a.num_slices <= 1 and a.lora_ranks == ffi.NULL and (a.hidden, a.rank) == (64, 16)

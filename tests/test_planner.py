@@ -201,3 +201,216 @@ def test_plan_metadata_rules():
     p.lora_indices.shape[0] = 7
     assert L.sgmv_batch_plan_build(p) == S["SGMV_ERROR_INVALID_ARGUMENT"]
     assert "lora_indices has 7 entries, fewer than batches = 8" in ffi.string(L.sgmv_last_error()).decode()
+
+
+# ---- 0.3: shrink, fused slices, per-adapter ranks ---------------------------------------------------
+
+SPLIT_PROGRAMS, MAX_SPLIT, FEW_ROWS = TABLE["split"]  # shrink splits hidden only for calls of <= FEW_ROWS rows
+BIG = 1 << 40  # a workspace larger than any split needs
+
+
+def shrink(tokens=4, hidden=4096, rank=16, slices=1, batches=None, max_seq=1, workspace=0, plan=False, **over):
+    """Valid aligned shrink arguments at fake addresses (the planner never dereferences them)."""
+    a = ffi.new("sgmv_shrink_args_t *")
+    L.sgmv_shrink_args_init(a)
+    batches = tokens if batches is None else batches
+    f = dict(inputs=0x10000, inputs_dtype=S["SGMV_DTYPE_BFLOAT16"], inputs_row_stride=hidden, weights=0x20000,
+             weights_dtype=S["SGMV_DTYPE_BFLOAT16"], weights_lora_stride=rank * hidden, weights_row_stride=hidden,
+             output=0x30000, output_dtype=S["SGMV_DTYPE_FLOAT32"], output_row_stride=slices * rank,
+             total_tokens=tokens, hidden=hidden, rank=rank, num_loras=4, seq_start=0x40000, seq_len=0x50000,
+             lora_indices=0x60000, metadata_dtype=S["SGMV_DTYPE_INT32"], batches=batches, max_seq_length=max_seq,
+             num_slices=slices)
+    if workspace:
+        f.update(workspace=0x80000, workspace_bytes=workspace)
+    if plan:
+        f.update(batch_plan=0x70000, batch_plan_bytes=L.sgmv_batch_plan_bytes(batches, tokens))
+    f.update(over)
+    for k, v in f.items():
+        ftype = dict(ffi.typeof("sgmv_shrink_args_t").fields)[k].type
+        setattr(a, k, ffi.cast(ftype, v) if ftype.kind == "pointer" else v)
+    for s in range(slices - 1):
+        a.slices[s].weights = ffi.cast("void *", 0x90000 + 0x10000 * s)
+        a.slices[s].lora_stride, a.slices[s].row_stride, a.slices[s].rows = rank * hidden, hidden, rank
+    return a
+
+
+def shrink_config(a, arch=90):
+    c = ffi.new("sgmv_launch_config_t *")
+    status = L.sgmv_shrink_config(a, arch, c)
+    assert status == 0, ffi.string(L.sgmv_last_error()).decode()
+    return c
+
+
+def shrink_rule(max_seq, rank, arch="90"):
+    for ms, mr, name, path in TABLE["shrink_rules"][arch]:
+        if (ms is None or max_seq <= ms) and (mr is None or rank <= mr):
+            assert path == "rows"
+            return name
+
+
+def shrink_grouped_rule(rows, rank, arch="90"):
+    for mx, mr, name in TABLE["shrink_grouped_rules"][arch]:
+        if (mx is None or rows <= mx) and (mr is None or rank <= mr):
+            return name
+
+
+def check_split(c, hidden):
+    """The split rules of sgmv.h: grid[2] programs along hidden, each k_split of it (a multiple of
+    block_k, the last one not empty); a second launch (steps 2) only to sum partials. Unsplit,
+    k_split covers hidden and grid[2] keeps its path's meaning (by segment: row tiles)."""
+    assert c.split >= 1 and c.steps == (2 if c.split > 1 else 1)
+    assert c.split * c.k_split >= hidden > (c.split - 1) * c.k_split
+    if c.split > 1:
+        assert c.grid[2] == c.split and c.k_split % c.block_k == 0
+
+
+SHRINK_SHAPES = [  # (tokens, batches, max_seq, hidden, rank, slices)
+    (1, 1, 1, 4096, 16, 1), (4, 4, 1, 4096, 16, 3), (32, 32, 1, 8192, 64, 1), (64, 8, 8, 4096, 8, 2),
+    (256, 256, 1, 4096, 16, 3), (512, 2, 256, 4096, 128, 1), (513, 3, 300, 4096, 16, 1), (4096, 4, 1024, 4096, 64, 3),
+    (3, 3, 1, 64, 16, 1), (7, 2, 5, 100, 7, 2), (2, 1, 2, 1 << 20, 1, 1), (100, 100, 1, 14336, 256, 1),
+]
+
+
+@pytest.mark.parametrize("plan", [False, True], ids=["no-plan", "plan"])
+@pytest.mark.parametrize("shape", SHRINK_SHAPES, ids=str)
+def test_shrink_split_rules(shape, plan):
+    tokens, batches, max_seq, hidden, rank, slices = shape
+    kw = dict(tokens=tokens, batches=batches, max_seq=max_seq, hidden=hidden, rank=rank, slices=slices, plan=plan)
+    none, big = shrink_config(shrink(**kw)), shrink_config(shrink(**kw, workspace=BIG))
+    for c in (none, big):
+        assert c.op == 1 and not c.noop and ffi.string(c.tile).decode() in TILES
+        assert (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages) == tuple(TILES[ffi.string(c.tile).decode()])
+        check_split(c, hidden)
+    assert none.split == 1  # no workspace, no split
+    if tokens > FEW_ROWS:
+        assert big.split == 1
+    # The column tiles cover every slice's rank columns.
+    assert none.grid[1] * none.block_n >= slices * rank or none.grid[1] >= slices * cdiv(rank, none.block_n)
+
+
+@pytest.mark.parametrize("arch", ffi.string(L.sgmv_archs()).decode().split(","))
+def test_shrink_tiles_and_grids_follow_the_table(arch):
+    """Each kind of call gets its rule's tile, the column tiles of every slice's rank columns, and
+    the rows of its path: decode by segment (one row tile each), flat when it may split, prefill
+    by segment, and adapter-grouped tiles with a plan."""
+    a = int(arch)
+    # decode, 3 slices, no workspace: by segment, one row tile per segment
+    c = shrink_config(shrink(tokens=256, rank=16, slices=3), a)
+    bm, bn, _ = check_tile(c, shrink_rule(1, 16, arch))
+    assert (c.path, c.flat, c.split) == (S["SGMV_PATH_ROWS"], 0, 1)
+    assert tuple(c.grid) == (256, 3 * cdiv(16, bn), 1)
+    # the same with a workspace: flat over all row tiles, split over hidden
+    c = shrink_config(shrink(tokens=256, rank=16, slices=3, workspace=BIG), a)
+    bm, bn, _ = check_tile(c, shrink_rule(1, 16, arch))
+    assert (c.path, c.flat) == (S["SGMV_PATH_ROWS"], 1)
+    assert tuple(c.grid[0:2]) == (cdiv(256, bm) + 256, 3 * cdiv(16, bn)) and c.grid[2] == c.split
+    # prefill: 4 segments of 1024 rows, rank 64, by segment
+    c = shrink_config(shrink(tokens=4096, batches=4, max_seq=1024, rank=64, slices=2, workspace=BIG), a)
+    bm, bn, _ = check_tile(c, shrink_rule(1024, 64, arch))
+    assert (c.path, c.flat, c.split) == (S["SGMV_PATH_ROWS"], 0, 1)
+    assert tuple(c.grid) == (4, 2 * cdiv(64, bn), cdiv(1024, bm))
+    # a plan: tiles of one adapter's rows (4 adapters, 64 rows each)
+    c = shrink_config(shrink(tokens=256, rank=16, slices=2, plan=True), a)
+    bm, bn, _ = check_tile(c, shrink_grouped_rule(cdiv(256, 4), 16, arch))
+    slots = (cdiv(256, ALIGN) + 4) * ALIGN
+    assert c.path == S["SGMV_PATH_GROUPED"] and tuple(c.grid) == (cdiv(min(slots, c.plan_capacity), bm),
+                                                                  2 * cdiv(16, bn), 1)
+    # rank 7 in two slices: 14-column output rows are off the 16-byte alignment
+    c = shrink_config(shrink(tokens=8, rank=7, slices=2), a)
+    check_tile(c, "unaligned")
+
+
+def test_split_stays_within_the_table_and_the_workspace():
+    for tokens in (1, 2, 7, 64, 300, FEW_ROWS):
+        for slices, rank in ((1, 16), (3, 64), (2, 256)):
+            cols = slices * rank
+            for ws in (BIG, L.sgmv_shrink_workspace_bytes(tokens, cols), 3 * tokens * cols * 4 + 4):
+                c = shrink_config(shrink(tokens=tokens, rank=rank, slices=slices, hidden=8192, workspace=ws))
+                check_split(c, 8192)
+                assert c.split <= MAX_SPLIT and c.split * tokens * cols * 4 <= ws
+
+
+def test_decode_with_a_workspace_splits():
+    for tokens in (1, 4, 16):
+        c = shrink_config(shrink(tokens=tokens, workspace=BIG))
+        assert c.split > 1, tokens
+        check_split(c, 4096)
+
+
+def test_workspace_bytes_allow_every_split_the_planner_uses():
+    """sgmv_shrink_workspace_bytes(T, C) lets every call of up to T rows and C columns split as with
+    an unlimited workspace; fewer bytes never raise the split."""
+    for T in (1, 3, 16, 64, 200, 512):
+        for C in (16, 48, 192, 768):
+            n = L.sgmv_shrink_workspace_bytes(T, C)
+            for t in sorted({1, max(1, T // 2), T}):
+                for rank, slices in ((C, 1), (C // 3, 3), (16, 1)):
+                    if rank > 256 or rank * slices > C:
+                        continue
+                    for hidden in (4096, 14336):
+                        kw = dict(tokens=t, hidden=hidden, rank=rank, slices=slices)
+                        want = shrink_config(shrink(**kw, workspace=BIG)).split
+                        got = shrink_config(shrink(**kw, workspace=n)).split
+                        assert got == want, (T, C, t, rank, slices, hidden, n, got, want)
+                        if n > 1:
+                            less = shrink_config(shrink(**kw, workspace=n // 2)).split
+                            assert 1 <= less <= want
+
+
+def test_shrink_grid_and_path_like_expand_rows():
+    """Without a plan shrink takes a row path; with one (and not uniform prefill) the grouped path."""
+    c = shrink_config(shrink(tokens=256, batches=256, plan=True))
+    assert c.path == S["SGMV_PATH_GROUPED"] and c.plan_capacity > 0
+    c = shrink_config(shrink(tokens=256, batches=256))
+    assert c.path in (S["SGMV_PATH_ROWS"], S["SGMV_PATH_SHORT"])
+
+
+def test_shrink_noop_and_arch():
+    for over in (dict(batches=0), dict(tokens=0, batches=3)):
+        c = ffi.new("sgmv_launch_config_t *")
+        assert L.sgmv_shrink_config(shrink(**over), 75, c) == 0 and c.noop == 1
+    c = ffi.new("sgmv_launch_config_t *")
+    assert L.sgmv_shrink_config(shrink(), 75, c) == S["SGMV_ERROR_UNSUPPORTED_ARCH"]
+    for arch in ffi.string(L.sgmv_archs()).decode().split(","):
+        check_split(shrink_config(shrink(workspace=BIG), int(arch)), 4096)
+
+
+def expand_slices(hiddens, rank=16, lora_ranks=False, **over):
+    a = args(rank=rank, hidden=hiddens[0], inputs_row_stride=len(hiddens) * rank, weights_row_stride=rank,
+             weights_lora_stride=hiddens[0] * rank, output_row_stride=sum(hiddens), **over)
+    a.num_slices = len(hiddens)
+    for s, h in enumerate(hiddens[1:]):
+        a.slices[s].weights = ffi.cast("void *", 0x90000 + 0x100000 * s)
+        a.slices[s].lora_stride, a.slices[s].row_stride, a.slices[s].rows = h * rank, rank, h
+    if lora_ranks:
+        a.lora_ranks = ffi.cast("void *", 0xB0000)
+    return a
+
+
+@pytest.mark.parametrize("hiddens", [[4096], [4096, 1024, 1024], [14336, 14336], [64, 5, 130], [8, 4096]], ids=str)
+@pytest.mark.parametrize("max_seq", [1, 16, 1024])
+def test_fused_slices_cover_every_slice(hiddens, max_seq):
+    tokens = 1024 if max_seq == 1024 else 256
+    batches = 1 if max_seq == 1024 else 256 // max_seq
+    status, c, msg = config(expand_slices(hiddens, total_tokens=tokens, batches=batches, max_seq_length=max_seq))
+    assert status == 0, msg
+    assert c.grid[1] == sum(cdiv(h, c.block_n) for h in hiddens)
+    assert c.op == 0 and c.split == 1 and c.steps == 1
+    # Any slice off the alignment takes the unaligned tile, as one call of that shape would.
+    aligned = all(h % 8 == 0 for h in hiddens)
+    if not aligned:
+        assert ffi.string(c.tile).decode() == "unaligned"
+    else:
+        status, one, _ = config(args(rank=16, hidden=hiddens[0], output_row_stride=hiddens[0], total_tokens=tokens,
+                                     batches=batches, max_seq_length=max_seq, weights_lora_stride=hiddens[0] * 16))
+        assert ffi.string(c.tile) == ffi.string(one.tile) and c.path == one.path
+
+
+@pytest.mark.parametrize("rank", [16, 64, 7])
+def test_lora_ranks_turn_even_k_off(rank):
+    for plan in (False, True):
+        over = dict(batch_plan=0x70000, batch_plan_bytes=L.sgmv_batch_plan_bytes(256, 256)) if plan else {}
+        status, c, msg = config(expand_slices([4096, 1024], rank=rank, lora_ranks=True, **over))
+        assert status == 0 and c.even_k == 0, msg
+        status, c2, msg = config(expand_slices([4096, 1024], rank=rank, **over))
+        assert status == 0 and c2.even_k == int(rank % c2.block_k == 0), msg

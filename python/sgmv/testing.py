@@ -217,16 +217,220 @@ def expected(args):
     return exp, written
 
 
-def check(args, buf_before, buf_after, exp, written, what):
-    """Raises CheckFailed unless every element of the written rows of the output view lies within
-    TOL of the float64 result `exp` and every other element of the buffer is bitwise unchanged.
-    Returns the worst written element's error as a fraction of its tolerance (below 1; 0.0 when
-    nothing is written)."""
+# ---- shrink, fused slices and per-adapter ranks and scales -----------------------------------
+
+# Shrink's inputs are the weights' dtype; its output is that dtype or fp32.
+SHRINK_DTYPES = ("fp16", "fp16-fp32out", "bf16", "bf16-fp32out")
+# Shrink sums `hidden` products (thousands), not <= 256: the fp32 budget above does not cover it.
+# Each fp32 addition errs by at most 2^-24 of a partial sum, itself at most the sum of the
+# products' magnitudes S = sum_k |x_k a_k|; these sums err like a random walk of a few ulps of S
+# (about 1e-6 of S at hidden 4096), so 2^-18 * S (4e-6 S: 64 ulps of S) leaves room for the
+# blocking and the split-K partials while still failing one missing or doubled product block.
+_SHRINK_SLACK = 2.0**-18
+
+
+@dataclasses.dataclass
+class LoraCase:
+    """A shrink or a (fused-slice) expand call. hiddens: one entry per slice: expand, each slice's
+    output columns; shrink, the inputs' width (all equal). Shrink writes num_slices * rank
+    columns, expand reads them."""
+    name: str
+    op: str  # "shrink" or "expand"
+    rank: int
+    hiddens: list
+    lens: list
+    idx: list
+    num_loras: int
+    dtypes: str
+    meta_dtype: torch.dtype
+    add_inputs: bool = False  # expand
+    scaling: float = 1.0  # shrink
+    lora_ranks: list = None  # per adapter (may be 0, negative or > rank), or None
+    lora_scales: list = None  # shrink, per adapter, or None
+    out_slice: bool = False  # output is a column slice of a wider buffer
+    strided_inputs: bool = False  # inputs are a column slice of a wider buffer
+    weights_4d: bool = False  # (num_loras, 1, rows, cols) weights
+    starts: list = None
+    max_seq_length: int = None
+    total_tokens: int = None
+    seed: int = 0
+
+    def __str__(self):
+        return f"{self.op}-{self.dtypes}-{self.name}"
+
+
+def _lora_ranks(rank, num_loras, lens, idx, rng):
+    """Ranks per adapter, every kind: full, larger than rank, partial, 1, 0 (skipped), negative
+    (skipped); the adapter of the longest segment gets a partial rank, so something is written."""
+    kinds = [rank, rank + 3, max(1, rank // 2), 1, 0, -2]
+    ranks = [rng.choice(kinds) for _ in range(num_loras)]
+    longest = max((n, a) for n, a in zip(lens, idx) if 0 <= a < num_loras)[1]
+    ranks[longest] = max(1, (rank + 1) // 2)
+    return ranks
+
+
+def _lora_scales(num_loras, rng):
+    return [round(rng.uniform(-2, 2), 3) for _ in range(num_loras)]
+
+
+# Shapes of the suite. Shrink: (rank, hidden, slices); expand: (rank, slice hiddens). On the GPU
+# the model shapes too (QKV of an 8B model, gate/up, hidden 4096 and 14336).
+_SHRINK_CPU = [(16, 6, 1), (7, 42, 2), (64, 123, 3), (1, 431, 1), (33, 4096, 2), (16, 4096, 1), (64, 431, 3),
+               (8, 4096, 3), (24, 42, 1), (1, 123, 2)]
+_SHRINK_GPU = [(r, h, s) for r in (1, 8, 16, 24, 64, 128, 256) for h, s in
+               ((6, 1), (123, 3), (431, 2), (4096, 3), (4097, 1), (14336, 1), (4096, 2))]
+_EXPAND_CPU = [(16, [96, 40]), (7, [128, 40, 24]), (64, [6, 123, 64]), (1, [200]), (24, [64, 64]),
+               (33, [431, 8]), (8, [64, 32, 32]), (16, [4096])]
+_EXPAND_GPU = [(r, hs) for r in (1, 8, 16, 24, 64, 128, 256) for hs in
+               ([4096], [4096, 1024, 1024], [14336, 14336], [6, 123, 431], [4097, 64], [64, 4096, 8])]
+
+
+def make_lora_cases(gpu):
+    """Shrink and fused-slice expand cases: each shape in two dtype patterns (one per weights
+    dtype), with the layout, metadata dtype, per-adapter ranks, scales, add_inputs and strided
+    views rotating over the shapes; fresh data per case. Under the interpreter (gpu False), a few
+    small shapes (its cost grows with grid x hidden)."""
+    rng = random.Random(20261125)
+    cases = []
+    shrink = _SHRINK_GPU if gpu else _SHRINK_CPU
+    expand = _EXPAND_GPU if gpu else _EXPAND_CPU
+    for n, shape in enumerate([("shrink",) + s for s in shrink] + [("expand",) + s for s in expand]):
+        op, rank = shape[0], shape[1]
+        layout = LAYOUTS[n % len(LAYOUTS)]
+        lens = _lens(layout, rng, gpu)
+        num_loras = rng.randint(1, 4)
+        idx = _indices(len(lens), num_loras, rng)
+        if not any(n and 0 <= a < num_loras for n, a in zip(lens, idx)):  # something to write
+            idx[lens.index(max(lens))] = 0
+        if op == "shrink":
+            hiddens = [shape[2]] * shape[3]
+            patterns = [SHRINK_DTYPES[n % 2], SHRINK_DTYPES[2 + n % 2]]
+        else:
+            hiddens = shape[2]
+            p = _PATTERNS[n % len(_PATTERNS)][0]
+            patterns = [p.format(w=w) for w in _WEIGHTS]
+        ranks = _lora_ranks(rank, num_loras, lens, idx, rng) if n % 3 != 1 else None
+        scales = _lora_scales(num_loras, rng) if op == "shrink" and n % 2 == 0 else None
+        for dt in patterns:
+            cases.append(LoraCase(
+                name=f"r{rank}-h{'+'.join(map(str, hiddens))}-{layout}{'-ranks' if ranks else ''}"
+                     f"{'-scales' if scales else ''}",
+                op=op, rank=rank, hiddens=hiddens, lens=lens, idx=idx, num_loras=num_loras, dtypes=dt,
+                meta_dtype=(torch.int32, torch.int64)[n % 2], add_inputs=op == "expand" and n % 3 != 0,
+                scaling=(1.0, 0.5, -1.25)[n % 3] if op == "shrink" else 1.0, lora_ranks=ranks,
+                lora_scales=scales, out_slice=n % 4 == 2, strided_inputs=n % 5 == 3, weights_4d=n % 7 == 4,
+                seed=30000 + len(cases)))
+    return cases
+
+
+def lora_needs_bf16_dot(case):
+    return DTYPES[case.dtypes][1] == torch.bfloat16
+
+
+def build_lora(case, device):
+    """Fresh inputs for a LoraCase: (positional args of sgmv_shrink / sgmv_expand, keyword args
+    (lora_ranks, lora_scales), the whole output buffer). Weights are one tensor for one slice, a
+    tuple for several. With per-adapter ranks, the inputs columns an expand must not read (past
+    its adapter's rank, in each slice) hold NaN."""
+    g = torch.Generator().manual_seed(case.seed * 7919 + 3)
+    xd, wd, od = DTYPES[case.dtypes]
+    starts = case.starts if case.starts is not None else [sum(case.lens[:i]) for i in range(len(case.lens))]
+    total = case.total_tokens if case.total_tokens is not None else sum(case.lens)
+    S, R, L = len(case.hiddens), case.rank, case.num_loras
+    shrink = case.op == "shrink"
+    k = case.hiddens[0] if shrink else S * R  # inputs columns
+    x = torch.randn(total, k + (3 if case.strided_inputs else 0), generator=g)
+    if not shrink and case.lora_ranks is not None:
+        for s0, n, i in zip(starts, case.lens, case.idx):
+            if 0 <= i < L and case.lora_ranks[i] < R:
+                for s in range(S):
+                    x[max(s0, 0):max(s0 + n, 0), s * R + max(case.lora_ranks[i], 0):(s + 1) * R] = float("nan")
+    x = x.to(xd)[:, :k]
+    if shrink:  # (L, rank, hidden), unit-scale results
+        ws = [torch.randn(L, R, case.hiddens[0], generator=g) / case.hiddens[0] ** 0.5 for _ in range(S)]
+    else:
+        ws = [torch.randn(L, h, R, generator=g) / R ** 0.5 for h in case.hiddens]
+    ws = [w.to(wd).to(device) for w in ws]
+    if case.weights_4d:
+        ws = [w.unsqueeze(1) for w in ws]
+    cols = S * R if shrink else sum(case.hiddens)
+    pad = 5 if case.out_slice else 0
+    if case.add_inputs:
+        buf = torch.randn(total, cols + 2 * pad, generator=g).to(od)
+    else:
+        buf = torch.full((total, cols + 2 * pad), float("nan"), dtype=od)
+    buf = buf.to(device)
+    out = buf[:, pad:pad + cols] if pad else buf
+    meta = [torch.tensor(v, dtype=case.meta_dtype, device=device) for v in (starts, case.lens, case.idx)]
+    max_seq = case.max_seq_length if case.max_seq_length is not None else max(case.lens, default=0)
+    weights = ws[0] if S == 1 else tuple(ws)
+    last = case.scaling if shrink else case.add_inputs
+    kw = {}
+    if case.lora_ranks is not None:
+        kw["lora_ranks"] = torch.tensor(case.lora_ranks, dtype=torch.int32, device=device)
+    if case.lora_scales is not None:
+        kw["lora_scales"] = torch.tensor(case.lora_scales, dtype=torch.float32, device=device)
+    return (x.to(device), weights, out, *meta, len(case.lens), max_seq, last), kw, buf
+
+
+def expected_lora(op, args, kw):
+    """(float64 result, mask of the elements written, slack or None), computed independently of
+    the library from the call's own tensors. Shrink: scaling and lora_scales are the fp32 values
+    the kernel multiplies by; slack is _SHRINK_SLACK * |scale| * sum_k |x_k a_k| per element."""
+    x, weights, out, starts, lens, idx, batches, _, last = args
+    ws = [w.cpu().double() for w in (weights if isinstance(weights, (tuple, list)) else (weights,))]
+    ws = [w.reshape(w.shape[0], w.shape[-2], w.shape[-1]) for w in ws]
+    L, R = ws[0].shape[0], ws[0].shape[1] if op == "shrink" else ws[0].shape[2]
+    ranks = kw.get("lora_ranks")
+    ranks = ranks.tolist()[:L] if ranks is not None else [R] * L
+    scales = kw.get("lora_scales")
+    scales = scales.double().tolist()[:L] if scales is not None else [1.0] * L
+    T = out.shape[0]
+    exp = out.detach().cpu().double().clone()
+    written = torch.zeros(out.shape, dtype=torch.bool)
+    slack = torch.zeros(out.shape, dtype=torch.float64) if op == "shrink" else None
+    xc = x.cpu()
+    for s0, n, a in zip(starts.tolist()[:batches], lens.tolist()[:batches], idx.tolist()[:batches]):
+        e = min(s0 + n, T)
+        if not (0 <= a < L) or s0 < 0 or e <= s0 or ranks[a] <= 0:
+            continue
+        r = min(ranks[a], R)
+        if op == "shrink":
+            scale = torch.tensor(last, dtype=torch.float32).double().item() * scales[a]
+            xs = xc[s0:e].double()
+            for s, w in enumerate(ws):
+                c = slice(s * R, s * R + r)
+                exp[s0:e, c] = scale * (xs @ w[a, :r].T)
+                slack[s0:e, c] = _SHRINK_SLACK * abs(scale) * (xs.abs() @ w[a, :r].abs().T)
+                written[s0:e, c] = True
+        else:
+            xs = xc[s0:e].to(_weights_dtype(weights)).double()  # fp32 inputs: rounded first, as the kernel does
+            col = 0
+            for s, w in enumerate(ws):
+                h = w.shape[1]
+                prod = xs[:, s * R:s * R + r] @ w[a, :, :r].T
+                exp[s0:e, col:col + h] = prod + (exp[s0:e, col:col + h] if last else 0)
+                written[s0:e, col:col + h] = True
+                col += h
+    return exp, written, slack
+
+
+def _weights_dtype(weights):
+    return (weights[0] if isinstance(weights, (tuple, list)) else weights).dtype
+
+
+def check(args, buf_before, buf_after, exp, written, what, slack=None):
+    """Raises CheckFailed unless every written element of the output view lies within TOL of the
+    float64 result `exp` and every other element of the buffer is bitwise unchanged. `written`
+    masks rows (1-D) or elements (2-D: per-adapter ranks leave columns of a written row alone);
+    `slack`, if given, adds a per-element allowance to atol (shrink's long sums, see
+    expected_lora). Returns the worst written element's error as a fraction of its tolerance
+    (below 1; 0.0 when nothing is written)."""
     out = args[2]
     before, after = buf_before.cpu(), buf_after.cpu()
     pad = (after.shape[1] - out.shape[1]) // 2
     cols = slice(pad, pad + out.shape[1])
-    # Bitwise: rows no segment writes, and the columns outside the view.
+    # Bitwise: elements no segment writes, and the columns outside the view.
     untouched = before.clone()
     untouched[:, cols][written] = after[:, cols][written]
     changed = _bits(untouched) != _bits(after)
@@ -237,20 +441,27 @@ def check(args, buf_before, buf_after, exp, written, what):
                           f"{before[r, c].item()!r}")
     if not bool(written.any()):
         return 0.0
-    rows = written.nonzero()[:, 0]
-    got, e = after[:, cols][rows].double(), exp[rows]
+    if written.dim() == 1:
+        rows = written.nonzero()[:, 0]
+        got, e = after[:, cols][rows].double(), exp[rows]
+        mask = torch.ones_like(got, dtype=torch.bool)
+        slack = None if slack is None else slack[rows]
+    else:
+        rows = torch.arange(out.shape[0])
+        got, e, mask = after[:, cols].double(), exp, written
     atol, rtol = TOL[out.dtype]
-    tol = atol + rtol * e.abs()
+    tol = atol + rtol * e.abs() + (0 if slack is None else slack)
     err = (got - e).abs()
-    bad = ~(err <= tol)  # NaN and inf fail here
+    bad = ~(err <= tol) & mask  # NaN and inf fail here
     if bool(bad.any()):
-        nonfinite = ~torch.isfinite(got)  # named first: unwritten poison (NaN) shows up here
+        nonfinite = ~torch.isfinite(got) & mask  # named first: unwritten poison (NaN) shows up here
         i, c = _first(nonfinite if bool(nonfinite.any()) else bad)
-        raise CheckFailed(f"{what}: {int(bad.sum())} of {bad.numel()} written elements wrong, "
+        raise CheckFailed(f"{what}: {int(bad.sum())} of {int(mask.sum())} written elements wrong, "
                           f"{int(nonfinite.sum())} of them non-finite (allowed: |got - expected| <= {atol:g} + "
-                          f"{rtol:.3g} * |expected| for {_name(out.dtype)}); first at output ({int(rows[i])}, {c}): "
-                          f"got {got[i, c].item()!r}, expected {e[i, c].item()!r}, tolerance {tol[i, c].item():.3g}")
-    return (err / tol).max().item()
+                          f"{rtol:.3g} * |expected|{'' if slack is None else ' + slack'} for {_name(out.dtype)}); "
+                          f"first at output ({int(rows[i])}, {c}): got {got[i, c].item()!r}, expected "
+                          f"{e[i, c].item()!r}, tolerance {tol[i, c].item():.3g}")
+    return (err / tol)[mask].max().item()
 
 
 def _first(mask):
@@ -260,7 +471,9 @@ def _first(mask):
 def _where(written, r, c, cols):
     if c < cols.start or c >= cols.stop:
         return ", a column outside the output view"
-    return ", a row no segment writes" if not bool(written[r]) else ""
+    if not bool(written[r].any()):
+        return ", a row no segment writes"
+    return ", a column past its adapter's rank" if written.dim() == 2 else ""
 
 
 def _name(dtype):

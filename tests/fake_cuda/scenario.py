@@ -8,6 +8,8 @@ Steps, in order:
                                              code c (default: that function's usual error)
     {"call": {field: value, ...}}           sgmv_expand on valid arguments with these fields changed
     {"plan": {field: value, ...}}           sgmv_batch_plan_build for the metadata of those arguments
+    {"shrink": {field: value, ...}}         sgmv_shrink on valid arguments (SHRINK) with these fields
+                                             changed ("with_workspace": the workspace it may split into)
     {"device_arch": ordinal}                 sgmv_device_arch
 Prints one JSON line: for each step that calls the library, its status, sgmv_last_error(), the
 launch the planner gives that call at sm_90 (sgmv_expand_config, sgmv_batch_plan_config) and the
@@ -53,6 +55,14 @@ VALID = dict(inputs=0x10000, inputs_dtype="SGMV_DTYPE_FLOAT16", inputs_row_strid
 
 
 PLAN = 0x70000  # a fake device address for the batch plan
+WORKSPACE = 0x80000  # and for a shrink's workspace
+
+# A valid shrink: 10 tokens of fp16, hidden 64, rank 16, two adapters, two segments, scaling 1.
+SHRINK = dict(inputs=0x10000, inputs_dtype="SGMV_DTYPE_FLOAT16", inputs_row_stride=64, weights=0x20000,
+              weights_dtype="SGMV_DTYPE_FLOAT16", weights_lora_stride=16 * 64, weights_row_stride=64,
+              output=0x30000, output_dtype="SGMV_DTYPE_FLOAT16", output_row_stride=16, total_tokens=10,
+              hidden=64, rank=16, num_loras=2, seq_start=0x40000, seq_len=0x50000, lora_indices=0x60000,
+              metadata_dtype="SGMV_DTYPE_INT32", batches=2, max_seq_length=5, scaling=1.0)
 
 
 def fill(ctype, values, into=None):
@@ -67,6 +77,10 @@ def fill(ctype, values, into=None):
         if isinstance(value, dict):
             fill(ftype.cname, value, getattr(a, name))
             continue
+        if isinstance(value, list) and value and isinstance(value[0], dict):  # an array of structs: slices
+            for i, v in enumerate(value):
+                fill(ftype.item.cname, v, getattr(a, name)[i])
+            continue
         if isinstance(value, str):
             value = getattr(capi.lib, value)
         setattr(a, name, ffi.cast(ftype, value) if ftype.kind == "pointer" else value)
@@ -79,6 +93,18 @@ def expand_args(**over):
         values.update(batch_plan=PLAN, batch_plan_bytes=capi.lib.sgmv_batch_plan_bytes(values["batches"],
                                                                                          values["total_tokens"]))
     return fill("sgmv_expand_args_t", values)
+
+
+def shrink_args(**over):
+    values = {**SHRINK, **over}
+    if values.pop("with_plan", False):
+        values.update(batch_plan=PLAN, batch_plan_bytes=capi.lib.sgmv_batch_plan_bytes(values["batches"],
+                                                                                         values["total_tokens"]))
+    if values.pop("with_workspace", False):
+        cols = max(1, values.get("num_slices", 1)) * values["rank"]
+        values.update(workspace=WORKSPACE,
+                      workspace_bytes=capi.lib.sgmv_shrink_workspace_bytes(values["total_tokens"], cols))
+    return fill("sgmv_shrink_args_t", values)
 
 
 def plan_args(**over):
@@ -97,7 +123,8 @@ def planned(config_fn, args):
     c = ffi.new("sgmv_launch_config_t *")
     c.struct_size = ffi.sizeof("sgmv_launch_config_t")
     status = config_fn(args, 90, c)
-    return dict(status=int(status), noop=c.noop, grid=list(c.grid), block=[32 * c.num_warps, 1, 1])
+    return dict(status=int(status), noop=c.noop, grid=list(c.grid), block=[32 * c.num_warps, 1, 1], steps=c.steps,
+                split=c.split)
 
 
 def fake_counters(fake):
@@ -130,6 +157,10 @@ def main(steps):
             args = expand_args(**step["call"])
             status = capi.lib.sgmv_expand(args)
             extra = dict(planned=planned(capi.lib.sgmv_expand_config, args))
+        elif "shrink" in step:
+            args = shrink_args(**step["shrink"])
+            status = capi.lib.sgmv_shrink(args)
+            extra = dict(planned=planned(capi.lib.sgmv_shrink_config, args))
         elif "plan" in step:
             args = plan_args(**step["plan"])
             status = capi.lib.sgmv_batch_plan_build(args)
