@@ -344,7 +344,10 @@ static int check_tensors(const char *fn, const sgmv_tensor_t *const all[6], cons
     snprintf(name, sizeof name, s ? "slice_weights[%d]" : "weights", s - 1);
     if (s && (w->ndim < 1 || w->ndim > 4)) return INVALID("%s: %s must have 1 to 4 dimensions", fn, name);
     if ((status = weight_stack(fn, name, w, &l, &r, &k, &slices[s]))) return status;
-    if (s && (w->dtype != all[1]->dtype || l != loras[0] || k != cols[0]))
+    if (s && w->dtype != all[1]->dtype)
+      return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE, "%s: %s must have weights' dtype %s, got %s", fn, name,
+                            dtype_name(all[1]->dtype), dtype_name(w->dtype));
+    if (s && (l != loras[0] || k != cols[0]))
       return INVALID("%s: %s must match weights' dtype, adapters and %s (%s, %lld, %lld), got (%s, %lld, %lld)", fn,
                      name, fn[5] == 'e' ? "rank" : "hidden", dtype_name(all[1]->dtype), (long long)loras[0],
                      (long long)cols[0], dtype_name(w->dtype), (long long)l, (long long)k);

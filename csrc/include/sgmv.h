@@ -232,8 +232,8 @@ SGMV_API void sgmv_shrink_args_init(sgmv_shrink_args_t *args);
 SGMV_API sgmv_status_t sgmv_shrink(const sgmv_shrink_args_t *args);
 
 /* Workspace bytes that let every shrink call of up to max_tokens rows and output_columns
- * (num_slices * rank) columns split over hidden as the planner likes; 0 when no such call splits
- * (many rows) or on bad sizes. */
+ * (num_slices * rank) columns split over hidden as the planner likes (calls of many rows never
+ * split: the bytes stop growing there); 0 on bad sizes. */
 SGMV_API size_t sgmv_shrink_workspace_bytes(int64_t max_tokens, int64_t output_columns);
 
 /* sgmv_shrink's arguments as tensors: inputs (total_tokens, hidden); weights (num_loras, rank,
@@ -309,8 +309,8 @@ typedef struct {
   int64_t plan_capacity;         /* row slots of the batch plan */
   uint32_t grid[3];
   /* ---- end of version 0.2 ---- */
-  int32_t split;                 /* shrink: programs along hidden (grid[2]); 1: none */
-  int64_t k_split;               /* hidden per split program, a multiple of block_k */
+  int32_t split;                 /* shrink: programs along hidden (then grid[2]); 1: none */
+  int64_t k_split;               /* hidden per split program, a multiple of block_k (no split: hidden) */
   int32_t op;                    /* 0 expand, 1 shrink: the kernel's SHRINK constexpr */
   int64_t x_slice_step;          /* inputs columns between fused slices (expand with slices: rank) */
 } sgmv_launch_config_t;

@@ -143,6 +143,34 @@ def cmd_check(args):
             except Exception as e:  # a path that raises has failed too: report it, check the rest
                 failed = True
                 _row(case.name, name, result=f"FAILED: {type(e).__name__}: {e}")
+    # Shrink, fused slices and per-adapter ranks and scales: eight calls spread over that suite.
+    lora = testing.make_lora_cases(gpu=device == "cuda")
+    for case in lora[::max(1, len(lora) // 8)]:
+        if device == "cpu" and testing.lora_needs_bf16_dot(case):
+            _row(str(case), "jit", result="not checked (bf16 on the interpreter)")
+            continue
+        op = "sgmv_" + case.op
+        lora_paths = [("reference", getattr(reference, op)), ("jit", getattr(jit, op))]
+        if device == "cuda":
+            lora_paths.append(("aot", getattr(binding, op)))
+        for name, fn in lora_paths:
+            call_args, kw, buf = testing.build_lora(case, device)
+            before = buf.clone()
+            exp, written, slack = testing.expected_lora(case.op, call_args, kw)
+            t0 = time.perf_counter()
+            try:
+                fn(*call_args, **kw)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                err = testing.check(call_args, before, buf, exp, written, name, slack)
+                _row(str(case), name, f"{err:.2e}", f"{dt * 1e3:.2f}ms", "ok")
+            except testing.CheckFailed as e:
+                failed = True
+                _row(str(case), name, result=f"FAILED: {e}")
+            except Exception as e:
+                failed = True
+                _row(str(case), name, result=f"FAILED: {type(e).__name__}: {e}")
     if failed:
         print("check: FAILED")
         return FAILED
