@@ -130,7 +130,7 @@ def sgmv_kernel(
     x_base = x_ptr + (in1.to(tl.int64) + in2.to(tl.int64)) * x_slice_step
     out_base = out_ptr + col0
     work_base = work_ptr + col0
-    work_stride_m = (N + N1 + N2).to(tl.int64)
+    work_stride_m = tl.zeros((), tl.int64) + N + N1 + N2  # (the JIT may pass these as constants)
 
     # All addresses are formed in int64: 87k tokens x 12288 columns already overflows int32.
     offs_n = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -359,11 +359,10 @@ def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m,
         k_end = K  # a per-adapter rank ends K early (rank 0: nothing written)
         if has_ranks != 0:
             k_end = tl.minimum(tl.load(ranks_ptr + lora), K)
-        if k_end > 0:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, 0, k_end,
-                              BLOCK_K, EVEN_K)
-            _store(acc, prior, out_ptrs, out_mask, add_inputs)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, 0, k_end,
+                          BLOCK_K, EVEN_K)
+        _store(acc, prior, out_ptrs, out_mask & (k_end > 0), add_inputs)
 
 
 _SEARCH = tl.constexpr(256)
