@@ -233,6 +233,8 @@ def _pack_common(mem, offsets, names, tensors, weights, slices_at, optional):
     devices += [_pack(mem, offsets[i], tensors[i], names[i]) for i in range(2, 6)]
     size = _TENSOR.size
     for i in range(1, _MAX_SLICES):
+        if i < len(stacks) and stacks[i] is None:  # None means "absent" only for optional tensors
+            raise TypeError(f"{names[1]}[{i}] must be an array, got None")
         d = _pack_optional(mem, slices_at + (i - 1) * size, stacks[i] if i < len(stacks) else None,
                            f"{names[1]}[{i}]")
         if d is not None:
