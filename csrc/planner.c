@@ -75,8 +75,8 @@ static int read_struct(const char *fn, const char *type, const void *in, size_t 
                    fn, in_size, type, init);
   if (in_size > size)
     return INVALID("%s: args->struct_size is %zu: the caller was built against a newer sgmv.h than this libsgmv %d.%d.%d "
-                   "(%s is %zu bytes); update libsgmv", fn, in_size, SGMV_VERSION_MAJOR, SGMV_VERSION_MINOR,
-                   SGMV_VERSION_PATCH, type, size);
+                   "(struct size %zu); update libsgmv", fn, in_size, SGMV_VERSION_MAJOR, SGMV_VERSION_MINOR,
+                   SGMV_VERSION_PATCH, size);
   memset(out, 0, size);
   memcpy(out, in, in_size);
   *(size_t *)out = size;
@@ -137,10 +137,10 @@ static int check_dtypes(const char *fn, int x, int w, int out, int meta, int x_f
       !(out == w || out == SGMV_DTYPE_FLOAT32))
     return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE,
                           "%s: unsupported dtypes (inputs %s, weights %s, output %s, metadata %s): weights are "
-                          "float16 or bfloat16, inputs the weights' dtype%s, output the weights' dtype or float32, "
-                          "metadata int32 or int64",
+                          "float16 or bfloat16, %s, metadata int32 or int64",
                           fn, dtype_name(x), dtype_name(w), dtype_name(out), dtype_name(meta),
-                          x_fp32 ? " or float32" : "");
+                          x_fp32 ? "inputs and output the weights' dtype or float32"
+                                 : "inputs the weights' dtype, output the weights' dtype or float32");
   return SGMV_SUCCESS;
 }
 
@@ -151,12 +151,13 @@ static int check_call(const char *fn, const sgmv_call_t *c) {
   if (status) return status;
   if (c->max_seq_length < 0) return INVALID("%s: max_seq_length must be >= 0, got %lld", fn, (long long)c->max_seq_length);
   int64_t x_cols = c->x_slice_step * (c->num_slices - 1) + c->K;
+  int expand = c->op == SGMV_OP_EXPAND;
   if (c->total_tokens > 1 && c->x_stride < x_cols)
-    return INVALID("%s: inputs_row_stride %lld is smaller than the inputs' %lld columns", fn, (long long)c->x_stride,
-                   (long long)x_cols);
+    return INVALID("%s: inputs_row_stride %lld is smaller than %s %lld", fn, (long long)c->x_stride,
+                   !expand ? "hidden" : c->num_slices > 1 ? "num_slices * rank" : "rank", (long long)x_cols);
   if (c->total_tokens > 1 && c->out_stride < c->out_cols)
-    return INVALID("%s: output_row_stride %lld is smaller than the output's %lld columns", fn,
-                   (long long)c->out_stride, (long long)c->out_cols);
+    return INVALID("%s: output_row_stride %lld is smaller than %s %lld", fn, (long long)c->out_stride,
+                   expand ? "hidden" : "num_slices * rank", (long long)c->out_cols);
   if (c->x_stride < 0 || c->out_stride < 0) return INVALID("%s: strides must be >= 0", fn);
   if (!extent_fits(c->total_tokens, x_cols, c->x_stride) || !extent_fits(c->total_tokens, c->out_cols, c->out_stride))
     return INVALID("%s: a stride is so large that element offsets overflow int64", fn);
@@ -189,7 +190,9 @@ static int check_call(const char *fn, const sgmv_call_t *c) {
   if (c->batches == 0 || c->total_tokens == 0) return SGMV_SUCCESS; /* nothing to do: pointers unused */
   if (!c->x || !c->out) return INVALID("%s: inputs, weights and output must not be NULL", fn);
   for (int s = 0; s < c->num_slices; s++)
-    if (!c->w[s].weights) return INVALID("%s: inputs, weights and output must not be NULL (slice %d)", fn, s);
+    if (!c->w[s].weights)
+      return s ? INVALID("%s: inputs, weights and output must not be NULL (slices[%d])", fn, s - 1)
+               : INVALID("%s: inputs, weights and output must not be NULL", fn);
   if (!c->plan && (!c->seq_start || !c->seq_len || !c->lora_indices))
     return INVALID("%s: seq_start, seq_len and lora_indices must not be NULL", fn);
   return SGMV_SUCCESS;
@@ -217,9 +220,11 @@ int sgmv_expand_call(const sgmv_expand_args_t *args, sgmv_call_t *c) {
   c->w[0] = (sgmv_slice_t){a.weights, a.weights_lora_stride, a.weights_row_stride, a.hidden};
   for (int s = 1; s < c->num_slices; s++) c->w[s] = a.slices[s - 1];
   for (int s = 0; s < c->num_slices; s++) {
+    if ((c->w[s].rows < 1 || c->w[s].rows > SGMV_MAX_HIDDEN) && !s)
+      return INVALID("%s: hidden must be in [1, %d], got %lld", fn, SGMV_MAX_HIDDEN, (long long)c->w[s].rows);
     if (c->w[s].rows < 1 || c->w[s].rows > SGMV_MAX_HIDDEN)
-      return INVALID("%s: hidden must be in [1, %d], got %lld (slice %d)", fn, SGMV_MAX_HIDDEN,
-                     (long long)c->w[s].rows, s);
+      return INVALID("%s: slices[%d].rows (hidden) must be in [1, %d], got %lld", fn, s - 1, SGMV_MAX_HIDDEN,
+                     (long long)c->w[s].rows);
     c->out_cols += c->w[s].rows;
   }
   /* Column tiles of every slice together fit the grid (tiles are >= 64 wide). */

@@ -16,11 +16,13 @@ USER_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 NO_TORCH = "import sys; sys.modules['torch'] = None  # `import torch` now raises ImportError\n"
 WRONG_REFERENCE = """\
 import sgmv.reference
-real = sgmv.reference.sgmv_expand
-def wrong(*args):
-    real(*args)
-    args[2].add_(1)  # every element of the output view off by one
-sgmv.reference.sgmv_expand = wrong
+def wrong(real):
+    def call(*args, **kw):
+        real(*args, **kw)
+        args[2].add_(1)  # every element of the output view off by one
+    return call
+sgmv.reference.sgmv_expand = wrong(sgmv.reference.sgmv_expand)
+sgmv.reference.sgmv_shrink = wrong(sgmv.reference.sgmv_shrink)
 """
 
 
