@@ -297,7 +297,7 @@ typedef enum { SGMV_PATH_ROWS = 0, SGMV_PATH_SHORT = 1, SGMV_PATH_GROUPED = 2 } 
 typedef struct {
   size_t struct_size;
   int32_t noop;                  /* 1: nothing to launch (no rows) */
-  const char *kernel;            /* "sgmv_expand_kernel" or "sgmv_plan_kernel" */
+  const char *kernel;            /* "sgmv_kernel" (shrink and expand) or "sgmv_plan_kernel" */
   const char *tile;              /* name in the tile table (aot/tiles.json) */
   int32_t steps;                 /* launches, with the plan kernel's step = 0 .. steps - 1 */
   int32_t block_m, block_n, block_k, num_warps, num_stages;
