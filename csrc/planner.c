@@ -204,27 +204,34 @@ static int check_slices(const char *fn, int32_t num_slices) {
   return SGMV_SUCCESS;
 }
 
+/* What both ops check first: dtypes, the slice count, the rank. */
+static int check_op(const char *fn, int x, int w, int out, int meta, int x_fp32, int32_t num_slices, int64_t rank) {
+  int status = check_dtypes(fn, x, w, out, meta, x_fp32);
+  if (!status) status = check_slices(fn, num_slices);
+  if (!status && (rank < 1 || rank > SGMV_MAX_RANK))
+    status = INVALID("%s: rank must be in [1, %d], got %lld", fn, SGMV_MAX_RANK, (long long)rank);
+  return status;
+}
+
 int sgmv_expand_call(const sgmv_expand_args_t *args, sgmv_call_t *c) {
   const char *fn = "sgmv_expand";
   sgmv_expand_args_t a;
   int status = read_struct(fn, "sgmv_expand_args_t", args, args ? args->struct_size : 0, EXPAND_ARGS_V0_1, &a,
                            sizeof a);
   if (status) return status;
-  if ((status = check_dtypes(fn, a.inputs_dtype, a.weights_dtype, a.output_dtype, a.metadata_dtype, 1))) return status;
-  if ((status = check_slices(fn, a.num_slices))) return status;
-  if (a.rank < 1 || a.rank > SGMV_MAX_RANK)
-    return INVALID("%s: rank must be in [1, %d], got %lld", fn, SGMV_MAX_RANK, (long long)a.rank);
+  if ((status = check_op(fn, a.inputs_dtype, a.weights_dtype, a.output_dtype, a.metadata_dtype, 1, a.num_slices,
+                         a.rank)))
+    return status;
   memset(c, 0, sizeof *c);
   c->op = SGMV_OP_EXPAND;
   c->num_slices = a.num_slices > 1 ? a.num_slices : 1;
   c->w[0] = (sgmv_slice_t){a.weights, a.weights_lora_stride, a.weights_row_stride, a.hidden};
   for (int s = 1; s < c->num_slices; s++) c->w[s] = a.slices[s - 1];
   for (int s = 0; s < c->num_slices; s++) {
-    if ((c->w[s].rows < 1 || c->w[s].rows > SGMV_MAX_HIDDEN) && !s)
-      return INVALID("%s: hidden must be in [1, %d], got %lld", fn, SGMV_MAX_HIDDEN, (long long)c->w[s].rows);
     if (c->w[s].rows < 1 || c->w[s].rows > SGMV_MAX_HIDDEN)
-      return INVALID("%s: slices[%d].rows (hidden) must be in [1, %d], got %lld", fn, s - 1, SGMV_MAX_HIDDEN,
-                     (long long)c->w[s].rows);
+      return s ? INVALID("%s: slices[%d].rows (hidden) must be in [1, %d], got %lld", fn, s - 1, SGMV_MAX_HIDDEN,
+                         (long long)c->w[s].rows)
+               : INVALID("%s: hidden must be in [1, %d], got %lld", fn, SGMV_MAX_HIDDEN, (long long)c->w[s].rows);
     c->out_cols += c->w[s].rows;
   }
   /* Column tiles of every slice together fit the grid (tiles are >= 64 wide). */
@@ -248,10 +255,9 @@ int sgmv_shrink_call(const sgmv_shrink_args_t *args, sgmv_call_t *c) {
   sgmv_shrink_args_t a;
   int status = read_struct(fn, "sgmv_shrink_args_t", args, args ? args->struct_size : 0, sizeof a, &a, sizeof a);
   if (status) return status;
-  if ((status = check_dtypes(fn, a.inputs_dtype, a.weights_dtype, a.output_dtype, a.metadata_dtype, 0))) return status;
-  if ((status = check_slices(fn, a.num_slices))) return status;
-  if (a.rank < 1 || a.rank > SGMV_MAX_RANK)
-    return INVALID("%s: rank must be in [1, %d], got %lld", fn, SGMV_MAX_RANK, (long long)a.rank);
+  if ((status = check_op(fn, a.inputs_dtype, a.weights_dtype, a.output_dtype, a.metadata_dtype, 0, a.num_slices,
+                         a.rank)))
+    return status;
   if (a.hidden < 1 || a.hidden > SGMV_MAX_SHRINK_HIDDEN)
     return INVALID("%s: hidden must be in [1, %d], got %lld", fn, SGMV_MAX_SHRINK_HIDDEN, (long long)a.hidden);
   memset(c, 0, sizeof *c);

@@ -225,12 +225,11 @@ def _pack_optional(mem, offset, a, name):
     return _pack(mem, offset, a, name)
 
 
-def _pack_common(mem, offsets, names, tensors, weights, slices_at, optional):
-    """The six tensors, the further slices and optional per-adapter arrays; returns (devices,
-    number of slices)."""
-    stacks = _slices(weights, names[1])
-    devices = [_pack(mem, offsets[0], tensors[0], names[0]), _pack(mem, offsets[1], stacks[0], names[1])]
-    devices += [_pack(mem, offsets[i], tensors[i], names[i]) for i in range(2, 6)]
+def _pack_common(mem, offsets, names, tensors, slices_at, optional):
+    """The six tensors (weights: one stack or a tuple of slices), the further slices and optional
+    per-adapter arrays; returns (devices, number of slices)."""
+    stacks = _slices(tensors[1], names[1])
+    devices = [_pack(mem, offsets[i], stacks[0] if i == 1 else tensors[i], names[i]) for i in range(6)]
     size = _TENSOR.size
     for i in range(1, _MAX_SLICES):
         if i < len(stacks) and stacks[i] is None:  # None means "absent" only for optional tensors
@@ -257,8 +256,8 @@ def expand_tensors(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_l
                    batches, max_seq_length, add_inputs, stream, batch_plan, lora_ranks=None, allow_cpu=False):
     """This thread's sgmv_expand_tensors_t for the call, filled; and the device."""
     buf, mem = _buffer("sgmv_expand_tensors_t")
-    devices, n = _pack_common(mem, _EXPAND_OFFSETS, _NAMES, (inputs, None, output_tensor, b_seq_start_loc,
-                                                             seq_len_tensor, lora_indices_tensor), lora_b_weights,
+    devices, n = _pack_common(mem, _EXPAND_OFFSETS, _NAMES, (inputs, lora_b_weights, output_tensor, b_seq_start_loc,
+                                                             seq_len_tensor, lora_indices_tensor),
                               _EXPAND_SLICES_AT, ((_EXPAND_RANKS_AT, lora_ranks, "lora_ranks"),))
     if type(add_inputs) is not bool:
         raise TypeError(f"add_inputs must be a bool, got {type(add_inputs).__name__}")
@@ -304,9 +303,9 @@ def shrink_tensors(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_l
                    allow_cpu=False):
     """This thread's sgmv_shrink_tensors_t for the call, filled; and the device."""
     buf, mem = _buffer("sgmv_shrink_tensors_t")
-    devices, n = _pack_common(mem, _SHRINK_OFFSETS, _SHRINK_NAMES, (inputs, None, output_tensor, b_seq_start_loc,
-                                                                    seq_len_tensor, lora_indices_tensor),
-                              lora_a_weights, _SHRINK_SLICES_AT,
+    devices, n = _pack_common(mem, _SHRINK_OFFSETS, _SHRINK_NAMES, (inputs, lora_a_weights, output_tensor,
+                                                                    b_seq_start_loc, seq_len_tensor,
+                                                                    lora_indices_tensor), _SHRINK_SLICES_AT,
                               ((_SHRINK_RANKS_AT, lora_ranks, "lora_ranks"),
                                (_SHRINK_SCALES_AT, lora_scales, "lora_scales")))
     plan_ptr, plan_bytes = 0, 0
