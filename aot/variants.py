@@ -59,7 +59,7 @@ def check(plan_align, max_split):
             raise ValueError("every rule list must end with a catch-all")
 
 
-# The kernel's PATH constexpr (python/sgmv/kernels.py, csrc/include/sgmv.h sgmv_path_t).
+# The kernel's PATH constexpr (kernels/sgmv.py, csrc/include/sgmv.h sgmv_path_t).
 PATHS = {"rows": 0, "short": 1, "grouped": 2}
 
 

@@ -1,4 +1,4 @@
-"""The per-step batch plan (python/sgmv/kernels.py sgmv_plan_kernel) and the expand path that
+"""The per-step batch plan (kernels/sgmv.py sgmv_plan_kernel) and the expand path that
 uses it, through the JIT (Triton's interpreter on the CPU): the plan lists every valid row once,
 under its adapter, and expand with a plan computes what expand without one does."""
 import random
@@ -11,7 +11,7 @@ import sgmv.jit
 from sgmv.testing import CORRUPT, build, check, corrupt_case, expected, make_cases, needs_bf16_dot
 from conftest import DEVICE, HAS_GPU
 
-HEADER, ALIGN = 4, 64  # python/sgmv/kernels.py PLAN_HEADER, PLAN_ALIGN
+HEADER, ALIGN = 4, 64  # kernels/sgmv.py PLAN_HEADER, PLAN_ALIGN
 
 
 def plan_for(args):

@@ -14,7 +14,7 @@ TABLE = json.loads((ROOT / "aot" / "tiles.json").read_text())
 TILES = TABLE["tiles"]
 L = capi.lib
 S = {name: getattr(L, name) for name in dir(L) if name.startswith("SGMV_")}
-HEADER, ALIGN = 4, 64  # python/sgmv/kernels.py PLAN_HEADER, PLAN_ALIGN
+HEADER, ALIGN = 4, 64  # kernels/sgmv.py PLAN_HEADER, PLAN_ALIGN
 
 
 def cdiv(a, b):

@@ -7,12 +7,32 @@ kernel on CPU tensors under Triton's interpreter (which does not support bfloat1
 interpreter is given sm_90's launch configuration.
 """
 import contextlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import torch
 
 from . import binding, capi
-from .kernels import sgmv_kernel, sgmv_plan_kernel
+
+
+def _kernel_source():
+    """kernels/sgmv.py, the kernel source the AOT build compiled: inside the installed package
+    (sgmv/kernels/), or at the top of a source checkout. Loaded by path: there is no second copy."""
+    here = Path(os.path.abspath(__file__)).parent
+    for path in (here / "kernels" / "sgmv.py", here.parent.parent / "kernels" / "sgmv.py"):
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location("sgmv._kernels", path)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = mod
+            spec.loader.exec_module(mod)
+            return mod
+    raise ImportError(f"sgmv.jit: kernels/sgmv.py is neither in {here} nor in the source tree")
+
+
+kernels = _kernel_source()
+sgmv_kernel, sgmv_plan_kernel = kernels.sgmv_kernel, kernels.sgmv_plan_kernel
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 

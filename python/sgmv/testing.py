@@ -160,7 +160,7 @@ def make_cases(gpu):
 
 
 # Metadata that lies, as (name, starts, lens, idx) over 40 tokens: only the rows of the valid
-# parts of valid segments may change (python/sgmv/kernels.py clips and skips the rest).
+# parts of valid segments may change (kernels/sgmv.py clips and skips the rest).
 CORRUPT = [
     ("negative-lengths", [0, 10, 20], [10, -5, 7], [0, 1, 0]),
     ("negative-starts", [-4, 10, 20], [10, 5, 7], [0, 1, 0]),
