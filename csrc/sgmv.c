@@ -1,5 +1,6 @@
 /* libsgmv: inventory, loading the variants, and launching what csrc/planner.c decides. */
 #include <pthread.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -210,8 +211,8 @@ static int launch(const sgmv_driver_t *cu, const sgmv_launch_t *l, CUdevice dev,
   return res ? sgmv_cuda_error(cu, res, "cuLaunchKernel") : SGMV_SUCCESS;
 }
 
-/* The kernels' parameters, in their signatures' order (generated from python/sgmv/kernels.py). */
-#define FIELD(name, type) type name;
+/* The kernels' parameters, in their signatures' order (generated from kernels/sgmv.py). */
+#define FIELD(name, type, is_ptr, ptype) type name;
 typedef struct {
   SGMV_KERNEL_PARAMS(FIELD)
 } kernel_params_t;
@@ -219,21 +220,26 @@ typedef struct {
   SGMV_PLAN_KERNEL_PARAMS(FIELD)
 } plan_params_t;
 #undef FIELD
-#define ADDR(name, type) &p.name,
+#define ADDR(name, type, is_ptr, ptype) &p.name,
 
 /* A build's first arch: where argument checks run before the driver is touched. */
 static int any_arch(void) { return atoi(sgmv_archs_list); }
 
+/* One kernel: how to fill its parameters for a step, and how to describe them. */
+typedef struct {
+  void (*fill)(const void *args, const sgmv_launch_t *l, int step, void *params);
+  int (*describe)(const void *args, const sgmv_launch_t *l, const void *params, sgmv_kernel_launch_t *out);
+} kernel_t;
+
 /* Plan at the stream's arch, then for each step fill the kernel's parameters and launch. */
 static int enter_and_launch(const sgmv_driver_t *cu, sgmv_stream_t stream, int (*decide)(const void *, int, sgmv_launch_t *),
-                            const void *args, sgmv_launch_t *l,
-                            void (*fill)(const void *, const sgmv_launch_t *, int, void *), void *p, void **params) {
+                            const void *args, sgmv_launch_t *l, const kernel_t *k, void *p, void **params) {
   int pushed, arch = 0;
   CUdevice dev = 0;
   int status = enter_context(cu, stream, &pushed, &dev, &arch);
   if (!status) status = decide(args, arch, l);
   for (int step = 0; !status && step < l->config.steps; step++) {
-    fill(args, l, step, p);
+    k->fill(args, l, step, p);
     status = launch(cu, l, dev, params, stream);
   }
   if (pushed) {
@@ -242,9 +248,6 @@ static int enter_and_launch(const sgmv_driver_t *cu, sgmv_stream_t stream, int (
   }
   return status;
 }
-
-static int decide_call(const void *a, int arch, sgmv_launch_t *l) { return sgmv_decide(a, arch, NULL, l); }
-static int decide_plan(const void *a, int arch, sgmv_launch_t *l) { return sgmv_decide_batch_plan(a, arch, l); }
 
 static void fill_call(const void *args, const sgmv_launch_t *l, int step, void *params) {
   const sgmv_call_t *a = args;
@@ -277,6 +280,148 @@ static void fill_plan(const void *args, const sgmv_launch_t *l, int step, void *
   p->step = step;
 }
 
+/* ---- the launch description ---------------------------------------------------------------- */
+
+/* One parameter as sgmv_kernel_arg_t: a pointer's element dtype from its type (the call's
+ * inputs, weights or output dtype where the type names a role), a scalar's value. */
+static void describe_param(sgmv_kernel_launch_t *out, const char *name, const void *value, int is_ptr, int type,
+                           const int role_dtype[3]) {
+  static const int fixed[] = {SGMV_DTYPE_INT32, SGMV_DTYPE_INT64, SGMV_DTYPE_FLOAT32};
+  sgmv_kernel_arg_t *a = &out->args[out->num_args++];
+  memset(a, 0, sizeof *a);
+  a->name = name;
+  a->dtype = type >= SGMV_PARAM_INPUTS ? role_dtype[type - SGMV_PARAM_INPUTS] : fixed[type];
+  if (is_ptr) {
+    a->kind = SGMV_ARG_POINTER;
+    a->value = (int64_t)(uintptr_t) * (const void *const *)value;
+  } else if (type == SGMV_PARAM_FP32) {
+    a->kind = SGMV_ARG_FLOAT;
+    a->fvalue = *(const float *)value;
+  } else {
+    a->kind = SGMV_ARG_INT;
+    a->value = type == SGMV_PARAM_I64 ? *(const int64_t *)value : *(const int32_t *)value;
+  }
+}
+
+/* A constexpr's value: the launch configuration's field of that name. */
+static int describe_constexpr(sgmv_kernel_launch_t *out, const char *name, const sgmv_launch_config_t *c) {
+  static const struct {
+    const char *name;
+    size_t offset;
+  } fields[] = {
+      {"BLOCK_M", offsetof(sgmv_launch_config_t, block_m)}, {"BLOCK_N", offsetof(sgmv_launch_config_t, block_n)},
+      {"BLOCK_K", offsetof(sgmv_launch_config_t, block_k)}, {"PATH", offsetof(sgmv_launch_config_t, path)},
+      {"EVEN_K", offsetof(sgmv_launch_config_t, even_k)},   {"SHRINK", offsetof(sgmv_launch_config_t, op)},
+      {"SEGS", offsetof(sgmv_launch_config_t, block_b)},    {"SCAN", offsetof(sgmv_launch_config_t, scan)},
+      {"ROWS", offsetof(sgmv_launch_config_t, rows)},
+  };
+  for (size_t i = 0; i < sizeof fields / sizeof *fields; i++)
+    if (!strcmp(fields[i].name, name)) {
+      sgmv_kernel_arg_t *a = &out->args[out->num_args++];
+      memset(a, 0, sizeof *a);
+      a->name = name, a->kind = SGMV_ARG_CONSTEXPR, a->dtype = -1;
+      a->value = *(const int32_t *)((const char *)c + fields[i].offset);
+      return SGMV_SUCCESS;
+    }
+  return sgmv_set_error(SGMV_ERROR_INTERNAL, "%s: the kernel's constexpr %s has no launch configuration field",
+                        c->kernel, name);
+}
+
+#define DESCRIBE_PARAM(name, type, is_ptr, ptype) describe_param(out, #name, &p->name, is_ptr, ptype, dtypes);
+#define DESCRIBE_CONSTEXPR(name) \
+  if (!status) status = describe_constexpr(out, #name, &l->config);
+
+static int describe_call(const void *args, const sgmv_launch_t *l, const void *params, sgmv_kernel_launch_t *out) {
+  const sgmv_call_t *a = args;
+  const kernel_params_t *p = params;
+  const int dtypes[3] = {a->x_dtype, a->w_dtype, a->out_dtype};
+  int status = SGMV_SUCCESS;
+  SGMV_KERNEL_PARAMS(DESCRIBE_PARAM)
+  SGMV_KERNEL_CONSTEXPRS(DESCRIBE_CONSTEXPR)
+  return status;
+}
+
+static int describe_plan(const void *args, const sgmv_launch_t *l, const void *params, sgmv_kernel_launch_t *out) {
+  const plan_params_t *p = params;
+  const int dtypes[3] = {-1, -1, -1};
+  int status = SGMV_SUCCESS;
+  (void)args;
+  SGMV_PLAN_KERNEL_PARAMS(DESCRIBE_PARAM)
+  SGMV_PLAN_KERNEL_CONSTEXPRS(DESCRIBE_CONSTEXPR)
+  return status;
+}
+
+static const kernel_t call_kernel = {fill_call, describe_call}, plan_kernel = {fill_plan, describe_plan};
+
+/* Every step of a decided launch, described into out->launches. */
+static int describe(const void *args, const sgmv_launch_t *l, const kernel_t *k, void *p, sgmv_launches_t *out) {
+  int status = SGMV_SUCCESS;
+  const sgmv_variant_t *v = l->config.noop ? NULL : find_variant(&l->key);
+  for (int step = 0; !l->config.noop && !status && step < l->config.steps; step++) {
+    if (out->num_launches == SGMV_MAX_LAUNCHES)
+      return sgmv_set_error(SGMV_ERROR_INTERNAL, "sgmv: more than SGMV_MAX_LAUNCHES launches");
+    sgmv_kernel_launch_t *d = &out->launches[out->num_launches++];
+    memset(d, 0, sizeof *d);
+    k->fill(args, l, step, p);
+    d->kernel = l->config.kernel;
+    d->variant = v && strcmp(l->config.tile, "requested") ? v->name : "";
+    memcpy(d->grid, l->config.grid, sizeof d->grid);
+    d->num_warps = l->config.num_warps, d->num_stages = l->config.num_stages;
+    status = k->describe(args, l, p, d);
+  }
+  return status;
+}
+
+static int start_description(sgmv_launches_t *out, const char *fn) {
+  if (!out) return sgmv_set_error(SGMV_ERROR_INVALID_ARGUMENT, "%s: out is NULL", fn);
+  if (out->struct_size != sizeof *out)
+    return sgmv_set_error(SGMV_ERROR_INVALID_ARGUMENT,
+                          "%s: out->struct_size is %zu, expected %zu: initialise it with SGMV_LAUNCHES_INIT", fn,
+                          out->struct_size, sizeof *out);
+  out->num_launches = 0;
+  return SGMV_SUCCESS;
+}
+
+static sgmv_status_t call_launches(int (*to_call)(const void *, sgmv_call_t *), const void *args, int arch,
+                                   const sgmv_launch_config_t *want, sgmv_launches_t *out, const char *fn) {
+  sgmv_call_t call;
+  sgmv_launch_t l;
+  kernel_params_t p;
+  int status = start_description(out, fn);
+  if (!status) status = to_call(args, &call);
+  if (!status) status = sgmv_decide(&call, arch, want && want->block_m > 0 ? want : NULL, &l);
+  if (!status) status = describe(&call, &l, &call_kernel, &p, out);
+  return (sgmv_status_t)status;
+}
+
+static int expand_call(const void *a, sgmv_call_t *c) { return sgmv_expand_call(a, c); }
+static int shrink_call(const void *a, sgmv_call_t *c) { return sgmv_shrink_call(a, c); }
+
+SGMV_API sgmv_status_t sgmv_expand_launches(const sgmv_expand_args_t *args, int cubin_arch,
+                                            const sgmv_launch_config_t *want, sgmv_launches_t *out) {
+  return call_launches(expand_call, args, cubin_arch, want, out, "sgmv_expand_launches");
+}
+
+SGMV_API sgmv_status_t sgmv_shrink_launches(const sgmv_shrink_args_t *args, int cubin_arch,
+                                            const sgmv_launch_config_t *want, sgmv_launches_t *out) {
+  return call_launches(shrink_call, args, cubin_arch, want, out, "sgmv_shrink_launches");
+}
+
+SGMV_API sgmv_status_t sgmv_batch_plan_launches(const sgmv_batch_plan_args_t *args, int cubin_arch,
+                                                sgmv_launches_t *out) {
+  sgmv_launch_t l;
+  plan_params_t p;
+  int status = start_description(out, "sgmv_batch_plan_launches");
+  if (!status) status = sgmv_decide_batch_plan(args, cubin_arch, &l);
+  if (!status) status = describe(args, &l, &plan_kernel, &p, out);
+  return (sgmv_status_t)status;
+}
+
+/* ---- the entry points' launches ------------------------------------------------------------ */
+
+static int decide_call(const void *a, int arch, sgmv_launch_t *l) { return sgmv_decide(a, arch, NULL, l); }
+static int decide_plan(const void *a, int arch, sgmv_launch_t *l) { return sgmv_decide_batch_plan(a, arch, l); }
+
 /* Checks the call and plans it for the build's first arch before the driver is touched, then
  * plans it again for the stream's device and launches. */
 static sgmv_status_t launch_call(const sgmv_call_t *call) {
@@ -288,7 +433,7 @@ static sgmv_status_t launch_call(const sgmv_call_t *call) {
   kernel_params_t p;
   void *scratch = NULL, *profile_scratch = NULL; /* Triton's two trailing pointers (unused) */
   void *params[] = {SGMV_KERNEL_PARAMS(ADDR) & scratch, &profile_scratch};
-  return (sgmv_status_t)enter_and_launch(cu, call->stream, decide_call, call, &l, fill_call, &p, params);
+  return (sgmv_status_t)enter_and_launch(cu, call->stream, decide_call, call, &l, &call_kernel, &p, params);
 }
 
 SGMV_API sgmv_status_t sgmv_expand(const sgmv_expand_args_t *args) {
@@ -324,5 +469,5 @@ SGMV_API sgmv_status_t sgmv_batch_plan_build(const sgmv_batch_plan_args_t *a) {
   plan_params_t p;
   void *scratch = NULL, *profile_scratch = NULL;
   void *params[] = {SGMV_PLAN_KERNEL_PARAMS(ADDR) & scratch, &profile_scratch};
-  return (sgmv_status_t)enter_and_launch(cu, a->stream, decide_plan, a, &l, fill_plan, &p, params);
+  return (sgmv_status_t)enter_and_launch(cu, a->stream, decide_plan, a, &l, &plan_kernel, &p, params);
 }

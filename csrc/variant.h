@@ -35,6 +35,12 @@ typedef struct {
   int segs, scan, rows, num_warps;
 } sgmv_plan_size_t;
 
+/* A kernel parameter's type (sgmv_params.h): scalars, or a pointer's elements, fixed or the
+ * dtype of the call's inputs, weights or output. */
+typedef enum {
+  SGMV_PARAM_I32, SGMV_PARAM_I64, SGMV_PARAM_FP32, SGMV_PARAM_INPUTS, SGMV_PARAM_WEIGHTS, SGMV_PARAM_OUTPUT
+} sgmv_param_type_t;
+
 /* sgmv_kernel's expand and shrink (its SHRINK constexpr), sgmv_plan_kernel */
 enum { SGMV_KERNEL_EXPAND = 0, SGMV_KERNEL_PLAN = 1, SGMV_KERNEL_SHRINK = 2 };
 

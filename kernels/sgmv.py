@@ -14,7 +14,7 @@ columns after slice s - 1's.
 This file imports triton only: the AOT build executes it on a machine without a GPU or torch.
 Nothing here chooses a tile, a grid or a path: csrc/planner.c does (sgmv_expand_config,
 sgmv_shrink_config), for the AOT launch and for the JIT alike. The generator (aot/generate.py)
-takes the launcher's argument layout from these signatures and the scalar types in SIGNATURES.
+takes the launcher's argument layout from these signatures and the types in SIGNATURES.
 
 Paths of sgmv_kernel (PATH, a constexpr; the grid the planner gives each):
   ROWS    without a plan, by segment or flat (`flat`, a runtime argument):
@@ -48,10 +48,15 @@ PLAN_ALIGN = tl.constexpr(64)
 # the partial sums of a tile in a loop unrolled this far.
 MAX_SPLIT = tl.constexpr(8)
 
-# Scalar parameter types, in signature order (pointers, named *_ptr, take their dtype from the
-# variant). aot/generate.py checks these against the signatures.
+# Every runtime parameter's type, in signature order: scalars i32, i64 or fp32; pointers "*" and
+# their element type, fixed or the call's dtype of that tensor (*inputs, *weights, *output).
+# aot/generate.py checks these against the signatures and generates the C launch's parameter
+# list (sgmv_params.h) from them; the C library describes each launch by these names.
 SIGNATURES = {
     "sgmv_kernel": {
+        "x_ptr": "*inputs", "w_ptr": "*weights", "w1_ptr": "*weights", "w2_ptr": "*weights", "out_ptr": "*output",
+        "seq_start_ptr": "*i32", "seq_len_ptr": "*i32", "lora_idx_ptr": "*i32", "plan_ptr": "*i32",
+        "ranks_ptr": "*i32", "scales_ptr": "*fp32", "work_ptr": "*fp32",
         "batches": "i32", "num_loras": "i32", "total_tokens": "i64", "N": "i32", "N1": "i32", "N2": "i32",
         "K": "i32", "x_slice_step": "i32", "has_ranks": "i32", "has_scales": "i32",
         "scaling": "fp32", "meta_shift": "i32", "add_inputs": "i32", "flat": "i32", "plan_capacity": "i64",
@@ -60,6 +65,7 @@ SIGNATURES = {
         "out_stride_m": "i64",
     },
     "sgmv_plan_kernel": {
+        "plan_ptr": "*i32", "seq_start_ptr": "*i32", "seq_len_ptr": "*i32", "lora_idx_ptr": "*i32",
         "batches": "i32", "num_loras": "i32", "total_tokens": "i64", "meta_shift": "i32", "plan_capacity": "i64",
         "step": "i32",
     },

@@ -326,6 +326,58 @@ SGMV_API sgmv_status_t sgmv_shrink_config(const sgmv_shrink_args_t *args, int cu
 SGMV_API sgmv_status_t sgmv_batch_plan_config(const sgmv_batch_plan_args_t *args, int cubin_arch,
                                               sgmv_launch_config_t *config);
 
+/* ---- launch description: every argument of every launch ------------------------------------ */
+
+/* What a call launches, argument by argument: what sgmv_expand, sgmv_shrink and
+ * sgmv_batch_plan_build pass to the driver, for a launcher of the same kernel source (the
+ * library's Triton JIT path launches exactly this). Names are the parameters of the kernels in
+ * the kernels/ folder of the same build; the list may change between builds. */
+typedef enum {
+  SGMV_ARG_POINTER = 0,          /* value: a device address (0: NULL, never read), of elements dtype */
+  SGMV_ARG_INT = 1,              /* value, of dtype int32 or int64 */
+  SGMV_ARG_FLOAT = 2,            /* fvalue, a float32 */
+  SGMV_ARG_CONSTEXPR = 3         /* value: a compile-time constant of the kernel */
+} sgmv_arg_kind_t;
+
+typedef struct {
+  const char *name;
+  int32_t kind;                  /* sgmv_arg_kind_t */
+  int32_t dtype;                 /* sgmv_dtype_t of a pointer's elements or of a scalar; -1 for a constexpr */
+  int64_t value;
+  double fvalue;
+} sgmv_kernel_arg_t;
+
+#define SGMV_MAX_KERNEL_ARGS 64
+#define SGMV_MAX_LAUNCHES 4
+
+typedef struct {
+  const char *kernel;            /* the kernel's name: "sgmv_kernel", "sgmv_plan_kernel" */
+  const char *variant;           /* the AOT variant this launch runs ("" for a requested tile) */
+  uint32_t grid[3];
+  int32_t num_warps, num_stages;
+  int32_t num_args;
+  sgmv_kernel_arg_t args[SGMV_MAX_KERNEL_ARGS];
+} sgmv_kernel_launch_t;
+
+typedef struct {
+  size_t struct_size;
+  int32_t num_launches;          /* in stream order; 0: nothing to launch */
+  sgmv_kernel_launch_t launches[SGMV_MAX_LAUNCHES];
+} sgmv_launches_t;
+
+#define SGMV_LAUNCHES_INIT SGMV_STRUCT_INIT(sgmv_launches_t)
+
+/* The launches sgmv_expand / sgmv_shrink / sgmv_batch_plan_build would make on a GPU of cubin
+ * family cubin_arch, after the same checks (same statuses and messages), without a driver.
+ * out->struct_size must be set (SGMV_LAUNCHES_INIT). want: NULL for the tile table's choice, or
+ * a tuner's tile as for sgmv_expand_config (its block_m > 0). */
+SGMV_API sgmv_status_t sgmv_expand_launches(const sgmv_expand_args_t *args, int cubin_arch,
+                                            const sgmv_launch_config_t *want, sgmv_launches_t *out);
+SGMV_API sgmv_status_t sgmv_shrink_launches(const sgmv_shrink_args_t *args, int cubin_arch,
+                                            const sgmv_launch_config_t *want, sgmv_launches_t *out);
+SGMV_API sgmv_status_t sgmv_batch_plan_launches(const sgmv_batch_plan_args_t *args, int cubin_arch,
+                                                sgmv_launches_t *out);
+
 /* SGMV_VERSION of the loaded library. */
 SGMV_API int sgmv_version(void);
 /* A fixed description of a status. */
