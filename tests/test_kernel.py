@@ -132,3 +132,48 @@ def test_oracle_catches_one_changed_bit_outside_the_written_part(where, add_inpu
     with pytest.raises(CheckFailed, match=rf"1 elements outside the written part changed; first at buffer "
                                           rf"\({row}, {col}\), {label}"):
         check(args, before, buf, exp, written, "oracle")
+
+
+
+def test_jit_launches_what_c_describes(monkeypatch):
+    """sgmv.jit passes each kernel exactly the arguments of C's launch description: every
+    parameter of the kernel (runtime and constexpr) by name, in every launch, in stream order (a
+    split shrink: step 0 then step 1); the results stay right."""
+    seen = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(**kw):
+                seen.append((self.kernel, kw))
+                return self.kernel[grid](**kw)
+            return launch
+
+    for name in ("sgmv_kernel", "sgmv_plan_kernel"):
+        monkeypatch.setattr(sgmv.jit.kernels, name, Recorder(getattr(sgmv.jit.kernels, name)))
+    case = Case("described", 24, 1000, [37, 1, 0, 5], [1, 0, 2, -1], 3, "fp32in-fp16", torch.int64, True, seed=201)
+    args, buf = build(case, DEVICE)
+    before = buf.clone()
+    exp, written = expected(args)
+    plan = sgmv.jit.batch_plan(*args[3:7], args[2].shape[0], case.num_loras)
+    sgmv.jit.sgmv_expand(*args, batch_plan=plan)
+    check(args, before, buf, exp, written, "jit expand with a plan")
+    plan_launches = len(seen) - 1
+    assert plan_launches >= 1 and seen[-1][0] is sgmv.jit.kernels.sgmv_kernel.kernel
+
+    g = torch.Generator().manual_seed(202)
+    x = torch.randn(3, 512, generator=g).half().to(DEVICE)
+    a = torch.randn(2, 16, 512, generator=g).half().to(DEVICE)
+    y = torch.full((3, 16), float("nan"), device=DEVICE)
+    meta = [torch.tensor(v, dtype=torch.int32, device=DEVICE) for v in ([0, 1], [1, 2], [0, 1])]
+    work = torch.empty(sgmv.shrink_workspace_bytes(3, 16) // 4, dtype=torch.float32, device=DEVICE)
+    sgmv.jit.sgmv_shrink(x, a, y, *meta, 2, 2, 0.5, workspace=work, tile=(16, 16, 32, 4, 1), split=4)
+    split = seen[plan_launches + 1:]
+    assert [kw["step"] for _, kw in split] == [0, 1]  # the split shrink's two launches, in order
+    assert split[0][1]["work_ptr"].data_ptr() == work.data_ptr()
+    for kernel, kw in seen:
+        assert sorted(set(kw) - {"num_warps", "num_stages"}) == sorted(kernel.arg_names), kernel.arg_names
+    want = torch.stack([x.double()[r] @ a.double()[i].T for r, i in ((0, 0), (1, 1), (2, 1))]) * 0.5
+    torch.testing.assert_close(y.double(), want, atol=1e-3, rtol=1e-3)

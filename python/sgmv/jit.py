@@ -1,6 +1,7 @@
 """SGMV shrink and expand through Triton's JIT: the same kernel source as libsgmv.so, launched
-with the configuration the library's planner gives (sgmv_expand_config, sgmv_shrink_config), so
-both paths choose alike and give the same bits.
+exactly as the library describes the call (sgmv_expand_launches, sgmv_shrink_launches,
+sgmv_batch_plan_launches: every argument of every launch, filled by the C planner), so both
+paths choose alike and give the same bits. Nothing about the launch is decided here.
 
 On a machine without a GPU, set TRITON_INTERPRET=1 before importing this module to run the
 kernel on CPU tensors under Triton's interpreter (which does not support bfloat16 dots); the
@@ -32,9 +33,20 @@ def _kernel_source():
 
 
 kernels = _kernel_source()
-sgmv_kernel, sgmv_plan_kernel = kernels.sgmv_kernel, kernels.sgmv_plan_kernel
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_ffi = capi.ffi
+
+
+def _dtypes():
+    """sgmv_dtype_t (the header's values) -> torch dtype."""
+    names = {"FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16, "FLOAT32": torch.float32,
+             "INT32": torch.int32, "INT64": torch.int64}
+    return {getattr(capi.lib, "SGMV_DTYPE_" + n): t for n, t in names.items()}
+
+
+_DTYPES = _dtypes()
+_POINTER, _FLOAT = capi.lib.SGMV_ARG_POINTER, capi.lib.SGMV_ARG_FLOAT
 
 
 def cubin_arch(device):
@@ -45,90 +57,73 @@ def cubin_arch(device):
     return capi.lib.sgmv_cubin_arch(major * 10 + minor)
 
 
-def _config(fn, args, device, tile=None, split=None):
-    cfg = capi.ffi.new("sgmv_launch_config_t *")
-    if tile is not None:  # a tuner's tile: (block_m, block_n, block_k, num_warps, num_stages[, short])
-        cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages = tile[:5]
-        cfg.path = capi.lib.SGMV_PATH_SHORT if tile[5:] == (True,) else capi.lib.SGMV_PATH_ROWS
-        cfg.split = split or 0
-    capi.check(fn(args, cubin_arch(device), cfg))
+def _want(tile, split):
+    """A tuner's tile (block_m, block_n, block_k, num_warps, num_stages[, short]) as the
+    sgmv_launch_config_t the planner takes, or NULL for the tile table's choice."""
+    if tile is None:
+        return _ffi.NULL
+    cfg = _ffi.new("sgmv_launch_config_t *")
+    cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages = tile[:5]
+    cfg.path = capi.lib.SGMV_PATH_SHORT if tile[5:] == (True,) else capi.lib.SGMV_PATH_ROWS
+    cfg.split = split or 0
     return cfg
 
 
-def _words(m):
-    """Metadata as int32 words: int64 entries are word pairs (the kernel's meta_shift 1)."""
-    return m if m.dtype == torch.int32 else m.view(torch.int32)
+def _launches(fn, args, *rest):
+    out = _ffi.new("sgmv_launches_t *")
+    out.struct_size = _ffi.sizeof("sgmv_launches_t")
+    capi.check(fn(args, *rest, out))
+    return out
 
 
-def _on(device):
-    return torch.cuda.device(device) if device >= 0 else contextlib.nullcontext()
+def _run(launches, tensors, device):
+    """Each described launch, its pointers resolved to the caller's tensors (viewed as the
+    dtype the kernel reads them as), NULL to a one-element tensor (never read)."""
+    by_address = {t.data_ptr(): t for t in reversed(tensors) if t is not None}
+    where = tensors[0].device
+    unused = {}
+    with torch.cuda.device(device) if device >= 0 else contextlib.nullcontext():
+        for d in launches.launches[0:launches.num_launches]:
+            kw = {}
+            for a in d.args[0:d.num_args]:
+                name = _ffi.string(a.name).decode()
+                if a.kind == _POINTER:
+                    dt = _DTYPES[a.dtype]
+                    if a.value == 0:
+                        t = unused.get(dt)
+                        if t is None:
+                            t = unused[dt] = torch.empty(1, dtype=dt, device=where)
+                    else:
+                        t = by_address.get(a.value)
+                        if t is None:
+                            raise capi.SgmvError(capi.lib.SGMV_ERROR_INTERNAL,
+                                                 f"sgmv.jit: {name} points at no tensor of the call")
+                        if t.dtype != dt:
+                            t = t.view(dt)
+                    kw[name] = t
+                else:
+                    kw[name] = a.fvalue if a.kind == _FLOAT else a.value
+            kernel = getattr(kernels, _ffi.string(d.kernel).decode())
+            kernel[tuple(d.grid)](**kw, num_warps=d.num_warps, num_stages=d.num_stages)
 
 
-def launch_config(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
-                  batches, max_seq_length, add_inputs=False, batch_plan=None, tile=None, lora_ranks=None):
-    """(sgmv_expand_args_t, sgmv_launch_config_t, device) the library gives this expand call."""
-    tensors, device = binding.expand_tensors(inputs, lora_b_weights, output_tensor, b_seq_start_loc,
-                                             seq_len_tensor, lora_indices_tensor, batches, max_seq_length,
-                                             add_inputs, 0, batch_plan, lora_ranks, allow_cpu=INTERPRETED)
-    a = capi.ffi.new("sgmv_expand_args_t *")
-    capi.check(capi.lib.sgmv_expand_args_from_tensors(tensors, a))
-    return a, _config(capi.lib.sgmv_expand_config, a, device, tile), device
-
-
-def shrink_launch_config(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
-                         batches, max_seq_length, scaling=1.0, lora_ranks=None, lora_scales=None, batch_plan=None,
-                         workspace=None, tile=None, split=None):
-    """(sgmv_shrink_args_t, sgmv_launch_config_t, device) the library gives this shrink call."""
-    tensors, device = binding.shrink_tensors(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
-                                             lora_indices_tensor, batches, max_seq_length, scaling, lora_ranks,
-                                             lora_scales, batch_plan, workspace, 0, allow_cpu=INTERPRETED)
-    a = capi.ffi.new("sgmv_shrink_args_t *")
-    capi.check(capi.lib.sgmv_shrink_args_from_tensors(tensors, a))
-    return a, _config(capi.lib.sgmv_shrink_config, a, device, tile, split), device
-
-
-def _launch(a, c, device, x, weights, out, meta, plan, ranks, scales, work, add_inputs, scaling):
-    """sgmv_kernel with the planner's configuration `c`, its steps in order, with the parameters
-    csrc/sgmv.c (fill_call) gives the AOT launch."""
-    stacks = binding._slices(weights, "weights")
-    n = len(stacks)
-    w = [stacks[i if i < n else 0] for i in range(3)]  # absent slices: slice 0's (0 columns: never read)
-    rows = [a.hidden if c.op == 0 else a.rank] + [a.slices[i - 1].rows if i < n else 0 for i in (1, 2)]
-    strides = [(a.weights_lora_stride, a.weights_row_stride)] + [
-        (a.slices[i - 1].lora_stride, a.slices[i - 1].row_stride) if i < n else (a.weights_lora_stride,
-                                                                                  a.weights_row_stride)
-        for i in (1, 2)]
-    meta = [_words(m) for m in meta]
-    f32 = torch.empty(1, dtype=torch.float32, device=out.device)  # absent fp32 arrays (never read)
-    with _on(device):
-        for step in range(c.steps):
-            sgmv_kernel[tuple(c.grid)](
-                x_ptr=x, w_ptr=w[0], w1_ptr=w[1], w2_ptr=w[2], out_ptr=out, seq_start_ptr=meta[0],
-                seq_len_ptr=meta[1], lora_idx_ptr=meta[2], plan_ptr=meta[0] if plan is None else plan,
-                ranks_ptr=meta[0] if ranks is None else ranks, scales_ptr=f32 if scales is None else scales,
-                work_ptr=f32 if work is None else work.view(torch.float32), batches=a.batches,
-                num_loras=a.num_loras, total_tokens=a.total_tokens, N=rows[0], N1=rows[1], N2=rows[2],
-                K=a.rank if c.op == 0 else a.hidden, x_slice_step=c.x_slice_step,
-                has_ranks=int(ranks is not None), has_scales=int(scales is not None), scaling=scaling,
-                meta_shift=c.meta_shift, add_inputs=int(add_inputs), flat=c.flat, plan_capacity=c.plan_capacity,
-                k_split=c.k_split, step=step, x_stride_m=a.inputs_row_stride, w_stride_l=strides[0][0],
-                w_stride_n=strides[0][1], w1_stride_l=strides[1][0], w1_stride_n=strides[1][1],
-                w2_stride_l=strides[2][0], w2_stride_n=strides[2][1], out_stride_m=a.output_row_stride,
-                BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, PATH=c.path, EVEN_K=bool(c.even_k),
-                SHRINK=c.op == 1, num_warps=c.num_warps, num_stages=c.num_stages)
+def _stacks(weights):
+    return list(weights) if isinstance(weights, (tuple, list)) else [weights]
 
 
 def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
-                batches, max_seq_length, add_inputs=False, batch_plan=None, tile=None, *, lora_ranks=None):
+                batches, max_seq_length, add_inputs=False, batch_plan=None, *, lora_ranks=None, tile=None):
     """Same contract as sgmv.sgmv_expand, on torch's current stream. `tile` (block_m, block_n,
     block_k, num_warps, num_stages[, short]) runs another tile than the library's rules pick,
     with the planner's path and grid for it (aot/tune.py, tests)."""
-    a, c, device = launch_config(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
-                                 lora_indices_tensor, batches, max_seq_length, add_inputs, batch_plan, tile, lora_ranks)
-    if not c.noop:
-        _launch(a, c, device, inputs, lora_b_weights, output_tensor,
-                (b_seq_start_loc, seq_len_tensor, lora_indices_tensor), batch_plan, lora_ranks, None, None,
-                add_inputs, 1.0)
+    tensors, device = binding.expand_tensors(inputs, lora_b_weights, output_tensor, b_seq_start_loc,
+                                             seq_len_tensor, lora_indices_tensor, batches, max_seq_length,
+                                             add_inputs, 0, batch_plan, lora_ranks, allow_cpu=INTERPRETED)
+    args = _ffi.new("sgmv_expand_args_t *")
+    capi.check(capi.lib.sgmv_expand_args_from_tensors(tensors, args))
+    launches = _launches(capi.lib.sgmv_expand_launches, args, cubin_arch(device), _want(tile, None))
+    _run(launches, [inputs, *_stacks(lora_b_weights), output_tensor, b_seq_start_loc, seq_len_tensor,
+                    lora_indices_tensor, batch_plan, lora_ranks], device)
     return output_tensor
 
 
@@ -139,13 +134,14 @@ def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_
     with it, `split` asks for a split of hidden over that many programs)."""
     if workspace is None and output_tensor.dim() == 2 and output_tensor.is_cuda:
         workspace = binding.new_workspace(output_tensor, *output_tensor.shape)
-    a, c, device = shrink_launch_config(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
-                                        lora_indices_tensor, batches, max_seq_length, scaling, lora_ranks,
-                                        lora_scales, batch_plan, workspace, tile, split)
-    if not c.noop:
-        _launch(a, c, device, inputs, lora_a_weights, output_tensor,
-                (b_seq_start_loc, seq_len_tensor, lora_indices_tensor), batch_plan, lora_ranks, lora_scales,
-                workspace, False, a.scaling)
+    tensors, device = binding.shrink_tensors(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
+                                             lora_indices_tensor, batches, max_seq_length, scaling, lora_ranks,
+                                             lora_scales, batch_plan, workspace, 0, allow_cpu=INTERPRETED)
+    args = _ffi.new("sgmv_shrink_args_t *")
+    capi.check(capi.lib.sgmv_shrink_args_from_tensors(tensors, args))
+    launches = _launches(capi.lib.sgmv_shrink_launches, args, cubin_arch(device), _want(tile, split))
+    _run(launches, [inputs, *_stacks(lora_a_weights), output_tensor, b_seq_start_loc, seq_len_tensor,
+                    lora_indices_tensor, batch_plan, lora_ranks, lora_scales, workspace], device)
     return output_tensor
 
 
@@ -156,13 +152,6 @@ def batch_plan(seq_start, seq_len, lora_indices, batches, total_tokens, num_lora
         out = binding.new_plan(seq_start, batches, total_tokens, max_batches, max_tokens)
     args, device = binding.plan_args(seq_start, seq_len, lora_indices, batches, total_tokens, num_loras, out, 0,
                                      allow_cpu=INTERPRETED)
-    c = _config(capi.lib.sgmv_batch_plan_config, args, device)
-    meta = [_words(m) for m in (seq_start, seq_len, lora_indices)]
-    with _on(device):
-        for step in range(c.steps):
-            sgmv_plan_kernel[tuple(c.grid)](
-                plan_ptr=out, seq_start_ptr=meta[0], seq_len_ptr=meta[1], lora_idx_ptr=meta[2], batches=args.batches,
-                num_loras=args.num_loras, total_tokens=args.total_tokens, meta_shift=c.meta_shift,
-                plan_capacity=c.plan_capacity, step=step, SEGS=c.block_b, SCAN=c.scan, ROWS=c.rows,
-                num_warps=c.num_warps, num_stages=1)
+    launches = _launches(capi.lib.sgmv_batch_plan_launches, args, cubin_arch(device))
+    _run(launches, [out, seq_start, seq_len, lora_indices], device)
     return out
