@@ -210,7 +210,7 @@ class Soak:
             self.n["checked"] += checked
             self.n["plans"] += plans
 
-    def graphs(self, stop):
+    def graphs(self, stop, captured):
         """Captured once: plan + 3-slice shrink (ranks, scales, split-K workspace) + expand; replayed with new
         metadata copied in place before each replay, every replay checked."""
         T, H, R, La, B = 48, 1024, 16, 3, 16
@@ -231,6 +231,8 @@ class Soak:
             sgmv.sgmv_shrink(x, wa, y, *meta, B, 4, 0.5, lora_ranks=ranks, lora_scales=scales, batch_plan=plan,
                              workspace=ws)
             sgmv.sgmv_expand(y, wb, out, *meta, B, 4, True, batch_plan=plan, lora_ranks=ranks)
+        torch.cuda.synchronize()
+        captured.set()  # the workers start only now: no other thread's CUDA call during the capture
         rng = torch.Generator().manual_seed(4)
         while not stop.is_set():
             n = torch.randint(0, 5, (B,), generator=rng)
@@ -259,6 +261,14 @@ class Soak:
                 return
             time.sleep(0.05)
 
+    def _graphs(self, stop, captured):
+        try:
+            self.graphs(stop, captured)
+        except Exception as e:
+            self.fail(f"graphs: {type(e).__name__}: {str(e)[:300]}")
+        finally:
+            captured.set()
+
     def run(self):
         o = self.o
         t0 = time.time()
@@ -267,13 +277,14 @@ class Soak:
         for phase, calls in (("warm", max(1, o.calls // 50)), ("main", o.calls)):
             per = calls // o.threads
             barrier = threading.Barrier(o.threads)
-            stop = threading.Event()
+            stop, captured = threading.Event(), threading.Event()
+            if phase == "main" and not self.dry:
+                gt = threading.Thread(target=self._graphs, args=(stop, captured))
+                gt.start()
+                captured.wait(120)
             ts = [threading.Thread(target=self.worker, args=(k, per, barrier)) for k in range(o.threads)]
             for t in ts:
                 t.start()
-            if phase == "main" and not self.dry:
-                gt = threading.Thread(target=self.graphs, args=(stop,))
-                gt.start()
             for t in ts:
                 t.join()
             stop.set()
