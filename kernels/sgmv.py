@@ -334,7 +334,7 @@ def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m,
         rank = K  # with ranks, columns >= rank[lora] are neither read nor written (rank 0: nothing)
         if has_ranks != 0:
             rank = tl.load(ranks_ptr + lora)
-        w_mask = n_mask & ((offs_n < rank) | (has_ranks == 0))
+        w_mask = tl.where(has_ranks == 0, n_mask, n_mask & (offs_n < rank))
         if tl.max(w_mask.to(tl.int32), axis=0) > 0:
             scale = scaling
             if has_scales != 0:
@@ -358,7 +358,7 @@ def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m,
                 tl.store(partial + z * plane, acc, mask=part_mask)
             elif z == 0:  # step 1: the partial sums in order of z (independent loads, issued together)
                 for j in tl.static_range(MAX_SPLIT):
-                    acc += tl.load(partial + j * plane, mask=part_mask & (j * k_split < K), other=0.0)
+                    acc += tl.load(partial + j * plane, mask=tl.where(j * k_split < K, part_mask, False), other=0.0)
                 tl.store(out_ptrs, (acc * scale).to(out_ptrs.dtype.element_ty), mask=out_mask)
     else:
         out_ptrs, out_mask, prior = _load_prior(out_base, offs_m, m_mask, offs_n, n_mask, out_stride_m, add_inputs)
@@ -368,7 +368,7 @@ def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m,
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, 0, k_end,
                           BLOCK_K, EVEN_K)
-        _store(acc, prior, out_ptrs, out_mask & (k_end > 0), add_inputs)
+        _store(acc, prior, out_ptrs, tl.where(k_end > 0, out_mask, False), add_inputs)
 
 
 _SEARCH = tl.constexpr(256)
@@ -393,8 +393,8 @@ def _metadata(ptr, segs, mask, meta_shift):
     """Entries `segs` of an int32 array (meta_shift 0) or of an int64 one read as int32 words
     (meta_shift 1: low word, and the high word only to check that the value fits in int32)."""
     lo = tl.load(ptr + (segs << meta_shift), mask=mask, other=0)
-    hi = tl.load(ptr + (segs << meta_shift) + 1, mask=mask & (meta_shift != 0), other=0)
-    return lo.to(tl.int64), (meta_shift == 0) | (hi == (lo >> 31))
+    hi = tl.load(ptr + (segs << meta_shift) + 1, mask=tl.where(meta_shift != 0, mask, False), other=0)
+    return lo.to(tl.int64), tl.where(meta_shift == 0, True, hi == (lo >> 31))
 
 
 @triton.jit
@@ -403,7 +403,7 @@ def _load_prior(out_ptr, offs_m, m_mask, offs_n, n_mask, out_stride_m, add_input
     the products so that the load overlaps them."""
     out_ptrs = out_ptr + offs_m[:, None] * out_stride_m + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
-    prior = tl.load(out_ptrs, mask=out_mask & (add_inputs != 0), other=0.0)
+    prior = tl.load(out_ptrs, mask=tl.where(add_inputs != 0, out_mask, False), other=0.0)
     return out_ptrs, out_mask, prior
 
 
