@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "driver.h"
+#include "errors.h"
 #include "sgmv.h"
 #include "variant.h"
 
@@ -22,7 +22,6 @@
 static int64_t cdiv(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-static int is_float(int t) { return t == SGMV_DTYPE_FLOAT16 || t == SGMV_DTYPE_BFLOAT16 || t == SGMV_DTYPE_FLOAT32; }
 static int is_meta(int t) { return t == SGMV_DTYPE_INT32 || t == SGMV_DTYPE_INT64; }
 
 static const char *dtype_name(int t) {
@@ -350,7 +349,7 @@ static int check_tensors(const char *fn, const sgmv_tensor_t *const all[6], cons
   int n = num_slices > 1 ? num_slices : 1;
   for (int s = 0; s < n; s++) {
     const sgmv_tensor_t *w = s ? &more[s - 1] : all[1];
-    int64_t l, r, k;
+    int64_t l = 0, r = 0, k = 0;
     char name[32];
     snprintf(name, sizeof name, s ? "slice_weights[%d]" : "weights", s - 1);
     if (s && (w->ndim < 1 || w->ndim > 4)) return INVALID("%s: %s must have 1 to 4 dimensions", fn, name);

@@ -596,3 +596,31 @@ def test_expand_tensors_v02_struct_is_still_accepted():
     a = ffi.new("sgmv_expand_args_t *")
     assert capi.lib.sgmv_expand_args_from_tensors(b, a) == 0, ffi.string(capi.lib.sgmv_last_error())
     assert a.num_slices <= 1 and a.lora_ranks == ffi.NULL and (a.hidden, a.rank) == (64, 16)
+
+
+def _header_version():
+    text = (capi.INCLUDE_DIR / "sgmv.h").read_text()
+    return tuple(int(re.search(rf"^#define SGMV_VERSION_{p} (\d+)$", text, re.M).group(1))
+                 for p in ("MAJOR", "MINOR", "PATCH"))
+
+
+def test_version_has_one_source():
+    """sgmv.h's three lines are the version: SGMV_VERSION, sgmv_version() and the CMake package
+    files of this build (beside the library in a build tree) agree with them."""
+    major, minor, patch = _header_version()
+    assert capi.lib.sgmv_version() == S["SGMV_VERSION"] == 10000 * major + 100 * minor + patch
+    for pc in (LIB.parent / "sgmv.pc", LIB.parent / "pkgconfig" / "sgmv.pc"):
+        if pc.exists():
+            assert f"\nVersion: {major}.{minor}.{patch}\n" in pc.read_text()
+    cfg = LIB.parent / "sgmvConfigVersion.cmake"
+    if cfg.exists():
+        assert f'set(PACKAGE_VERSION "{major}.{minor}.{patch}")' in cfg.read_text()
+
+
+@pytest.mark.parametrize("cmd", [["gcc"], ["g++", "-x", "c++"]], ids=["gcc-default-std", "g++"])
+def test_lora_layer_example_compiles_in_default_mode_and_as_cpp(cmd, tmp_path):
+    """The README's `gcc app.c $(pkg-config ...)` uses gcc's default (GNU) mode, where <math.h>
+    declares y0, y1 (Bessel functions): the example must not clash with them, nor fail as C++."""
+    src = HERE.parent / "examples" / "c" / "lora_layer.c"
+    subprocess.run([*cmd, "-Wall", "-Werror", "-I", str(capi.INCLUDE_DIR), "-c", str(src), "-o",
+                    str(tmp_path / "lora_layer.o")], check=True)

@@ -105,3 +105,23 @@ def test_driver_faults_under_asan_and_ubsan(tmp_path):
                        env=dict(ENV, LD_LIBRARY_PATH=str(fake), FAKE_CUDA_ANY_IMAGE="1"))
     assert r.returncode == 0 and "faults_asan: ok" in r.stdout, r.stdout + r.stderr
     assert "runtime error" not in r.stderr and "Sanitizer" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("cc", ["gcc", "clang"])
+def test_c_sources_have_no_warnings(cc, tmp_path):
+    """csrc/ under -Wall -Wextra -Werror at -O2 (where gcc's maybe-uninitialized analysis runs), as
+    CMakeLists.txt builds it: a warning fails the build, so it fails here first."""
+    if not shutil.which(cc):
+        pytest.skip(f"{cc} is not installed")
+    for src in sorted(CSRC.glob("*.c")):
+        build([cc, "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", *INCLUDES, "-c", src,
+               "-o", tmp_path / (src.stem + ".o")])
+
+
+def test_planner_needs_no_driver(tmp_path):
+    """The planner is pure: planner.c with the statuses (errors.c) and a variant table links with
+    no undefined symbol and without the driver file or libdl."""
+    build(["gcc", "-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared", *INCLUDES, CSRC / "planner.c",
+           CSRC / "errors.c", FUZZ / "fake_variants.c", "-Wl,--no-undefined", "-o", tmp_path / "libplanner.so"])
+    undefined = run(["nm", "-D", "--undefined-only", tmp_path / "libplanner.so"]).stdout
+    assert "dlopen" not in undefined and "cu" not in {w[:2] for w in undefined.split()}, undefined
