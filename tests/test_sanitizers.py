@@ -20,7 +20,7 @@ INCLUDES = ["-I", str(CSRC), "-I", str(CSRC / "include")]
 
 @pytest.fixture(autouse=True)
 def params_header(tmp_path, monkeypatch):
-    """The generated sgmv_params.h (the kernels' parameter lists), made here as the build makes it:
+    """The generated sgmv_params.h and sgmv_rules.h (the kernels' parameter lists, the shared rules), made here as the build makes it:
     with Triton's JIT, not its interpreter (which tests/conftest.py turns on without a GPU), whose
     functions carry no parameter list."""
     import importlib.util
@@ -28,7 +28,9 @@ def params_header(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("sgmv_generate", ROOT / "aot" / "generate.py")
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
-    (tmp_path / "sgmv_params.h").write_text(gen.params_header(gen._kernels()))
+    mod = gen._kernels()
+    (tmp_path / "sgmv_params.h").write_text(gen.params_header(mod))
+    (tmp_path / "sgmv_rules.h").write_text(gen.rules_header(mod))
     INCLUDES[4:] = ["-I", str(tmp_path)]
 SANITIZE = ["-g", "-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
 # Any report aborts with a nonzero exit (UBSan too, through -fno-sanitize-recover); leaks are reports.

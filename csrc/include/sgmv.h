@@ -235,6 +235,10 @@ SGMV_API sgmv_status_t sgmv_shrink(const sgmv_shrink_args_t *args);
  * (num_slices * rank) columns split over hidden as the planner likes (calls of many rows never
  * split: the bytes stop growing there); 0 on bad sizes. */
 SGMV_API size_t sgmv_shrink_workspace_bytes(int64_t max_tokens, int64_t output_columns);
+/* The split rule for one call: the workspace bytes that let a shrink call of total_tokens rows
+ * and output_columns columns split as the planner likes, or 0 when a call of that many rows never
+ * splits (then it needs no workspace); 0 on bad sizes too. */
+SGMV_API size_t sgmv_shrink_call_workspace_bytes(int64_t total_tokens, int64_t output_columns);
 
 /* sgmv_shrink's arguments as tensors: inputs (total_tokens, hidden); weights (num_loras, rank,
  * hidden) or (num_loras, 1, rank, hidden), likewise each slice_weights; output (total_tokens,
