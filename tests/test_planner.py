@@ -452,3 +452,26 @@ def test_plan_kernel_fits_the_bytes_c_sizes(batches, tokens):
     sgmv.jit.batch_plan(*meta, batches, tokens, 3, out=buf[:words])
     assert (buf[words:] == -7).all(), "the plan kernel wrote past the bytes C sized"
     assert int(buf[0]) > 0 and int(buf[1]) == batches
+
+
+def test_dtype_matrix_is_the_variant_table_s():
+    """C serves exactly aot/variants.py DTYPES (its one source, generated into sgmv_rules.h)."""
+    import itertools
+    from conftest import aot_variants
+    names = {"fp16": "SGMV_DTYPE_FLOAT16", "bf16": "SGMV_DTYPE_BFLOAT16", "fp32": "SGMV_DTYPE_FLOAT32"}
+    for x, w, o in itertools.product(names, repeat=3):
+        f = dict(inputs_dtype=S[names[x]], weights_dtype=S[names[w]], output_dtype=S[names[o]])
+        status, _, msg = config(args(**f))
+        assert (status == 0) == ((x, w, o) in aot_variants.DTYPES["expand"]), (x, w, o, msg)
+        c = ffi.new("sgmv_launch_config_t *")
+        status = L.sgmv_shrink_config(shrink(**f), 90, c)
+        assert (status == 0) == ((x, w, o) in aot_variants.DTYPES["shrink"]), (x, w, o)
+
+
+@pytest.mark.parametrize("dtype,stride,aligned", [("BFLOAT16", 4100, False), ("BFLOAT16", 4104, True),
+                                                  ("FLOAT32", 4100, True), ("FLOAT32", 4098, False)])
+def test_alignment_is_per_element_size(dtype, stride, aligned):
+    """A row stride is aligned when it is a multiple of ALIGN_BYTES in bytes: 8 bf16, 4 fp32."""
+    status, c, msg = config(args(output_dtype=S["SGMV_DTYPE_" + dtype], output_row_stride=stride))
+    assert status == 0, msg
+    assert (ffi.string(c.tile).decode() != "unaligned") == aligned
