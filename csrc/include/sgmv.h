@@ -76,7 +76,9 @@ typedef struct {
  * sets struct_size: fields are only ever appended, a caller built against an older header keeps
  * working (the fields it lacks take their defaults, zero), and a caller built against a newer
  * header gets SGMV_ERROR_INVALID_ARGUMENT from an older library. Strides are in elements; the
- * last dimension of every tensor has unit stride. */
+ * last dimension of every tensor has unit stride. Every pointer's address is a multiple of its
+ * element size. The weights are never NULL; the other data and the metadata may be NULL in a
+ * call with nothing to do (batches or total_tokens 0), the metadata also with a batch plan. */
 typedef struct {
   size_t struct_size;
 
