@@ -293,9 +293,10 @@ SGMV_API sgmv_status_t sgmv_batch_plan_build(const sgmv_batch_plan_args_t *args)
 
 /* ---- launch configuration: the planner, without the driver ---------------------------------- */
 
-/* The kernel's paths (python/sgmv/kernels.py): ROWS tiles segment by segment (by segment or,
- * with flat, over all segments' row tiles), SHORT takes row j of block_m segments (decode), both
- * without a plan; GROUPED computes tiles of one adapter's rows listed by a batch plan. */
+/* The kernel's paths (kernels/sgmv.py PATH_*; the build asserts the values agree): ROWS tiles
+ * segment by segment (by segment or, with flat, over all segments' row tiles), SHORT takes row j
+ * of block_m segments (decode), both without a plan; GROUPED computes tiles of one adapter's rows
+ * listed by a batch plan. */
 typedef enum { SGMV_PATH_ROWS = 0, SGMV_PATH_SHORT = 1, SGMV_PATH_GROUPED = 2 } sgmv_path_t;
 
 /* Everything a launch of one of the library's kernels needs beyond the arguments themselves.
