@@ -14,7 +14,7 @@ Split = namedtuple("Split", "programs max_split max_tokens")
 
 _TABLE = json.loads((Path(__file__).resolve().parent / "tiles.json").read_text())
 TILES = {name: Tile(*v) for name, v in _TABLE["tiles"].items()}
-OPS = ("expand", "shrink")  # csrc/variant.h SGMV_OP_*
+OPS = ("expand", "shrink")  # their index is SGMV_OP_* in the generated sgmv_rules.h
 
 
 def _rules(key):
@@ -26,6 +26,7 @@ RULES = {"expand": _rules("rules"), "shrink": _rules("shrink_rules")}
 GROUPED_RULES = {"expand": _rules("grouped_rules"), "shrink": _rules("shrink_grouped_rules")}
 PLAN_SIZE = PlanSize(*_TABLE["plan"])
 SPLIT = Split(*_TABLE["split"])
+PLANNER = _TABLE["planner"]  # the planner's other tuning, by name (csrc/variant.h sgmv_tuning_t)
 ARCHS = tuple(RULES["expand"])
 
 # (inputs, weights, output): expand's inputs and output are the weight dtype or fp32; shrink's
@@ -33,19 +34,22 @@ ARCHS = tuple(RULES["expand"])
 DTYPES = {"expand": [(i, w, o) for w in ("fp16", "bf16") for i in (w, "fp32") for o in (w, "fp32")],
           "shrink": [(w, w, o) for w in ("fp16", "bf16") for o in (w, "fp32")]}
 
-# Row alignment the aligned variants assume, in elements: every data pointer 16-byte aligned,
-# and N and every row stride a multiple of this ("unaligned" serves the rest).
-ALIGN_ELEMS = 8
-# The short path's target program count, which sets its adapter slots.
-SHORT_PROGRAMS = 4096
+DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+# What the aligned variants assume, in bytes: every data pointer (and the workspace) aligned to
+# it, and every column count, column offset and row stride a multiple of it in bytes, i.e. of
+# ALIGN_BYTES / element size elements of its tensor ("unaligned" serves the rest).
+ALIGN_BYTES = 16
+# Expand's narrowest column tile: 65535 column tiles of it bound hidden (CUDA's grid limit).
+MIN_EXPAND_BLOCK_N = 64
 
 
 def check(plan_align, max_split):
     """The table's invariants, which the planner and the kernel rely on."""
     if not 2 <= SPLIT.max_split <= max_split:
         raise ValueError(f"the split rule's max_split must be in [2, {max_split}] (kernels.MAX_SPLIT)")
-    if min(TILES[t].block_n for arch in ARCHS for t, _ in tiles_for_arch(arch, "expand")) < 64:
-        raise ValueError("expand tiles narrower than 64 columns would let hidden exceed CUDA's grid limit")
+    if min(TILES[t].block_n for arch in ARCHS for t, _ in tiles_for_arch(arch, "expand")) < MIN_EXPAND_BLOCK_N:
+        raise ValueError(f"expand tiles narrower than {MIN_EXPAND_BLOCK_N} columns would let hidden exceed CUDA's "
+                         "grid limit")
     if min(t.block_n for t in TILES.values()) < 16:
         raise ValueError("tl.dot needs tiles of at least 16 columns")
     if any(plan_align % t.block_m for t in TILES.values()):
@@ -57,10 +61,6 @@ def check(plan_align, max_split):
     for rules in [r for op in OPS for table in (RULES, GROUPED_RULES) for r in table[op].values()]:
         if rules[-1][0] is not None or rules[-1][1] is not None:
             raise ValueError("every rule list must end with a catch-all")
-
-
-# The kernel's PATH constexpr (kernels/sgmv.py, csrc/include/sgmv.h sgmv_path_t).
-PATHS = {"rows": 0, "short": 1, "grouped": 2}
 
 
 def tiles_for_arch(arch, op):

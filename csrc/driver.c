@@ -1,24 +1,12 @@
-/* Loading libcuda.so.1, and the per-thread last-error message. */
+/* Loading libcuda.so.1. */
 #include "driver.h"
 
 #include <dlfcn.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdio.h>
 
+#include "errors.h"
 #include "sgmv.h"
-
-static _Thread_local char last_error[512];
-
-int sgmv_set_error(int status, const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(last_error, sizeof last_error, fmt, ap);
-  va_end(ap);
-  return status;
-}
-
-SGMV_API const char *sgmv_last_error(void) { return last_error; }
 
 static sgmv_driver_t driver;
 static int driver_status = SGMV_ERROR_INTERNAL;

@@ -52,11 +52,4 @@ const sgmv_driver_t *sgmv_driver(int *status);
 /* Records a failed driver call as SGMV_ERROR_CUDA with the driver's error name; returns it. */
 int sgmv_cuda_error(const sgmv_driver_t *cu, CUresult res, const char *what);
 
-/* Sets this thread's last-error message; returns status. */
-int sgmv_set_error(int status, const char *fmt, ...)
-#if defined(__GNUC__)
-    __attribute__((format(printf, 2, 3)))
-#endif
-    ;
-
 #endif

@@ -8,13 +8,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "driver.h"
+#include "errors.h"
 #include "sgmv.h"
 #include "variant.h"
 
 #define INVALID(...) sgmv_set_error(SGMV_ERROR_INVALID_ARGUMENT, __VA_ARGS__)
-/* 65535 column tiles of the narrowest tile the table may use (64; aot/generate.py checks). */
-#define SGMV_MAX_HIDDEN (65535 * 64)
+/* CUDA's limit on grid dimensions 1 and 2. */
+#define GRID_MAX 65535
+/* Column tiles of expand's narrowest tile (aot/variants.py MIN_EXPAND_BLOCK_N) fit the grid. */
+#define SGMV_MAX_HIDDEN (GRID_MAX * SGMV_MIN_EXPAND_BLOCK_N)
 #define SGMV_MAX_RANK 256
 #define SGMV_MAX_SHRINK_HIDDEN (1 << 20)
 
@@ -22,13 +24,30 @@
 static int64_t cdiv(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-static int is_float(int t) { return t == SGMV_DTYPE_FLOAT16 || t == SGMV_DTYPE_BFLOAT16 || t == SGMV_DTYPE_FLOAT32; }
+static const char *const tensor_names[] = {"inputs", "weights", "output", "seq_start", "seq_len", "lora_indices"};
+
+_Static_assert(SGMV_PATH_ROWS == SGMV_KERNEL_PATH_ROWS && SGMV_PATH_SHORT == SGMV_KERNEL_PATH_SHORT &&
+                   SGMV_PATH_GROUPED == SGMV_KERNEL_PATH_GROUPED,
+               "sgmv.h's sgmv_path_t must have kernels/sgmv.py's PATH_* values");
+
 static int is_meta(int t) { return t == SGMV_DTYPE_INT32 || t == SGMV_DTYPE_INT64; }
 
 static const char *dtype_name(int t) {
   static const char *names[] = {"float16", "bfloat16", "float32", "int32", "int64"};
   return t >= 0 && t <= SGMV_DTYPE_INT64 ? names[t] : "unknown";
 }
+
+static int dtype_size(int t) {
+  static const int sizes[] = {2, 2, 4, 4, 8};
+  return t >= 0 && t <= SGMV_DTYPE_INT64 ? sizes[t] : 1;
+}
+
+/* (op, inputs, weights, output) the variants serve: aot/variants.py DTYPES, generated. */
+static const int dtype_matrix[][4] = {
+#define ROW(op, x, w, out) {op, x, w, out},
+    SGMV_DTYPE_MATRIX(ROW)
+#undef ROW
+};
 
 /* ---- the arch family ----------------------------------------------------------------------- */
 
@@ -92,25 +111,26 @@ static int extent_fits(int64_t rows, int64_t cols, int64_t stride) {
   return !__builtin_mul_overflow(rows - 1, stride, &last) && !__builtin_add_overflow(last, cols, &last);
 }
 
-/* The plan's layout (python/sgmv/kernels.py): a header, `capacity` row slots, an adapter per
- * sgmv_plan_align slots, and a table of 4 words per segment. Slots a plan of `bytes` bytes holds
- * for `batches` segments (a multiple of the alignment): */
+/* The plan's layout in int32 words (kernels/sgmv.py, generated): a header, `capacity` row slots,
+ * an adapter per SGMV_PLAN_ALIGN slots, and a table of SGMV_PLAN_TABLE words per segment. Slots a
+ * plan of `bytes` bytes holds for `batches` segments (a multiple of the alignment): */
 static int64_t plan_capacity(size_t bytes, int64_t batches) {
-  int64_t words = (int64_t)(bytes / 4) - sgmv_plan_header - 4 * batches;
-  return words <= 0 ? 0 : words / (sgmv_plan_align + 1) * sgmv_plan_align;
+  int64_t words = (int64_t)(bytes / 4) - SGMV_PLAN_HEADER - SGMV_PLAN_TABLE * batches;
+  return words <= 0 ? 0 : words / (SGMV_PLAN_ALIGN + 1) * SGMV_PLAN_ALIGN;
 }
 
 /* Slots a batch needs: its rows, each adapter's rounded up to a multiple of the alignment. */
 static int64_t plan_slots(int64_t batches, int64_t total_tokens) {
-  return (cdiv(total_tokens, sgmv_plan_align) + batches) * sgmv_plan_align;
+  return (cdiv(total_tokens, SGMV_PLAN_ALIGN) + batches) * SGMV_PLAN_ALIGN;
 }
 
 SGMV_API size_t sgmv_batch_plan_bytes(int64_t max_batches, int64_t max_tokens) {
   if (max_batches < 0 || max_batches > INT32_MAX / 2 || max_tokens < 0 || max_tokens > INT32_MAX / 2) return 0;
   int64_t cap = plan_slots(max_batches, max_tokens);
-  return (size_t)(sgmv_plan_header + cap + cap / sgmv_plan_align + 4 * max_batches) * 4;
+  return (size_t)(SGMV_PLAN_HEADER + cap + cap / SGMV_PLAN_ALIGN + SGMV_PLAN_TABLE * max_batches) * 4;
 }
 
+/* The split rule's workspace: fp32 partial sums of every split program. */
 SGMV_API size_t sgmv_shrink_workspace_bytes(int64_t max_tokens, int64_t output_columns) {
   if (max_tokens < 1 || max_tokens > INT32_MAX / 2 || output_columns < 1 ||
       output_columns > SGMV_MAX_SLICES * SGMV_MAX_RANK)
@@ -119,28 +139,64 @@ SGMV_API size_t sgmv_shrink_workspace_bytes(int64_t max_tokens, int64_t output_c
          (size_t)output_columns * 4;
 }
 
+SGMV_API size_t sgmv_shrink_call_workspace_bytes(int64_t total_tokens, int64_t output_columns) {
+  return total_tokens > sgmv_split_rule.max_tokens ? 0 : sgmv_shrink_workspace_bytes(total_tokens, output_columns);
+}
+
 static int check_counts(const char *fn, int64_t total_tokens, int64_t batches, int64_t num_loras) {
   /* Token and segment counts bounded so that every grid dimension fits CUDA's limits. */
   if (total_tokens < 0 || total_tokens > INT32_MAX / 2)
-    return INVALID("%s: total_tokens must be in [0, 2^30), got %lld", fn, (long long)total_tokens);
+    return INVALID("%s: args->total_tokens must be in [0, 2^30), got %lld", fn, (long long)total_tokens);
   if (num_loras < 1 || num_loras > INT32_MAX)
-    return INVALID("%s: num_loras must be in [1, 2^31), got %lld", fn, (long long)num_loras);
+    return INVALID("%s: args->num_loras must be in [1, 2^31), got %lld", fn, (long long)num_loras);
   if (batches < 0 || batches > INT32_MAX / 2)
-    return INVALID("%s: batches must be in [0, 2^30), got %lld", fn, (long long)batches);
+    return INVALID("%s: args->batches must be in [0, 2^30), got %lld", fn, (long long)batches);
   return SGMV_SUCCESS;
 }
 
-/* Dtypes: weights fp16 or bf16; inputs and output the weights' dtype or (where allowed) fp32. */
-static int check_dtypes(const char *fn, int x, int w, int out, int meta, int x_fp32) {
-  int half = w == SGMV_DTYPE_FLOAT16 || w == SGMV_DTYPE_BFLOAT16;
-  if (!half || !is_meta(meta) || !(x == w || (x_fp32 && x == SGMV_DTYPE_FLOAT32)) ||
-      !(out == w || out == SGMV_DTYPE_FLOAT32))
-    return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE,
-                          "%s: unsupported dtypes (inputs %s, weights %s, output %s, metadata %s): weights are "
-                          "float16 or bfloat16, %s, metadata int32 or int64",
-                          fn, dtype_name(x), dtype_name(w), dtype_name(out), dtype_name(meta),
-                          x_fp32 ? "inputs and output the weights' dtype or float32"
-                                 : "inputs the weights' dtype, output the weights' dtype or float32");
+/* Dtypes: a combination of the matrix, metadata int32 or int64. */
+static int check_dtypes(const char *fn, int op, int x, int w, int out, int meta) {
+  if (!is_meta(meta))
+    return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE, "%s: args->metadata_dtype is %s: metadata are int32 or int64",
+                          fn, dtype_name(meta));
+  char served[320] = "";
+  size_t n = 0;
+  for (size_t i = 0; i < sizeof dtype_matrix / sizeof *dtype_matrix; i++) {
+    const int *r = dtype_matrix[i];
+    if (r[0] != op) continue;
+    if (r[1] == x && r[2] == w && r[3] == out) return SGMV_SUCCESS;
+    if (n < sizeof served)
+      n += (size_t)snprintf(served + n, sizeof served - n, "%s(%s, %s, %s)", n ? ", " : "", dtype_name(r[1]),
+                            dtype_name(r[2]), dtype_name(r[3]));
+  }
+  return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE,
+                        "%s: unsupported dtypes (args->inputs_dtype %s, args->weights_dtype %s, args->output_dtype %s): "
+                        "served (inputs, weights, output): %s",
+                        fn, dtype_name(x), dtype_name(w), dtype_name(out), served);
+}
+
+/* Required pointers, every NULL one named. The weights are always read; the other data only by a
+ * call with rows to compute (an empty tensor's data may be NULL); the metadata not with a plan. */
+static int check_null(const char *fn, int work, int num_slices, const void *const ptrs[8], const void *plan) {
+  static const char *const names[8] = {"inputs", "weights", "slices[0].weights", "slices[1].weights", "output",
+                                       "seq_start", "seq_len", "lora_indices"};
+  num_slices = num_slices >= 0 && num_slices <= SGMV_MAX_SLICES ? num_slices : 1; /* a bad count: checked next */
+  const int needed[8] = {work, 1, num_slices > 1, num_slices > 2, work, work && !plan, work && !plan, work && !plan};
+  char list[160] = "";
+  size_t n = 0;
+  int count = 0;
+  for (int i = 0; i < 8; i++)
+    if (needed[i] && !ptrs[i] && n < sizeof list) {
+      n += (size_t)snprintf(list + n, sizeof list - n, "%sargs->%s", count ? ", " : "", names[i]);
+      count++;
+    }
+  return count ? INVALID("%s: %s %s NULL", fn, list, count > 1 ? "are" : "is") : SGMV_SUCCESS;
+}
+
+/* A pointer whose address is not a multiple of `bytes` (its element size, or what the kernel assumes). */
+static int check_aligned(const char *fn, const char *name, const void *p, int bytes, const char *what) {
+  if ((uintptr_t)p % (uintptr_t)bytes)
+    return INVALID("%s: args->%s is not aligned to %s (%d bytes)", fn, name, what, bytes);
   return SGMV_SUCCESS;
 }
 
@@ -149,69 +205,89 @@ static int check_dtypes(const char *fn, int x, int w, int out, int meta, int x_f
 static int check_call(const char *fn, const sgmv_call_t *c) {
   int status = check_counts(fn, c->total_tokens, c->batches, c->num_loras);
   if (status) return status;
-  if (c->max_seq_length < 0) return INVALID("%s: max_seq_length must be >= 0, got %lld", fn, (long long)c->max_seq_length);
+  if (c->max_seq_length < 0)
+    return INVALID("%s: args->max_seq_length must be >= 0, got %lld", fn, (long long)c->max_seq_length);
   int64_t x_cols = c->x_slice_step * (c->num_slices - 1) + c->K;
   int expand = c->op == SGMV_OP_EXPAND;
   if (c->total_tokens > 1 && c->x_stride < x_cols)
-    return INVALID("%s: inputs_row_stride %lld is smaller than %s %lld", fn, (long long)c->x_stride,
+    return INVALID("%s: args->inputs_row_stride %lld is smaller than %s %lld", fn, (long long)c->x_stride,
                    !expand ? "hidden" : c->num_slices > 1 ? "num_slices * rank" : "rank", (long long)x_cols);
   if (c->total_tokens > 1 && c->out_stride < c->out_cols)
-    return INVALID("%s: output_row_stride %lld is smaller than %s %lld", fn, (long long)c->out_stride,
+    return INVALID("%s: args->output_row_stride %lld is smaller than %s %lld", fn, (long long)c->out_stride,
                    expand ? "hidden" : "num_slices * rank", (long long)c->out_cols);
-  if (c->x_stride < 0 || c->out_stride < 0) return INVALID("%s: strides must be >= 0", fn);
-  if (!extent_fits(c->total_tokens, x_cols, c->x_stride) || !extent_fits(c->total_tokens, c->out_cols, c->out_stride))
-    return INVALID("%s: a stride is so large that element offsets overflow int64", fn);
+  if (c->x_stride < 0) return INVALID("%s: args->inputs_row_stride must be >= 0, got %lld", fn, (long long)c->x_stride);
+  if (c->out_stride < 0)
+    return INVALID("%s: args->output_row_stride must be >= 0, got %lld", fn, (long long)c->out_stride);
+  if (!extent_fits(c->total_tokens, x_cols, c->x_stride))
+    return INVALID("%s: args->inputs_row_stride %lld is so large that element offsets overflow int64", fn,
+                   (long long)c->x_stride);
+  if (!extent_fits(c->total_tokens, c->out_cols, c->out_stride))
+    return INVALID("%s: args->output_row_stride %lld is so large that element offsets overflow int64", fn,
+                   (long long)c->out_stride);
   for (int s = 0; s < c->num_slices; s++) {
     const sgmv_slice_t *w = &c->w[s];
-    if (w->row_stride < 0 || w->lora_stride < 0) return INVALID("%s: strides must be >= 0", fn);
     char row[32], lora[32];
     snprintf(row, sizeof row, s ? "slices[%d].row_stride" : "weights_row_stride", s - 1);
     snprintf(lora, sizeof lora, s ? "slices[%d].lora_stride" : "weights_lora_stride", s - 1);
+    if (w->row_stride < 0) return INVALID("%s: args->%s must be >= 0, got %lld", fn, row, (long long)w->row_stride);
+    if (w->lora_stride < 0) return INVALID("%s: args->%s must be >= 0, got %lld", fn, lora, (long long)w->lora_stride);
     if (w->rows > 1 && w->row_stride < c->K)
-      return INVALID("%s: %s %lld is smaller than %s %lld", fn, row, (long long)w->row_stride,
+      return INVALID("%s: args->%s %lld is smaller than %s %lld", fn, row, (long long)w->row_stride,
                      c->op == SGMV_OP_EXPAND ? "rank" : "hidden", (long long)c->K);
-    if (!extent_fits(w->rows, c->K, w->row_stride) || !extent_fits(c->num_loras, w->lora_stride, w->lora_stride))
-      return INVALID("%s: a stride is so large that element offsets overflow int64", fn);
+    if (!extent_fits(w->rows, c->K, w->row_stride))
+      return INVALID("%s: args->%s %lld is so large that element offsets overflow int64", fn, row,
+                     (long long)w->row_stride);
+    if (!extent_fits(c->num_loras, w->lora_stride, w->lora_stride))
+      return INVALID("%s: args->%s %lld is so large that element offsets overflow int64", fn, lora,
+                     (long long)w->lora_stride);
     int64_t one_lora = (w->rows - 1) * w->row_stride + c->K;
     if (c->num_loras > 1 && w->lora_stride < one_lora)
-      return INVALID("%s: %s %lld is smaller than one adapter's extent %lld", fn, lora, (long long)w->lora_stride,
+      return INVALID("%s: args->%s %lld is smaller than one adapter's extent %lld", fn, lora, (long long)w->lora_stride,
                      (long long)one_lora);
   }
-  if (((uintptr_t)c->ranks | (uintptr_t)c->scales) % 4)
-    return INVALID("%s: lora_ranks and lora_scales must be 4-byte aligned", fn);
-  if ((uintptr_t)c->work % 16) return INVALID("%s: workspace must be 16-byte aligned", fn);
-  if (c->plan) {
-    if ((uintptr_t)c->plan % 4) return INVALID("%s: batch_plan must be 4-byte aligned", fn);
-    if (plan_capacity(c->plan_bytes, c->batches) < plan_slots(c->batches, c->total_tokens))
-      return INVALID("%s: batch_plan_bytes %zu is smaller than sgmv_batch_plan_bytes(%lld, %lld) = %zu", fn,
-                     c->plan_bytes, (long long)c->batches, (long long)c->total_tokens,
-                     sgmv_batch_plan_bytes(c->batches, c->total_tokens));
+  /* Every pointer at a multiple of its element size; the workspace as the aligned variants assume. */
+  char name[32];
+  int misaligned = check_aligned(fn, "inputs", c->x, dtype_size(c->x_dtype), "its element size");
+  for (int s = 0; !misaligned && s < c->num_slices; s++) {
+    snprintf(name, sizeof name, s ? "slices[%d].weights" : "weights", s - 1);
+    misaligned = check_aligned(fn, name, c->w[s].weights, dtype_size(c->w_dtype), "its element size");
   }
-  if (c->batches == 0 || c->total_tokens == 0) return SGMV_SUCCESS; /* nothing to do: pointers unused */
-  if (!c->x || !c->out) return INVALID("%s: inputs, weights and output must not be NULL", fn);
-  for (int s = 0; s < c->num_slices; s++)
-    if (!c->w[s].weights)
-      return s ? INVALID("%s: inputs, weights and output must not be NULL (slices[%d])", fn, s - 1)
-               : INVALID("%s: inputs, weights and output must not be NULL", fn);
-  if (!c->plan && (!c->seq_start || !c->seq_len || !c->lora_indices))
-    return INVALID("%s: seq_start, seq_len and lora_indices must not be NULL", fn);
+  const void *meta[3] = {c->seq_start, c->seq_len, c->lora_indices};
+  for (int i = 0; !misaligned && i < 3; i++)
+    misaligned = check_aligned(fn, tensor_names[3 + i], meta[i], dtype_size(c->metadata_dtype), "its element size");
+  if (!misaligned) misaligned = check_aligned(fn, "output", c->out, dtype_size(c->out_dtype), "its element size");
+  if (!misaligned) misaligned = check_aligned(fn, "lora_ranks", c->ranks, 4, "its element size");
+  if (!misaligned) misaligned = check_aligned(fn, "lora_scales", c->scales, 4, "its element size");
+  if (!misaligned) misaligned = check_aligned(fn, "batch_plan", c->plan, 4, "its element size");
+  if (!misaligned) misaligned = check_aligned(fn, "workspace", c->work, SGMV_ALIGN_BYTES, "what the kernels assume");
+  if (misaligned) return misaligned;
+  if (c->plan && plan_capacity(c->plan_bytes, c->batches) < plan_slots(c->batches, c->total_tokens))
+    return INVALID("%s: args->batch_plan_bytes %zu is smaller than sgmv_batch_plan_bytes(%lld, %lld) = %zu", fn,
+                   c->plan_bytes, (long long)c->batches, (long long)c->total_tokens,
+                   sgmv_batch_plan_bytes(c->batches, c->total_tokens));
   return SGMV_SUCCESS;
 }
 
 static int check_slices(const char *fn, int32_t num_slices) {
   if (num_slices < 0 || num_slices > SGMV_MAX_SLICES)
-    return INVALID("%s: num_slices must be in [0, %d], got %d", fn, SGMV_MAX_SLICES, num_slices);
+    return INVALID("%s: args->num_slices must be in [0, %d], got %d", fn, SGMV_MAX_SLICES, num_slices);
   return SGMV_SUCCESS;
 }
 
-/* What both ops check first: dtypes, the slice count, the rank. */
-static int check_op(const char *fn, int x, int w, int out, int meta, int x_fp32, int32_t num_slices, int64_t rank) {
-  int status = check_dtypes(fn, x, w, out, meta, x_fp32);
-  if (!status) status = check_slices(fn, num_slices);
-  if (!status && (rank < 1 || rank > SGMV_MAX_RANK))
-    status = INVALID("%s: rank must be in [1, %d], got %lld", fn, SGMV_MAX_RANK, (long long)rank);
-  return status;
-}
+/* What both ops check first: the pointers they need, dtypes, the slice count, the rank. The
+ * fields are the same in sgmv_expand_args_t and sgmv_shrink_args_t. */
+#define CHECK_OP(fn, op, a)                                                                                         \
+  do {                                                                                                              \
+    const void *ptrs_[8] = {(a).inputs, (a).weights, (a).slices[0].weights, (a).slices[1].weights, (a).output,    \
+                            (a).seq_start, (a).seq_len, (a).lora_indices};                                        \
+    int status_ = check_null(fn, (a).batches > 0 && (a).total_tokens > 0, (a).num_slices, ptrs_, (a).batch_plan);  \
+    if (!status_) status_ = check_dtypes(fn, op, (a).inputs_dtype, (a).weights_dtype, (a).output_dtype,           \
+                                         (a).metadata_dtype);                                                     \
+    if (!status_) status_ = check_slices(fn, (a).num_slices);                                                     \
+    if (!status_ && ((a).rank < 1 || (a).rank > SGMV_MAX_RANK))                                                   \
+      status_ = INVALID("%s: args->rank must be in [1, %d], got %lld", fn, SGMV_MAX_RANK, (long long)(a).rank);   \
+    if (status_) return status_;                                                                                  \
+  } while (0)
 
 int sgmv_expand_call(const sgmv_expand_args_t *args, sgmv_call_t *c) {
   const char *fn = "sgmv_expand";
@@ -219,9 +295,7 @@ int sgmv_expand_call(const sgmv_expand_args_t *args, sgmv_call_t *c) {
   int status = read_struct(fn, "sgmv_expand_args_t", args, args ? args->struct_size : 0, EXPAND_ARGS_V0_1, &a,
                            sizeof a);
   if (status) return status;
-  if ((status = check_op(fn, a.inputs_dtype, a.weights_dtype, a.output_dtype, a.metadata_dtype, 1, a.num_slices,
-                         a.rank)))
-    return status;
+  CHECK_OP(fn, SGMV_OP_EXPAND, a);
   memset(c, 0, sizeof *c);
   c->op = SGMV_OP_EXPAND;
   c->num_slices = a.num_slices > 1 ? a.num_slices : 1;
@@ -229,15 +303,15 @@ int sgmv_expand_call(const sgmv_expand_args_t *args, sgmv_call_t *c) {
   for (int s = 1; s < c->num_slices; s++) c->w[s] = a.slices[s - 1];
   for (int s = 0; s < c->num_slices; s++) {
     if (c->w[s].rows < 1 || c->w[s].rows > SGMV_MAX_HIDDEN)
-      return s ? INVALID("%s: slices[%d].rows (hidden) must be in [1, %d], got %lld", fn, s - 1, SGMV_MAX_HIDDEN,
-                         (long long)c->w[s].rows)
-               : INVALID("%s: hidden must be in [1, %d], got %lld", fn, SGMV_MAX_HIDDEN, (long long)c->w[s].rows);
+      return s ? INVALID("%s: args->slices[%d].rows (hidden) must be in [1, %d], got %lld", fn, s - 1,
+                         SGMV_MAX_HIDDEN, (long long)c->w[s].rows)
+               : INVALID("%s: args->hidden must be in [1, %d], got %lld", fn, SGMV_MAX_HIDDEN, (long long)c->w[s].rows);
     c->out_cols += c->w[s].rows;
   }
-  /* Column tiles of every slice together fit the grid (tiles are >= 64 wide). */
-  if (c->out_cols > SGMV_MAX_HIDDEN - 64 * (c->num_slices - 1))
-    return INVALID("%s: the slices' hidden add up to %lld, more than %d", fn, (long long)c->out_cols,
-                   SGMV_MAX_HIDDEN - 64 * (c->num_slices - 1));
+  /* Column tiles of every slice together fit the grid (expand tiles are >= SGMV_MIN_EXPAND_BLOCK_N wide). */
+  if (c->out_cols > SGMV_MAX_HIDDEN - SGMV_MIN_EXPAND_BLOCK_N * (c->num_slices - 1))
+    return INVALID("%s: args->hidden and args->slices[].rows add up to %lld, more than %d", fn, (long long)c->out_cols,
+                   SGMV_MAX_HIDDEN - SGMV_MIN_EXPAND_BLOCK_N * (c->num_slices - 1));
   c->x = a.inputs, c->x_dtype = a.inputs_dtype, c->x_stride = a.inputs_row_stride;
   c->x_slice_step = c->num_slices > 1 ? a.rank : 0;
   c->w_dtype = a.weights_dtype;
@@ -255,11 +329,9 @@ int sgmv_shrink_call(const sgmv_shrink_args_t *args, sgmv_call_t *c) {
   sgmv_shrink_args_t a;
   int status = read_struct(fn, "sgmv_shrink_args_t", args, args ? args->struct_size : 0, sizeof a, &a, sizeof a);
   if (status) return status;
-  if ((status = check_op(fn, a.inputs_dtype, a.weights_dtype, a.output_dtype, a.metadata_dtype, 0, a.num_slices,
-                         a.rank)))
-    return status;
+  CHECK_OP(fn, SGMV_OP_SHRINK, a);
   if (a.hidden < 1 || a.hidden > SGMV_MAX_SHRINK_HIDDEN)
-    return INVALID("%s: hidden must be in [1, %d], got %lld", fn, SGMV_MAX_SHRINK_HIDDEN, (long long)a.hidden);
+    return INVALID("%s: args->hidden must be in [1, %d], got %lld", fn, SGMV_MAX_SHRINK_HIDDEN, (long long)a.hidden);
   memset(c, 0, sizeof *c);
   c->op = SGMV_OP_SHRINK;
   c->num_slices = a.num_slices > 1 ? a.num_slices : 1;
@@ -267,8 +339,8 @@ int sgmv_shrink_call(const sgmv_shrink_args_t *args, sgmv_call_t *c) {
   for (int s = 1; s < c->num_slices; s++) {
     c->w[s] = a.slices[s - 1];
     if (c->w[s].rows != a.rank)
-      return INVALID("%s: slice %d has %lld rows, but every slice has rank = %lld", fn, s, (long long)c->w[s].rows,
-                     (long long)a.rank);
+      return INVALID("%s: args->slices[%d].rows is %lld, but every slice has args->rank = %lld", fn, s - 1,
+                     (long long)c->w[s].rows, (long long)a.rank);
   }
   c->out_cols = c->num_slices * a.rank;
   c->x = a.inputs, c->x_dtype = a.inputs_dtype, c->x_stride = a.inputs_row_stride, c->x_slice_step = 0;
@@ -285,23 +357,22 @@ int sgmv_shrink_call(const sgmv_shrink_args_t *args, sgmv_call_t *c) {
 
 /* ---- tensors ------------------------------------------------------------------------------- */
 
-static const char *const tensor_names[] = {"inputs", "weights", "output", "seq_start", "seq_len", "lora_indices"};
-
 /* Metadata tensors: 1-D, contiguous, one integer dtype, at least batches entries. */
-static int check_metadata(const char *fn, const sgmv_tensor_t *m[3], const char *const names[3], int64_t batches) {
+static int check_metadata(const char *fn, const char *st, const sgmv_tensor_t *m[3], const char *const names[3],
+                          int64_t batches) {
   for (int i = 0; i < 3; i++) {
     if (!is_meta(m[i]->dtype))
-      return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE, "%s: %s must be int32 or int64, got %s", fn, names[i],
+      return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE, "%s: %s->%s must be int32 or int64, got %s", fn, st, names[i],
                             dtype_name(m[i]->dtype));
     if (m[i]->ndim != 1 || (m[i]->shape[0] > 1 && m[i]->strides[0] != 1))
-      return INVALID("%s: %s must be a contiguous 1-D tensor", fn, names[i]);
+      return INVALID("%s: %s->%s must be a contiguous 1-D tensor", fn, st, names[i]);
     if (m[i]->shape[0] < batches)
-      return INVALID("%s: %s has %lld entries, fewer than batches = %lld", fn, names[i], (long long)m[i]->shape[0],
+      return INVALID("%s: %s->%s has %lld entries, fewer than batches = %lld", fn, st, names[i], (long long)m[i]->shape[0],
                      (long long)batches);
   }
   if (m[0]->dtype != m[1]->dtype || m[1]->dtype != m[2]->dtype)
-    return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE, "%s: %s, %s and %s must share one dtype, got %s, %s, %s", fn,
-                          names[0], names[1], names[2], dtype_name(m[0]->dtype), dtype_name(m[1]->dtype),
+    return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE, "%s: %s->%s, %s and %s must share one dtype, got %s, %s, %s",
+                          fn, st, names[0], names[1], names[2], dtype_name(m[0]->dtype), dtype_name(m[1]->dtype),
                           dtype_name(m[2]->dtype));
   return SGMV_SUCCESS;
 }
@@ -310,10 +381,10 @@ static int check_metadata(const char *fn, const sgmv_tensor_t *m[3], const char 
 static int check_per_adapter(const char *fn, const char *name, const sgmv_tensor_t *t, int dtype, int64_t num_loras) {
   if (!t->data) return SGMV_SUCCESS;
   if ((int)t->dtype != dtype)
-    return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE, "%s: %s must be %s, got %s", fn, name, dtype_name(dtype),
+    return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE, "%s: tensors->%s must be %s, got %s", fn, name, dtype_name(dtype),
                           dtype_name(t->dtype));
   if (t->ndim != 1 || (t->shape[0] > 1 && t->strides[0] != 1) || t->shape[0] < num_loras)
-    return INVALID("%s: %s must be a contiguous 1-D tensor of >= num_loras = %lld entries", fn, name,
+    return INVALID("%s: tensors->%s must be a contiguous 1-D tensor of >= num_loras = %lld entries", fn, name,
                    (long long)num_loras);
   return SGMV_SUCCESS;
 }
@@ -323,11 +394,11 @@ static int weight_stack(const char *fn, const char *name, const sgmv_tensor_t *w
                         int64_t *cols, sgmv_slice_t *slice) {
   int d = w->ndim == 4 ? 1 : 0;
   if (!(w->ndim == 3 || (w->ndim == 4 && w->shape[1] == 1)))
-    return INVALID("%s: %s must be (num_loras, %s) or (num_loras, 1, %s)", fn, name, fn[5] == 'e' ? "hidden, rank" :
+    return INVALID("%s: tensors->%s must be (num_loras, %s) or (num_loras, 1, %s)", fn, name, fn[5] == 'e' ? "hidden, rank" :
                    "rank, hidden", fn[5] == 'e' ? "hidden, rank" : "rank, hidden");
   *loras = w->shape[0], *rows = w->shape[1 + d], *cols = w->shape[2 + d];
   if (w->strides[w->ndim - 1] != 1 && *cols > 1)
-    return INVALID("%s: inputs, weights and output must have unit stride in their last dimension", fn);
+    return INVALID("%s: tensors->%s must have unit stride in its last dimension", fn, name);
   *slice = (sgmv_slice_t){w->data, w->strides[0], w->strides[1 + d], *rows};
   return SGMV_SUCCESS;
 }
@@ -339,40 +410,42 @@ static int check_tensors(const char *fn, const sgmv_tensor_t *const all[6], cons
                          int64_t *cols) {
   for (int i = 0; i < 6; i++)
     if (all[i]->ndim < 1 || all[i]->ndim > 4)
-      return INVALID("%s: %s must have 1 to 4 dimensions, got %d", fn, tensor_names[i], all[i]->ndim);
+      return INVALID("%s: tensors->%s must have 1 to 4 dimensions, got %d", fn, tensor_names[i], all[i]->ndim);
   int status = check_slices(fn, num_slices);
   if (status) return status;
   const sgmv_tensor_t *x = all[0], *out = all[2];
-  if (x->ndim != 2) return INVALID("%s: inputs must be 2-D (total_tokens, columns)", fn);
-  if (out->ndim != 2) return INVALID("%s: output must be 2-D (total_tokens, columns)", fn);
-  if ((x->strides[1] != 1 && x->shape[1] > 1) || (out->strides[1] != 1 && out->shape[1] > 1))
-    return INVALID("%s: inputs, weights and output must have unit stride in their last dimension", fn);
+  if (x->ndim != 2) return INVALID("%s: tensors->inputs must be 2-D (total_tokens, columns)", fn);
+  if (out->ndim != 2) return INVALID("%s: tensors->output must be 2-D (total_tokens, columns)", fn);
+  if (x->strides[1] != 1 && x->shape[1] > 1)
+    return INVALID("%s: tensors->inputs must have unit stride in its last dimension", fn);
+  if (out->strides[1] != 1 && out->shape[1] > 1)
+    return INVALID("%s: tensors->output must have unit stride in its last dimension", fn);
   int n = num_slices > 1 ? num_slices : 1;
   for (int s = 0; s < n; s++) {
     const sgmv_tensor_t *w = s ? &more[s - 1] : all[1];
-    int64_t l, r, k;
+    int64_t l = 0, r = 0, k = 0;
     char name[32];
     snprintf(name, sizeof name, s ? "slice_weights[%d]" : "weights", s - 1);
-    if (s && (w->ndim < 1 || w->ndim > 4)) return INVALID("%s: %s must have 1 to 4 dimensions", fn, name);
+    if (s && (w->ndim < 1 || w->ndim > 4)) return INVALID("%s: tensors->%s must have 1 to 4 dimensions", fn, name);
     if ((status = weight_stack(fn, name, w, &l, &r, &k, &slices[s]))) return status;
     if (s && w->dtype != all[1]->dtype)
-      return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE, "%s: %s must have weights' dtype %s, got %s", fn, name,
+      return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE, "%s: tensors->%s must have weights' dtype %s, got %s", fn, name,
                             dtype_name(all[1]->dtype), dtype_name(w->dtype));
     if (s && (l != loras[0] || k != cols[0]))
-      return INVALID("%s: %s must match weights' dtype, adapters and %s (%s, %lld, %lld), got (%s, %lld, %lld)", fn,
+      return INVALID("%s: tensors->%s must match weights' dtype, adapters and %s (%s, %lld, %lld), got (%s, %lld, %lld)", fn,
                      name, fn[5] == 'e' ? "rank" : "hidden", dtype_name(all[1]->dtype), (long long)loras[0],
                      (long long)cols[0], dtype_name(w->dtype), (long long)l, (long long)k);
     if (!s) loras[0] = l, cols[0] = k;
     rows[s] = r;
   }
   const sgmv_tensor_t *meta[3] = {all[3], all[4], all[5]};
-  return check_metadata(fn, meta, tensor_names + 3, batches);
+  return check_metadata(fn, "tensors", meta, tensor_names + 3, batches);
 }
 
 SGMV_API sgmv_status_t sgmv_expand_args_from_tensors(const sgmv_expand_tensors_t *tensors, sgmv_expand_args_t *a) {
   const char *fn = "sgmv_expand";
   sgmv_expand_tensors_t t;
-  if (!tensors || !a) return (sgmv_status_t)INVALID("%s: NULL argument", fn);
+  if (!tensors || !a) return (sgmv_status_t)INVALID("%s: tensors or args is NULL", fn);
   int status = read_struct(fn, "sgmv_expand_tensors_t", tensors, tensors->struct_size, EXPAND_TENSORS_V0_2, &t,
                            sizeof t);
   if (status) return (sgmv_status_t)status;
@@ -384,13 +457,13 @@ SGMV_API sgmv_status_t sgmv_expand_args_from_tensors(const sgmv_expand_tensors_t
   int n = t.num_slices > 1 ? t.num_slices : 1;
   for (int s = 0; s < n; s++) hidden += rows[s];
   if (t.inputs.shape[1] != n * rank && n == 1)
-    return (sgmv_status_t)INVALID("%s: inputs has rank %lld but weights have rank %lld", fn,
+    return (sgmv_status_t)INVALID("%s: tensors->inputs has rank %lld but weights have rank %lld", fn,
                                   (long long)t.inputs.shape[1], (long long)rank);
   if (t.inputs.shape[1] != n * rank)
-    return (sgmv_status_t)INVALID("%s: inputs has %lld columns but %d slices of rank %lld need %lld", fn,
+    return (sgmv_status_t)INVALID("%s: tensors->inputs has %lld columns but %d slices of rank %lld need %lld", fn,
                                   (long long)t.inputs.shape[1], n, (long long)rank, (long long)(n * rank));
   if (t.output.shape[0] != t.inputs.shape[0] || t.output.shape[1] != hidden)
-    return (sgmv_status_t)INVALID("%s: output must be (total_tokens, hidden) = (%lld, %lld), got (%lld, %lld)", fn,
+    return (sgmv_status_t)INVALID("%s: tensors->output must be (total_tokens, hidden) = (%lld, %lld), got (%lld, %lld)", fn,
                                   (long long)t.inputs.shape[0], (long long)hidden, (long long)t.output.shape[0],
                                   (long long)t.output.shape[1]);
   if ((status = check_per_adapter(fn, "lora_ranks", &t.lora_ranks, SGMV_DTYPE_INT32, loras)))
@@ -415,7 +488,7 @@ SGMV_API sgmv_status_t sgmv_expand_args_from_tensors(const sgmv_expand_tensors_t
 SGMV_API sgmv_status_t sgmv_shrink_args_from_tensors(const sgmv_shrink_tensors_t *tensors, sgmv_shrink_args_t *a) {
   const char *fn = "sgmv_shrink";
   sgmv_shrink_tensors_t t;
-  if (!tensors || !a) return (sgmv_status_t)INVALID("%s: NULL argument", fn);
+  if (!tensors || !a) return (sgmv_status_t)INVALID("%s: tensors or args is NULL", fn);
   int status = read_struct(fn, "sgmv_shrink_tensors_t", tensors, tensors->struct_size, sizeof t, &t, sizeof t);
   if (status) return (sgmv_status_t)status;
   const sgmv_tensor_t *all[6] = {&t.inputs, &t.weights, &t.output, &t.seq_start, &t.seq_len, &t.lora_indices};
@@ -427,13 +500,13 @@ SGMV_API sgmv_status_t sgmv_shrink_args_from_tensors(const sgmv_shrink_tensors_t
   int64_t rank = rows[0];
   for (int s = 1; s < n; s++)
     if (rows[s] != rank)
-      return (sgmv_status_t)INVALID("%s: slice_weights[%d] has rank %lld, weights rank %lld: slices share one rank",
+      return (sgmv_status_t)INVALID("%s: tensors->slice_weights[%d] has rank %lld, weights rank %lld: slices share one rank",
                                     fn, s - 1, (long long)rows[s], (long long)rank);
   if (t.inputs.shape[1] != hidden)
-    return (sgmv_status_t)INVALID("%s: inputs has hidden %lld but weights have hidden %lld", fn,
+    return (sgmv_status_t)INVALID("%s: tensors->inputs has hidden %lld but weights have hidden %lld", fn,
                                   (long long)t.inputs.shape[1], (long long)hidden);
   if (t.output.shape[0] != t.inputs.shape[0] || t.output.shape[1] != n * rank)
-    return (sgmv_status_t)INVALID("%s: output must be (total_tokens, num_slices * rank) = (%lld, %lld), got (%lld, %lld)",
+    return (sgmv_status_t)INVALID("%s: tensors->output must be (total_tokens, num_slices * rank) = (%lld, %lld), got (%lld, %lld)",
                                   fn, (long long)t.inputs.shape[0], (long long)(n * rank),
                                   (long long)t.output.shape[0], (long long)t.output.shape[1]);
   if ((status = check_per_adapter(fn, "lora_ranks", &t.lora_ranks, SGMV_DTYPE_INT32, loras)) ||
@@ -457,18 +530,19 @@ SGMV_API sgmv_status_t sgmv_shrink_args_from_tensors(const sgmv_shrink_tensors_t
 
 /* ---- tiles and grids ----------------------------------------------------------------------- */
 
-/* Aligned variants assume 16-byte aligned base pointers, and every column count, column offset
- * and row stride a multiple of sgmv_align_elems: that is what lets them use 16-byte loads and
- * stores (aot/generate.py). */
+/* Aligned variants assume SGMV_ALIGN_BYTES-aligned base pointers, and every column count,
+ * column offset and row stride a multiple of SGMV_ALIGN_BYTES in bytes of its tensor's elements:
+ * that lets them use 16-byte loads and stores (aot/generate.py gives the compiler these). */
 static int is_aligned(const sgmv_call_t *c) {
-  int64_t e = sgmv_align_elems;
+  int64_t ex = SGMV_ALIGN_BYTES / dtype_size(c->x_dtype), ew = SGMV_ALIGN_BYTES / dtype_size(c->w_dtype);
+  int64_t eo = SGMV_ALIGN_BYTES / dtype_size(c->out_dtype);
   uintptr_t ptrs = (uintptr_t)c->x | (uintptr_t)c->out;
-  int64_t sizes = c->x_stride | c->out_stride | c->x_slice_step;
+  int ok = (c->x_stride | c->x_slice_step) % ex == 0 && c->out_stride % eo == 0;
   for (int s = 0; s < c->num_slices; s++) {
     ptrs |= (uintptr_t)c->w[s].weights;
-    sizes |= c->w[s].rows | c->w[s].lora_stride | c->w[s].row_stride;
+    ok = ok && c->w[s].rows % eo == 0 && (c->w[s].lora_stride | c->w[s].row_stride) % ew == 0;
   }
-  return ptrs % 16 == 0 && sizes % e == 0;
+  return ok && ptrs % SGMV_ALIGN_BYTES == 0;
 }
 
 /* The tile rules of aot/tiles.json; returns the tile index, or -1 if the arch has none. */
@@ -546,7 +620,9 @@ int sgmv_decide(const sgmv_call_t *a, int arch, const sgmv_launch_config_t *want
   if (status) return status;
   /* With a plan, adapter-grouped tiles, except for long segments of one length (uniform
    * prefill), which tile densely by segment already and gain nothing from the plan's gather. */
-  int uniform = a->max_seq_length >= 256 && a->max_seq_length <= (a->total_tokens + a->total_tokens / 4) / a->batches;
+  const sgmv_tuning_t *tune = &sgmv_tuning;
+  int uniform = a->max_seq_length >= tune->uniform_min_length &&
+                a->max_seq_length <= (a->total_tokens + a->total_tokens / tune->uniform_slack) / a->batches;
   int grouped = a->plan && !uniform;
   int short_path, tile_id = select_tile(a, arch, grouped, &short_path);
   if (tile_id < 0) return sgmv_set_error(SGMV_ERROR_INTERNAL, "%s: no tile rule for sm_%d", fn, arch);
@@ -554,11 +630,11 @@ int sgmv_decide(const sgmv_call_t *a, int arch, const sgmv_launch_config_t *want
   sgmv_tile_t asked;
   if (want) { /* a tuner's tile (sgmv_*_config): the rules' path and grid for it */
     if (want->block_m < 1 || want->block_m > 256 || want->block_n < 16 || want->block_n > 1024 ||
-        (a->op == SGMV_OP_EXPAND && want->block_n < 64) || want->block_k < 1 || want->num_warps < 1 ||
-        want->num_stages < 1 || (grouped && sgmv_plan_align % want->block_m))
-      return INVALID("%s_config: the requested tile %dx%dx%d (warps %d, stages %d) is out of range (with a plan, "
+        (a->op == SGMV_OP_EXPAND && want->block_n < SGMV_MIN_EXPAND_BLOCK_N) || want->block_k < 1 || want->num_warps < 1 ||
+        want->num_stages < 1 || (grouped && SGMV_PLAN_ALIGN % want->block_m))
+      return INVALID("%s_config: the requested tile (config->block_m, ...) %dx%dx%d (warps %d, stages %d) is out of range (with a plan, "
                      "block_m must divide %d)", fn, want->block_m, want->block_n, want->block_k, want->num_warps,
-                     want->num_stages, sgmv_plan_align);
+                     want->num_stages, SGMV_PLAN_ALIGN);
     asked = (sgmv_tile_t){"requested", want->block_m, want->block_n, want->block_k, want->num_warps, want->num_stages};
     t = &asked;
     short_path = !grouped && want->path == SGMV_PATH_SHORT && a->op == SGMV_OP_EXPAND;
@@ -575,19 +651,19 @@ int sgmv_decide(const sgmv_call_t *a, int arch, const sgmv_launch_config_t *want
     /* Tiles of the plan's slots: every adapter's rows padded to a multiple of the alignment. */
     c->path = SGMV_PATH_GROUPED;
     c->plan_capacity = plan_capacity(a->plan_bytes, a->batches);
-    int64_t slots = (cdiv(a->total_tokens, sgmv_plan_align) + min64(a->batches, a->num_loras)) * sgmv_plan_align;
+    int64_t slots = (cdiv(a->total_tokens, SGMV_PLAN_ALIGN) + min64(a->batches, a->num_loras)) * SGMV_PLAN_ALIGN;
     x = cdiv(min64(slots, c->plan_capacity), t->block_m);
   } else if (short_path) {
     c->path = SGMV_PATH_SHORT;
     x = cdiv(a->batches, t->block_m);
     /* Adapter slots: enough programs to fill the GPU, never more slots than adapters. */
-    z = sgmv_short_programs / (x * n_tiles);
-    z = z < 1 ? 1 : z > a->num_loras ? a->num_loras : z > 65535 ? 65535 : z;
+    z = tune->short_programs / (x * n_tiles);
+    z = z < 1 ? 1 : z > a->num_loras ? a->num_loras : z > GRID_MAX ? GRID_MAX : z;
   } else {
     /* By segment unless most of that grid would idle (a long segment beside many short ones). */
     int64_t flat = cdiv(a->total_tokens, t->block_m) + a->batches; /* < 2^31: validate bounds both */
     int64_t row_tiles = cdiv(a->max_seq_length, t->block_m);
-    row_tiles = row_tiles < 1 ? 1 : row_tiles > 65535 ? 65535 : row_tiles;
+    row_tiles = row_tiles < 1 ? 1 : row_tiles > GRID_MAX ? GRID_MAX : row_tiles;
     c->path = SGMV_PATH_ROWS;
     /* Flat too where shrink may split K (the by-segment grid's third axis strides rows). */
     int may_split = a->op == SGMV_OP_SHRINK && a->work_bytes && a->total_tokens <= sgmv_split_rule.max_tokens;
@@ -641,16 +717,17 @@ int sgmv_decide_batch_plan(const sgmv_batch_plan_args_t *a, int arch, sgmv_launc
     return INVALID("sgmv_batch_plan_build: args->struct_size is %zu, expected %zu: initialise it with "
                    "SGMV_BATCH_PLAN_ARGS_INIT", a->struct_size, sizeof *a);
   const sgmv_tensor_t *meta[3] = {&a->seq_start, &a->seq_len, &a->lora_indices};
-  int status = check_metadata("sgmv_batch_plan_build", meta, tensor_names + 3, a->batches);
+  int status = check_metadata("sgmv_batch_plan_build", "args", meta, tensor_names + 3, a->batches);
   if (status) return status;
   if ((status = check_counts("sgmv_batch_plan_build", a->total_tokens, a->batches, a->num_loras))) return status;
-  if (!a->plan || (uintptr_t)a->plan % 4) return INVALID("sgmv_batch_plan_build: plan must be a 4-byte aligned pointer");
+  if (!a->plan) return INVALID("sgmv_batch_plan_build: args->plan is NULL");
+  if ((status = check_aligned("sgmv_batch_plan_build", "plan", a->plan, 4, "its element size"))) return status;
   if (plan_capacity(a->plan_bytes, a->batches) < plan_slots(a->batches, a->total_tokens))
-    return INVALID("sgmv_batch_plan_build: plan_bytes %zu is smaller than sgmv_batch_plan_bytes(%lld, %lld) = %zu",
+    return INVALID("sgmv_batch_plan_build: args->plan_bytes %zu is smaller than sgmv_batch_plan_bytes(%lld, %lld) = %zu",
                    a->plan_bytes, (long long)a->batches, (long long)a->total_tokens,
                    sgmv_batch_plan_bytes(a->batches, a->total_tokens));
   if (a->batches && (!a->seq_start.data || !a->seq_len.data || !a->lora_indices.data))
-    return INVALID("sgmv_batch_plan_build: seq_start, seq_len and lora_indices must not be NULL");
+    return INVALID("sgmv_batch_plan_build: args->seq_start, args->seq_len and args->lora_indices must not be NULL");
   if ((status = check_arch("sgmv_batch_plan_build", arch))) return status;
   memset(out, 0, sizeof *out);
   sgmv_launch_config_t *c = &out->config;
@@ -663,13 +740,13 @@ int sgmv_decide_batch_plan(const sgmv_batch_plan_args_t *a, int arch, sgmv_launc
    * (steps); programs of SEGS segments each, and enough per segment group to split long
    * segments' rows. */
   const sgmv_plan_size_t *size = &sgmv_plan_size;
-  int64_t y = cdiv(a->total_tokens, 4096);
+  int64_t y = cdiv(a->total_tokens, sgmv_tuning.plan_rows_per_program);
   c->tile = "plan";
   c->steps = 2;
   c->block_b = size->segs, c->scan = size->scan, c->rows = size->rows;
   c->num_warps = size->num_warps, c->num_stages = 1;
   c->grid[0] = (uint32_t)(a->batches ? cdiv(a->batches, size->segs) : 1);
-  c->grid[1] = (uint32_t)(y < 1 ? 1 : y > 64 ? 64 : y);
+  c->grid[1] = (uint32_t)(y < 1 ? 1 : y > sgmv_tuning.plan_max_programs ? sgmv_tuning.plan_max_programs : y);
   c->grid[2] = 1;
   out->key = (sgmv_variant_key_t){arch, SGMV_KERNEL_PLAN, 0, 0, 0, 0, 0, 0};
   return SGMV_SUCCESS;

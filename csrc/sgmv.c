@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "driver.h"
+#include "errors.h"
 #include "sgmv_params.h"
 #include "sgmv.h"
 #include "variant.h"
@@ -12,23 +13,12 @@
 
 /* ---- inventory ---------------------------------------------------------------------------- */
 
+_Static_assert(SGMV_VERSION == SGMV_VERSION_MAJOR * 10000 + SGMV_VERSION_MINOR * 100 + SGMV_VERSION_PATCH,
+               "sgmv.h: SGMV_VERSION must be MAJOR * 10000 + MINOR * 100 + PATCH");
+
 SGMV_API int sgmv_version(void) { return SGMV_VERSION; }
 SGMV_API const char *sgmv_archs(void) { return sgmv_archs_list; }
 SGMV_API int sgmv_num_variants(void) { return sgmv_num_variants_total; }
-
-SGMV_API const char *sgmv_status_string(sgmv_status_t status) {
-  switch (status) {
-    case SGMV_SUCCESS: return "success";
-    case SGMV_ERROR_INVALID_ARGUMENT: return "invalid argument";
-    case SGMV_ERROR_UNSUPPORTED_DTYPE: return "unsupported dtype";
-    case SGMV_ERROR_NO_DRIVER: return "no CUDA driver";
-    case SGMV_ERROR_NO_DEVICE: return "no CUDA device";
-    case SGMV_ERROR_UNSUPPORTED_ARCH: return "unsupported GPU architecture";
-    case SGMV_ERROR_CUDA: return "CUDA driver error";
-    case SGMV_ERROR_INTERNAL: return "internal error";
-  }
-  return "unknown status";
-}
 
 SGMV_API sgmv_status_t sgmv_device_count(int *count) {
   int status;

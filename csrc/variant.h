@@ -4,13 +4,12 @@
 #define SGMV_VARIANT_H
 
 #include "sgmv.h"
+#include "sgmv_rules.h" /* generated: SGMV_OP_*, the plan layout, alignment, the dtype matrix */
 
 typedef struct {
   const char *name;
   int block_m, block_n, block_k, num_warps, num_stages;
 } sgmv_tile_t;
-
-enum { SGMV_OP_EXPAND = 0, SGMV_OP_SHRINK = 1 };
 
 /* Without a plan: for op on arch, max_seq_length <= max_seq and rank <= max_rank (-1: any)
  * select tile, on the short path if short_path. */
@@ -29,6 +28,11 @@ typedef struct {
 typedef struct {
   int programs, max_split, max_tokens;
 } sgmv_split_rule_t;
+
+/* The planner's other tuning (aot/tiles.json "planner", which says what each is). */
+typedef struct {
+  int short_programs, uniform_min_length, uniform_slack, plan_rows_per_program, plan_max_programs;
+} sgmv_tuning_t;
 
 /* The plan kernel's constexprs: segments per program, segments per scan step, rows per store. */
 typedef struct {
@@ -73,9 +77,7 @@ extern const int sgmv_num_grouped_rules;
 extern const sgmv_plan_size_t sgmv_plan_size;
 extern const sgmv_split_rule_t sgmv_split_rule;
 extern const int sgmv_unaligned_tile;
-extern const int sgmv_align_elems;
-extern const int sgmv_short_programs;
-extern const int sgmv_plan_header, sgmv_plan_align;
+extern const sgmv_tuning_t sgmv_tuning;
 extern const char sgmv_archs_list[];
 extern sgmv_variant_t sgmv_variants[];
 extern const int sgmv_num_variants_total;

@@ -44,6 +44,7 @@ PATH_ROWS, PATH_SHORT, PATH_GROUPED = tl.constexpr(0), tl.constexpr(1), tl.const
 # PLAN_ALIGN) holds one adapter's rows.
 PLAN_HEADER = tl.constexpr(4)  # [0] slots used, [1] batches, [2] capacity, [3] 0
 PLAN_ALIGN = tl.constexpr(64)
+PLAN_TABLE = tl.constexpr(4)  # words per segment of the construction table: key, length, ahead, grows
 # Most programs a split of K uses (aot/tiles.json's split rule stays within it): step 1 adds
 # the partial sums of a tile in a loop unrolled this far.
 MAX_SPLIT = tl.constexpr(8)

@@ -70,7 +70,7 @@ def test_python_side_errors(over, exc, words):
     (dict(max_seq_length=-1), "SGMV_ERROR_INVALID_ARGUMENT", ValueError, "max_seq_length must be >= 0"),
     (dict(batches=-1), "SGMV_ERROR_INVALID_ARGUMENT", ValueError, "batches must be in [0, 2^30)"),
     (dict(inputs=Fake((10, 16), "bfloat16")), "SGMV_ERROR_UNSUPPORTED_DTYPE", TypeError, "unsupported dtypes"),
-    (dict(lora_b_weights=Fake((2, 64, 16), "float32")), "SGMV_ERROR_UNSUPPORTED_DTYPE", TypeError, "weights float32"),
+    (dict(lora_b_weights=Fake((2, 64, 16), "float32")), "SGMV_ERROR_UNSUPPORTED_DTYPE", TypeError, "weights_dtype float32"),
     (dict(seq_len_tensor=Fake((2,), "int64")), "SGMV_ERROR_UNSUPPORTED_DTYPE", TypeError, "share one dtype"),
     (dict(b_seq_start_loc=Fake((2,), "float32")), "SGMV_ERROR_UNSUPPORTED_DTYPE", TypeError, "int32 or int64"),
 ])

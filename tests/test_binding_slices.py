@@ -79,7 +79,7 @@ B64, B32 = Fake((2, 64, 16)), Fake((2, 32, 16))
     ("shrink", dict(lora_a_weights=(A, Fake((2, 3, 16, 64)), A)), "INVALID_ARGUMENT", ValueError,
      "slice_weights[0] must be (num_loras, rank, hidden) or (num_loras, 1, rank, hidden)"),
     ("shrink", dict(lora_a_weights=(A, A, Fake((2, 16, 64), strides=(2048, 128, 2)))), "INVALID_ARGUMENT",
-     ValueError, "unit stride in their last dimension"),
+     ValueError, "unit stride in its last dimension"),
     ("shrink", dict(output_tensor=Fake((10, 32), "float32")), "INVALID_ARGUMENT", ValueError,
      "output must be (total_tokens, num_slices * rank) = (10, 48), got (10, 32)"),
     ("shrink", dict(lora_a_weights=(A, A)), "INVALID_ARGUMENT", ValueError,
@@ -119,9 +119,9 @@ B64, B32 = Fake((2, 64, 16)), Fake((2, 32, 16))
      "lora_scales must be a contiguous 1-D tensor of >= num_loras = 2 entries"),
     # alignment of the per-adapter arrays and the workspace
     ("shrink", dict(lora_scales=Fake((2,), "float32", ptr=0x100002)), "INVALID_ARGUMENT", ValueError,
-     "4-byte aligned"),
+     "args->lora_scales is not aligned to its element size (4 bytes)"),
     ("shrink", dict(workspace=Fake((64,), "float32", ptr=0x100004)), "INVALID_ARGUMENT", ValueError,
-     "workspace must be 16-byte aligned"),
+     "args->workspace is not aligned to what the kernels assume (16 bytes)"),
 ])
 def test_library_statuses_as_python_exceptions(op, over, status, exc, words):
     with pytest.raises(exc) as e:

@@ -62,12 +62,12 @@ def test_loads_and_reports_inventory():
 
 BAD = [  # (field overrides, expected status, a word of the message)
     (dict(struct_size=8), "SGMV_ERROR_INVALID_ARGUMENT", "struct_size"),
-    (dict(inputs=0), "SGMV_ERROR_INVALID_ARGUMENT", "must not be NULL"),
-    (dict(weights=0), "SGMV_ERROR_INVALID_ARGUMENT", "must not be NULL"),
-    (dict(output=0), "SGMV_ERROR_INVALID_ARGUMENT", "must not be NULL"),
-    (dict(seq_start=0), "SGMV_ERROR_INVALID_ARGUMENT", "must not be NULL"),
-    (dict(seq_len=0), "SGMV_ERROR_INVALID_ARGUMENT", "must not be NULL"),
-    (dict(lora_indices=0), "SGMV_ERROR_INVALID_ARGUMENT", "must not be NULL"),
+    (dict(inputs=0), "SGMV_ERROR_INVALID_ARGUMENT", "is NULL"),
+    (dict(weights=0), "SGMV_ERROR_INVALID_ARGUMENT", "is NULL"),
+    (dict(output=0), "SGMV_ERROR_INVALID_ARGUMENT", "is NULL"),
+    (dict(seq_start=0), "SGMV_ERROR_INVALID_ARGUMENT", "is NULL"),
+    (dict(seq_len=0), "SGMV_ERROR_INVALID_ARGUMENT", "is NULL"),
+    (dict(lora_indices=0), "SGMV_ERROR_INVALID_ARGUMENT", "is NULL"),
     (dict(total_tokens=-1), "SGMV_ERROR_INVALID_ARGUMENT", "total_tokens"),
     (dict(hidden=0), "SGMV_ERROR_INVALID_ARGUMENT", "hidden"),
     (dict(hidden=-5), "SGMV_ERROR_INVALID_ARGUMENT", "hidden"),
@@ -83,11 +83,11 @@ BAD = [  # (field overrides, expected status, a word of the message)
     (dict(output_row_stride=32), "SGMV_ERROR_INVALID_ARGUMENT", "output_row_stride"),
     (dict(output_row_stride=2**62), "SGMV_ERROR_INVALID_ARGUMENT", "overflow"),
     (dict(weights_lora_stride=2**62), "SGMV_ERROR_INVALID_ARGUMENT", "overflow"),
-    (dict(weights_dtype=2), "SGMV_ERROR_UNSUPPORTED_DTYPE", "weights float32"),
-    (dict(inputs_dtype=1), "SGMV_ERROR_UNSUPPORTED_DTYPE", "inputs bfloat16"),
-    (dict(output_dtype=3), "SGMV_ERROR_UNSUPPORTED_DTYPE", "output int32"),
-    (dict(metadata_dtype=0), "SGMV_ERROR_UNSUPPORTED_DTYPE", "metadata float16"),
-    (dict(metadata_dtype=77), "SGMV_ERROR_UNSUPPORTED_DTYPE", "metadata unknown"),
+    (dict(weights_dtype=2), "SGMV_ERROR_UNSUPPORTED_DTYPE", "weights_dtype float32"),
+    (dict(inputs_dtype=1), "SGMV_ERROR_UNSUPPORTED_DTYPE", "inputs_dtype bfloat16"),
+    (dict(output_dtype=3), "SGMV_ERROR_UNSUPPORTED_DTYPE", "output_dtype int32"),
+    (dict(metadata_dtype=0), "SGMV_ERROR_UNSUPPORTED_DTYPE", "metadata_dtype is float16"),
+    (dict(metadata_dtype=77), "SGMV_ERROR_UNSUPPORTED_DTYPE", "metadata_dtype is unknown"),
 ]
 
 
@@ -106,8 +106,9 @@ def test_null_args_pointer():
 
 
 def test_empty_calls_succeed_without_a_driver():
-    """Nothing to do is success, and needs neither a driver nor pointers."""
-    assert call(valid_args(batches=0, inputs=0, weights=0, output=0))[0] == 0
+    """Nothing to do is success, and needs neither a driver nor data pointers (only the weights)."""
+    assert call(valid_args(batches=0, inputs=0, output=0))[0] == 0
+    assert call(valid_args(batches=0, weights=0)) == (S["SGMV_ERROR_INVALID_ARGUMENT"], "sgmv_expand: args->weights is NULL")
     assert call(valid_args(total_tokens=0, seq_start=0, seq_len=0, lora_indices=0))[0] == 0
 
 
@@ -292,12 +293,12 @@ BAD_SHRINK = [  # (field overrides, expected status, a word of the message)
     (dict(output_row_stride=2**62), "SGMV_ERROR_INVALID_ARGUMENT", "overflow"),
     (dict(batch_plan=0x70000, batch_plan_bytes=64), "SGMV_ERROR_INVALID_ARGUMENT", "batch_plan_bytes"),
     (dict(weights_dtype=2, inputs_dtype=2), "SGMV_ERROR_UNSUPPORTED_DTYPE", "float32"),
-    (dict(inputs_dtype=2), "SGMV_ERROR_UNSUPPORTED_DTYPE", "inputs float32"),
-    (dict(inputs_dtype=1), "SGMV_ERROR_UNSUPPORTED_DTYPE", "inputs bfloat16"),
-    (dict(output_dtype=1), "SGMV_ERROR_UNSUPPORTED_DTYPE", "output bfloat16"),
-    (dict(output_dtype=3), "SGMV_ERROR_UNSUPPORTED_DTYPE", "output int32"),
-    (dict(metadata_dtype=0), "SGMV_ERROR_UNSUPPORTED_DTYPE", "metadata float16"),
-    (dict(metadata_dtype=77), "SGMV_ERROR_UNSUPPORTED_DTYPE", "metadata unknown"),
+    (dict(inputs_dtype=2), "SGMV_ERROR_UNSUPPORTED_DTYPE", "inputs_dtype float32"),
+    (dict(inputs_dtype=1), "SGMV_ERROR_UNSUPPORTED_DTYPE", "inputs_dtype bfloat16"),
+    (dict(output_dtype=1), "SGMV_ERROR_UNSUPPORTED_DTYPE", "output_dtype bfloat16"),
+    (dict(output_dtype=3), "SGMV_ERROR_UNSUPPORTED_DTYPE", "output_dtype int32"),
+    (dict(metadata_dtype=0), "SGMV_ERROR_UNSUPPORTED_DTYPE", "metadata_dtype is float16"),
+    (dict(metadata_dtype=77), "SGMV_ERROR_UNSUPPORTED_DTYPE", "metadata_dtype is unknown"),
 ]
 
 
@@ -524,7 +525,7 @@ def test_shrink_no_driver_status():
 
 
 def test_shrink_nothing_to_do_needs_no_driver_nor_pointers():
-    for over in (dict(batches=0, inputs=0, weights=0, output=0), dict(total_tokens=0, seq_start=0, seq_len=0,
+    for over in (dict(batches=0, inputs=0, output=0), dict(total_tokens=0, seq_start=0, seq_len=0,
                                                                       lora_indices=0)):
         status, msg, planned = call_shrink(shrink_args(**over))
         assert status == planned == 0, msg
@@ -596,3 +597,75 @@ def test_expand_tensors_v02_struct_is_still_accepted():
     a = ffi.new("sgmv_expand_args_t *")
     assert capi.lib.sgmv_expand_args_from_tensors(b, a) == 0, ffi.string(capi.lib.sgmv_last_error())
     assert a.num_slices <= 1 and a.lora_ranks == ffi.NULL and (a.hidden, a.rank) == (64, 16)
+
+
+def _header_version():
+    text = (capi.INCLUDE_DIR / "sgmv.h").read_text()
+    return tuple(int(re.search(rf"^#define SGMV_VERSION_{p} (\d+)$", text, re.M).group(1))
+                 for p in ("MAJOR", "MINOR", "PATCH"))
+
+
+def test_version_has_one_source():
+    """sgmv.h's three lines are the version: SGMV_VERSION, sgmv_version() and the CMake package
+    files of this build (beside the library in a build tree) agree with them."""
+    major, minor, patch = _header_version()
+    assert capi.lib.sgmv_version() == S["SGMV_VERSION"] == 10000 * major + 100 * minor + patch
+    for pc in (LIB.parent / "sgmv.pc", LIB.parent / "pkgconfig" / "sgmv.pc"):
+        if pc.exists():
+            assert f"\nVersion: {major}.{minor}.{patch}\n" in pc.read_text()
+    cfg = LIB.parent / "sgmvConfigVersion.cmake"
+    if cfg.exists():
+        assert f'set(PACKAGE_VERSION "{major}.{minor}.{patch}")' in cfg.read_text()
+
+
+@pytest.mark.parametrize("cmd", [["gcc"], ["g++", "-x", "c++"]], ids=["gcc-default-std", "g++"])
+def test_lora_layer_example_compiles_in_default_mode_and_as_cpp(cmd, tmp_path):
+    """The README's `gcc app.c $(pkg-config ...)` uses gcc's default (GNU) mode, where <math.h>
+    declares y0, y1 (Bessel functions): the example must not clash with them, nor fail as C++."""
+    src = HERE.parent / "examples" / "c" / "lora_layer.c"
+    subprocess.run([*cmd, "-Wall", "-Werror", "-I", str(capi.INCLUDE_DIR), "-c", str(src), "-o",
+                    str(tmp_path / "lora_layer.o")], check=True)
+
+
+@pytest.mark.parametrize("field,over,size", [
+    ("inputs", dict(inputs_dtype=S["SGMV_DTYPE_FLOAT32"]), 4), ("weights", {}, 2),
+    ("output", dict(output_dtype=S["SGMV_DTYPE_FLOAT32"]), 4), ("seq_start", dict(metadata_dtype=S["SGMV_DTYPE_INT64"]), 8),
+    ("lora_indices", {}, 4)])
+def test_pointer_off_its_element_size_is_refused_by_name(field, over, size):
+    base = dict(inputs=0x10000, weights=0x20000, output=0x30000, seq_start=0x40000, lora_indices=0x60000)[field]
+    for offset in range(1, size):
+        got, msg = call(valid_args(**over, **{field: base + offset}))
+        assert (got, msg) == (S["SGMV_ERROR_INVALID_ARGUMENT"],
+                              f"sgmv_expand: args->{field} is not aligned to its element size ({size} bytes)")
+    a = valid_args(**over, **{field: base + size})  # a multiple of the element size: served (unaligned tile at worst)
+    assert capi.lib.sgmv_expand_config(a, 90, ffi.new("sgmv_launch_config_t *")) == 0
+
+
+def test_only_initialised_struct_names_the_null_weights():
+    a = ffi.new("sgmv_expand_args_t *")
+    capi.lib.sgmv_expand_args_init(a)
+    assert call(a) == (S["SGMV_ERROR_INVALID_ARGUMENT"], "sgmv_expand: args->weights is NULL")
+    a.batches, a.total_tokens = 1, 1
+    status, msg = call(a)
+    assert msg == ("sgmv_expand: args->inputs, args->weights, args->output, args->seq_start, args->seq_len, "
+                   "args->lora_indices are NULL"), msg
+
+
+def test_limits_documented_in_the_header_are_the_library_s():
+    """sgmv.h's comments on sgmv_expand_args_t state hidden's and rank's ranges and the workspace's
+    alignment: the library accepts exactly those."""
+    text = (capi.INCLUDE_DIR / "sgmv.h").read_text()
+    expand = text[text.index("typedef struct {\n  size_t struct_size;\n\n  const void *inputs;"):]
+    hidden = int(re.search(r"int64_t hidden;\s*/\* 1 \.\. (\d+)", expand).group(1))
+    rank = int(re.search(r"int64_t rank;\s*/\* 1 \.\. (\d+)", expand).group(1))
+    ws_align = int(re.search(r"void \*workspace;.*\((\d+)-byte aligned\)", text).group(1))
+    c = ffi.new("sgmv_launch_config_t *")
+    cfg = lambda **o: capi.lib.sgmv_expand_config(valid_args(num_loras=1, **o), 90, c)  # noqa: E731
+    assert cfg(hidden=hidden, output_row_stride=hidden) == 0
+    assert cfg(hidden=hidden + 1, output_row_stride=hidden + 1) == S["SGMV_ERROR_INVALID_ARGUMENT"]
+    assert cfg(rank=rank, inputs_row_stride=rank, weights_row_stride=rank) == 0
+    assert cfg(rank=rank + 1, inputs_row_stride=rank + 1, weights_row_stride=rank + 1) == \
+        S["SGMV_ERROR_INVALID_ARGUMENT"]
+    for offset, want in ((ws_align // 2, S["SGMV_ERROR_INVALID_ARGUMENT"]), (ws_align, 0)):
+        got = capi.lib.sgmv_shrink_config(shrink_args(workspace=0x80000 + offset, workspace_bytes=1 << 20), 90, c)
+        assert got == want, ffi.string(capi.lib.sgmv_last_error())

@@ -1,6 +1,7 @@
 """The planner (csrc/planner.c) on the CPU: the tile, path and grid of every kind of call, the
 batch plan's size, the arch family, and that the JIT path launches what the library decides.
 Expected values are computed here from aot/tiles.json, independently of the C code."""
+import importlib.util
 import json
 from pathlib import Path
 
@@ -14,7 +15,16 @@ TABLE = json.loads((ROOT / "aot" / "tiles.json").read_text())
 TILES = TABLE["tiles"]
 L = capi.lib
 S = {name: getattr(L, name) for name in dir(L) if name.startswith("SGMV_")}
-HEADER, ALIGN = 4, 64  # kernels/sgmv.py PLAN_HEADER, PLAN_ALIGN
+
+def _kernel_source():
+    spec = importlib.util.spec_from_file_location("sgmv_kernels_for_planner", ROOT / "kernels" / "sgmv.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+KERNELS = _kernel_source()  # the plan's layout has its source there
+HEADER, ALIGN, TABLE_WORDS = KERNELS.PLAN_HEADER.value, KERNELS.PLAN_ALIGN.value, KERNELS.PLAN_TABLE.value
 
 
 def cdiv(a, b):
@@ -70,7 +80,7 @@ def test_decode_takes_the_short_path(arch):
     bm, bn, _ = check_tile(c, name)
     assert path == "short" and c.path == S["SGMV_PATH_SHORT"]
     groups, n_tiles = cdiv(256, bm), cdiv(4096, bn)
-    slots = min(4, max(1, 4096 // (groups * n_tiles)))  # aot/variants.py SHORT_PROGRAMS
+    slots = min(4, max(1, TABLE["planner"]["short_programs"] // (groups * n_tiles)))
     assert tuple(c.grid) == (groups, n_tiles, slots)
 
 
@@ -97,7 +107,7 @@ def test_a_plan_gives_adapter_grouped_tiles(tokens, batches, loras):
     assert status == 0, msg
     bm, bn, _ = check_tile(c, grouped_rule(cdiv(tokens, min(batches, loras)), 16))
     assert c.path == S["SGMV_PATH_GROUPED"]
-    capacity = (plan_bytes // 4 - HEADER - 4 * batches) // (ALIGN + 1) * ALIGN
+    capacity = (plan_bytes // 4 - HEADER - TABLE_WORDS * batches) // (ALIGN + 1) * ALIGN
     assert c.plan_capacity == capacity >= (cdiv(tokens, ALIGN) + batches) * ALIGN
     slots = (cdiv(tokens, ALIGN) + min(batches, loras)) * ALIGN  # every adapter padded to ALIGN
     assert tuple(c.grid) == (cdiv(min(slots, capacity), bm), cdiv(4096, bn), 1)
@@ -137,7 +147,7 @@ def test_arch_family_and_unknown_arch():
 def test_config_checks_like_expand():
     """The same statuses and messages as sgmv_expand (tests/test_capi.py lists them all)."""
     status, _, msg = config(args(rank=0))
-    assert status == S["SGMV_ERROR_INVALID_ARGUMENT"] and msg.startswith("sgmv_expand: rank must be in [1, 256]")
+    assert status == S["SGMV_ERROR_INVALID_ARGUMENT"] and msg.startswith("sgmv_expand: args->rank must be in [1, 256]")
     status, _, msg = config(args(batch_plan=0x70000, batch_plan_bytes=64))
     assert status == S["SGMV_ERROR_INVALID_ARGUMENT"] and "batch_plan_bytes 64" in msg
     assert L.sgmv_expand_config(args(), 90, ffi.NULL) == S["SGMV_ERROR_INVALID_ARGUMENT"]
@@ -146,7 +156,7 @@ def test_config_checks_like_expand():
 def test_batch_plan_bytes():
     for b, t in ((0, 0), (1, 1), (256, 256), (4096, 1 << 20), (100000, 100000)):
         cap = (cdiv(t, ALIGN) + b) * ALIGN
-        assert L.sgmv_batch_plan_bytes(b, t) == 4 * (HEADER + cap + cap // ALIGN + 4 * b)
+        assert L.sgmv_batch_plan_bytes(b, t) == 4 * (HEADER + cap + cap // ALIGN + TABLE_WORDS * b)
     for b, t in ((-1, 1), (1 << 30, 1), (1, -1), (1, 1 << 30)):
         assert L.sgmv_batch_plan_bytes(b, t) == 0
 
@@ -169,7 +179,9 @@ def test_plan_grid_follows_batches_and_tokens():
     for batches, tokens in ((0, 0), (1, 100), (64, 64), (65, 4097), (512, 512), (16, 65536), (5000, 300000)):
         c = ffi.new("sgmv_launch_config_t *")
         assert L.sgmv_batch_plan_config(plan_args(batches, tokens), 90, c) == 0, ffi.string(L.sgmv_last_error())
-        grid = (max(1, cdiv(batches, segs)), min(64, max(1, cdiv(tokens, 4096))), 1)
+        tune = TABLE["planner"]
+        grid = (max(1, cdiv(batches, segs)), min(tune["plan_max_programs"],
+                                                 max(1, cdiv(tokens, tune["plan_rows_per_program"]))), 1)
         assert (c.block_b, c.scan, c.rows, c.num_warps, tuple(c.grid)) == (segs, scan, rows, warps, grid)
         assert c.steps == 2
         assert ffi.string(c.kernel) == b"sgmv_plan_kernel"
@@ -178,7 +190,7 @@ def test_plan_grid_follows_batches_and_tokens():
 @pytest.mark.parametrize("over,status,word", [
     (dict(batches=-1), "SGMV_ERROR_INVALID_ARGUMENT", "batches must be in [0, 2^30)"),
     (dict(plan_bytes=16), "SGMV_ERROR_INVALID_ARGUMENT", "plan_bytes 16"),
-    (dict(plan=ffi.cast("void *", 0x9002)), "SGMV_ERROR_INVALID_ARGUMENT", "4-byte aligned"),
+    (dict(plan=ffi.cast("void *", 0x9002)), "SGMV_ERROR_INVALID_ARGUMENT", "args->plan is not aligned to its element size (4 bytes)"),
     (dict(num_loras=0), "SGMV_ERROR_INVALID_ARGUMENT", "num_loras"),
     (dict(total_tokens=-1), "SGMV_ERROR_INVALID_ARGUMENT", "total_tokens"),
     (dict(struct_size=8), "SGMV_ERROR_INVALID_ARGUMENT", "struct_size"),
@@ -414,3 +426,52 @@ def test_lora_ranks_turn_even_k_off(rank):
         assert status == 0 and c.even_k == 0, msg
         status, c2, msg = config(expand_slices([4096, 1024], rank=rank, **over))
         assert status == 0 and c2.even_k == int(rank % c2.block_k == 0), msg
+
+
+def test_call_workspace_bytes_is_the_split_rule():
+    """sgmv_shrink_call_workspace_bytes(t, C) is 0 exactly where a call of t rows never splits,
+    whatever its workspace; else it is what sgmv_shrink_workspace_bytes(t, C) allows."""
+    for t in (1, 2, 64, FEW_ROWS, FEW_ROWS + 1, 4096):
+        n = L.sgmv_shrink_call_workspace_bytes(t, 16)
+        splits = shrink_config(shrink(tokens=t, batches=1, max_seq=t, workspace=BIG)).split > 1
+        assert (n > 0) == splits and n in (0, L.sgmv_shrink_workspace_bytes(t, 16)), (t, n, splits)
+    assert L.sgmv_shrink_call_workspace_bytes(0, 16) == L.sgmv_shrink_call_workspace_bytes(1, 0) == 0
+
+
+@pytest.mark.parametrize("batches,tokens", [(1, 1), (7, 300), (40, 2000)])
+def test_plan_kernel_fits_the_bytes_c_sizes(batches, tokens):
+    """The plan kernel (kernels/sgmv.py, run by the interpreter through the JIT) writes only inside
+    sgmv_batch_plan_bytes(batches, tokens): the layout C sizes is the one the kernel uses."""
+    import torch
+    import sgmv.jit
+    words = L.sgmv_batch_plan_bytes(batches, tokens) // 4
+    buf = torch.full((words + 4096,), -7, dtype=torch.int32)
+    lens = [tokens // batches + (b < tokens % batches) for b in range(batches)]
+    starts = [sum(lens[:b]) for b in range(batches)]
+    meta = [torch.tensor(v, dtype=torch.int32) for v in (starts, lens, [b % 3 for b in range(batches)])]
+    sgmv.jit.batch_plan(*meta, batches, tokens, 3, out=buf[:words])
+    assert (buf[words:] == -7).all(), "the plan kernel wrote past the bytes C sized"
+    assert int(buf[0]) > 0 and int(buf[1]) == batches
+
+
+def test_dtype_matrix_is_the_variant_table_s():
+    """C serves exactly aot/variants.py DTYPES (its one source, generated into sgmv_rules.h)."""
+    import itertools
+    from conftest import aot_variants
+    names = {"fp16": "SGMV_DTYPE_FLOAT16", "bf16": "SGMV_DTYPE_BFLOAT16", "fp32": "SGMV_DTYPE_FLOAT32"}
+    for x, w, o in itertools.product(names, repeat=3):
+        f = dict(inputs_dtype=S[names[x]], weights_dtype=S[names[w]], output_dtype=S[names[o]])
+        status, _, msg = config(args(**f))
+        assert (status == 0) == ((x, w, o) in aot_variants.DTYPES["expand"]), (x, w, o, msg)
+        c = ffi.new("sgmv_launch_config_t *")
+        status = L.sgmv_shrink_config(shrink(**f), 90, c)
+        assert (status == 0) == ((x, w, o) in aot_variants.DTYPES["shrink"]), (x, w, o)
+
+
+@pytest.mark.parametrize("dtype,stride,aligned", [("BFLOAT16", 4100, False), ("BFLOAT16", 4104, True),
+                                                  ("FLOAT32", 4100, True), ("FLOAT32", 4098, False)])
+def test_alignment_is_per_element_size(dtype, stride, aligned):
+    """A row stride is aligned when it is a multiple of ALIGN_BYTES in bytes: 8 bf16, 4 fp32."""
+    status, c, msg = config(args(output_dtype=S["SGMV_DTYPE_" + dtype], output_row_stride=stride))
+    assert status == 0, msg
+    assert (ffi.string(c.tile).decode() != "unaligned") == aligned

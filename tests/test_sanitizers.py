@@ -20,7 +20,7 @@ INCLUDES = ["-I", str(CSRC), "-I", str(CSRC / "include")]
 
 @pytest.fixture(autouse=True)
 def params_header(tmp_path, monkeypatch):
-    """The generated sgmv_params.h (the kernels' parameter lists), made here as the build makes it:
+    """The generated sgmv_params.h and sgmv_rules.h (the kernels' parameter lists, the shared rules), made here as the build makes it:
     with Triton's JIT, not its interpreter (which tests/conftest.py turns on without a GPU), whose
     functions carry no parameter list."""
     import importlib.util
@@ -28,7 +28,9 @@ def params_header(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("sgmv_generate", ROOT / "aot" / "generate.py")
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
-    (tmp_path / "sgmv_params.h").write_text(gen.params_header(gen._kernels()))
+    mod = gen._kernels()
+    (tmp_path / "sgmv_params.h").write_text(gen.params_header(mod))
+    (tmp_path / "sgmv_rules.h").write_text(gen.rules_header(mod))
     INCLUDES[4:] = ["-I", str(tmp_path)]
 SANITIZE = ["-g", "-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
 # Any report aborts with a nonzero exit (UBSan too, through -fno-sanitize-recover); leaks are reports.
@@ -105,3 +107,23 @@ def test_driver_faults_under_asan_and_ubsan(tmp_path):
                        env=dict(ENV, LD_LIBRARY_PATH=str(fake), FAKE_CUDA_ANY_IMAGE="1"))
     assert r.returncode == 0 and "faults_asan: ok" in r.stdout, r.stdout + r.stderr
     assert "runtime error" not in r.stderr and "Sanitizer" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("cc", ["gcc", "clang"])
+def test_c_sources_have_no_warnings(cc, tmp_path):
+    """csrc/ under -Wall -Wextra -Werror at -O2 (where gcc's maybe-uninitialized analysis runs), as
+    CMakeLists.txt builds it: a warning fails the build, so it fails here first."""
+    if not shutil.which(cc):
+        pytest.skip(f"{cc} is not installed")
+    for src in sorted(CSRC.glob("*.c")):
+        build([cc, "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", *INCLUDES, "-c", src,
+               "-o", tmp_path / (src.stem + ".o")])
+
+
+def test_planner_needs_no_driver(tmp_path):
+    """The planner is pure: planner.c with the statuses (errors.c) and a variant table links with
+    no undefined symbol and without the driver file or libdl."""
+    build(["gcc", "-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared", *INCLUDES, CSRC / "planner.c",
+           CSRC / "errors.c", FUZZ / "fake_variants.c", "-Wl,--no-undefined", "-o", tmp_path / "libplanner.so"])
+    undefined = run(["nm", "-D", "--undefined-only", tmp_path / "libplanner.so"]).stdout
+    assert "dlopen" not in undefined and "cu" not in {w[:2] for w in undefined.split()}, undefined

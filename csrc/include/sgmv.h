@@ -76,7 +76,9 @@ typedef struct {
  * sets struct_size: fields are only ever appended, a caller built against an older header keeps
  * working (the fields it lacks take their defaults, zero), and a caller built against a newer
  * header gets SGMV_ERROR_INVALID_ARGUMENT from an older library. Strides are in elements; the
- * last dimension of every tensor has unit stride. */
+ * last dimension of every tensor has unit stride. Every pointer's address is a multiple of its
+ * element size. The weights are never NULL; the other data and the metadata may be NULL in a
+ * call with nothing to do (batches or total_tokens 0), the metadata also with a batch plan. */
 typedef struct {
   size_t struct_size;
 
@@ -235,6 +237,10 @@ SGMV_API sgmv_status_t sgmv_shrink(const sgmv_shrink_args_t *args);
  * (num_slices * rank) columns split over hidden as the planner likes (calls of many rows never
  * split: the bytes stop growing there); 0 on bad sizes. */
 SGMV_API size_t sgmv_shrink_workspace_bytes(int64_t max_tokens, int64_t output_columns);
+/* The split rule for one call: the workspace bytes that let a shrink call of total_tokens rows
+ * and output_columns columns split as the planner likes, or 0 when a call of that many rows never
+ * splits (then it needs no workspace); 0 on bad sizes too. */
+SGMV_API size_t sgmv_shrink_call_workspace_bytes(int64_t total_tokens, int64_t output_columns);
 
 /* sgmv_shrink's arguments as tensors: inputs (total_tokens, hidden); weights (num_loras, rank,
  * hidden) or (num_loras, 1, rank, hidden), likewise each slice_weights; output (total_tokens,
@@ -287,9 +293,10 @@ SGMV_API sgmv_status_t sgmv_batch_plan_build(const sgmv_batch_plan_args_t *args)
 
 /* ---- launch configuration: the planner, without the driver ---------------------------------- */
 
-/* The kernel's paths (python/sgmv/kernels.py): ROWS tiles segment by segment (by segment or,
- * with flat, over all segments' row tiles), SHORT takes row j of block_m segments (decode), both
- * without a plan; GROUPED computes tiles of one adapter's rows listed by a batch plan. */
+/* The kernel's paths (kernels/sgmv.py PATH_*; the build asserts the values agree): ROWS tiles
+ * segment by segment (by segment or, with flat, over all segments' row tiles), SHORT takes row j
+ * of block_m segments (decode), both without a plan; GROUPED computes tiles of one adapter's rows
+ * listed by a batch plan. */
 typedef enum { SGMV_PATH_ROWS = 0, SGMV_PATH_SHORT = 1, SGMV_PATH_GROUPED = 2 } sgmv_path_t;
 
 /* Everything a launch of one of the library's kernels needs beyond the arguments themselves.

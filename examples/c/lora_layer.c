@@ -144,7 +144,7 @@ static const int32_t seg_len[B] = {1, 1, 1, 1, 1, 1, 1, 1, 37};
 static const int32_t seg_idx[B] = {0, -1, 2, 0, 1, -1, 2, 0, 1};
 enum { T = 8 + 37, MAX_SEQ = 37 };
 
-static uint16_t x[T * H], w0[NOUT * H], y0[T * NOUT], y[T * NOUT];
+static uint16_t x[T * H], w0[NOUT * H], y_base[T * NOUT], y[T * NOUT];
 static uint16_t lora_a[S * L * R * H]; /* slice s: (L, R, H) from s * L * R * H */
 static uint16_t lora_b[L * NOUT * R];  /* slice s: (L, slice_cols[s], R) from L * slice_col0[s] * R */
 static float shrunk[T * S * R];
@@ -180,16 +180,16 @@ int main(void) {
               r < ranks[a] ? to_bf16(urand() / 4) : 0;
 
   /* The base layer. A runtime runs its own GEMM (cuBLAS, in bf16) here; this example computes
-   * y0 = x W0^T on the host and uploads it, as the output the LoRA calls add to. */
+   * y_base = x W0^T on the host and uploads it, as the output the LoRA calls add to. */
   for (int m = 0; m < T; m++)
     for (int n = 0; n < NOUT; n++) {
       double acc = 0;
       for (int k = 0; k < H; k++) acc += from_bf16(x[m * H + k]) * from_bf16(w0[n * H + k]);
-      y0[m * NOUT + n] = to_bf16(acc);
+      y_base[m * NOUT + n] = to_bf16(acc);
     }
   for (int i = 0; i < T * S * R; i++) memcpy(&shrunk[i], &POISON, 4);
 
-  CUdeviceptr d_x = upload(x, sizeof x), d_y = upload(y0, sizeof y0), d_shrunk = upload(shrunk, sizeof shrunk);
+  CUdeviceptr d_x = upload(x, sizeof x), d_y = upload(y_base, sizeof y_base), d_shrunk = upload(shrunk, sizeof shrunk);
   CUdeviceptr d_a = upload(lora_a, sizeof lora_a), d_b = upload(lora_b, sizeof lora_b);
   CUdeviceptr d_ranks = upload(ranks, sizeof ranks), d_scales = upload(scales, sizeof scales);
   CUdeviceptr d_start = upload(seg_start, sizeof seg_start), d_len = upload(seg_len, sizeof seg_len);
@@ -309,7 +309,7 @@ int main(void) {
     int a = row_lora[m];
     if (a < 0) { /* a base-model row: nothing written in either output */
       base_rows++;
-      if (memcmp(&y[m * NOUT], &y0[m * NOUT], sizeof y0[0] * NOUT) != 0) {
+      if (memcmp(&y[m * NOUT], &y_base[m * NOUT], sizeof y_base[0] * NOUT) != 0) {
         fprintf(stderr, "lora_layer: FAILED: base-model row %d differs from the base output\n", m);
         bad++;
       }
@@ -344,7 +344,7 @@ int main(void) {
       for (int n = 0; n < slice_cols[s]; n++) {
         int col = (int)(slice_col0[s] + n);
         const uint16_t *brow = &lora_b[(L * slice_col0[s] + (size_t)a * slice_cols[s] + n) * R];
-        double ref = from_bf16(y0[m * NOUT + col]), mag = fabs(ref);
+        double ref = from_bf16(y_base[m * NOUT + col]), mag = fabs(ref);
         for (int r = 0; r < ranks[a]; r++) {
           double t = s_ref[m * S * R + s * R + r] * from_bf16(brow[r]);
           ref += t;

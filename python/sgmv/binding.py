@@ -334,10 +334,8 @@ def new_workspace(like, total_tokens, output_columns):
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(like, torch.Tensor) or not like.is_cuda:
         return None
-    lib = _lib or _library()
-    n = lib.sgmv_shrink_workspace_bytes(total_tokens, output_columns)
-    # The bytes stop growing at the row count past which calls never split: none needed then.
-    if not n or n == lib.sgmv_shrink_workspace_bytes(total_tokens - 1, output_columns):
+    n = (_lib or _library()).sgmv_shrink_call_workspace_bytes(total_tokens, output_columns)
+    if not n:  # a call of this size never splits
         return None
     return torch.empty(n // 4, dtype=torch.float32, device=like.device)
 

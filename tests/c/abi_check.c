@@ -22,6 +22,9 @@ int main(void) {
   sgmv_expand_args_t a = SGMV_EXPAND_ARGS_INIT;
   a.inputs_dtype = a.weights_dtype = a.output_dtype = SGMV_DTYPE_FLOAT16;
   a.metadata_dtype = SGMV_DTYPE_INT32;
+  static double mem[4]; /* never read: every call below is refused before a launch */
+  a.output = mem;
+  a.inputs = a.weights = a.seq_start = a.seq_len = a.lora_indices = mem;
   a.total_tokens = 4;
   a.hidden = 64;
   a.rank = 0; /* invalid */

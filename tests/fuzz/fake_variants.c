@@ -1,6 +1,6 @@
 /* A stand-in for the generated sgmv_variants.c + sgmv_cubins.S + sgmv_params.h, so that csrc/
- * builds without Triton for the sanitizer and fuzz builds (tests/fuzz/sgmv_params.h sits beside
- * it). Its "cubins" are dummy bytes: no driver ever loads them (no_driver.c hides libcuda). */
+ * builds without Triton for the sanitizer and fuzz builds (the tests generate sgmv_params.h and
+ * sgmv_rules.h from the real sources). Its "cubins" are dummy bytes: no driver ever loads them (no_driver.c hides libcuda). */
 #include "variant.h"
 
 static const unsigned char fake_cubin[16] = "not a cubin";
@@ -23,9 +23,7 @@ const int sgmv_num_grouped_rules = 2;
 const sgmv_plan_size_t sgmv_plan_size = {8, 256, 16, 4};
 const sgmv_split_rule_t sgmv_split_rule = {264, 8, 512};
 const int sgmv_unaligned_tile = 1;
-const int sgmv_align_elems = 8;
-const int sgmv_short_programs = 4096;
-const int sgmv_plan_header = 4, sgmv_plan_align = 64;
+const sgmv_tuning_t sgmv_tuning = {4096, 256, 4, 4096, 64};
 const char sgmv_archs_list[] = "90";
 
 sgmv_variant_t sgmv_variants[] = {

@@ -119,6 +119,22 @@ static int dtypes_ok(const sgmv_expand_args_t *a) {
          (o == w || o == SGMV_DTYPE_FLOAT32) && (m == SGMV_DTYPE_INT32 || m == SGMV_DTYPE_INT64);
 }
 
+/* Pointers first: the weights always, the other data and metadata where there are rows to compute. */
+static int pointers_ok(const sgmv_expand_args_t *a) {
+  int work = a->batches > 0 && a->total_tokens > 0;
+  return a->weights && (!work || (a->inputs && a->output && a->seq_start && a->seq_len && a->lora_indices));
+}
+
+static int size_of(int t) { return t == SGMV_DTYPE_FLOAT32 || t == SGMV_DTYPE_INT32 ? 4 : t == SGMV_DTYPE_INT64 ? 8 : 2; }
+
+/* Every pointer at a multiple of its element size (dtypes_ok first). */
+static int aligned(const sgmv_expand_args_t *a) {
+  int m = size_of(a->metadata_dtype);
+  return (uintptr_t)a->inputs % size_of(a->inputs_dtype) == 0 && (uintptr_t)a->weights % size_of(a->weights_dtype) == 0 &&
+         (uintptr_t)a->output % size_of(a->output_dtype) == 0 && (uintptr_t)a->seq_start % m == 0 &&
+         (uintptr_t)a->seq_len % m == 0 && (uintptr_t)a->lora_indices % m == 0;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   reader_t r = {data, size};
   unsigned flags = (unsigned)take_bytes(&r, 1);
@@ -176,11 +192,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   } else if (a.struct_size < offsetof(sgmv_expand_args_t, stream) + sizeof a.stream || a.struct_size > sizeof a) {
     /* smaller than version 0.1's struct, or from a newer header */
     CHECK(st == SGMV_ERROR_INVALID_ARGUMENT && strstr(msg, "struct_size"));
+  } else if (!pointers_ok(&a)) {
+    CHECK(st == SGMV_ERROR_INVALID_ARGUMENT && strstr(msg, " NULL"));
   } else if (!dtypes_ok(&a)) {
     CHECK(st == SGMV_ERROR_UNSUPPORTED_DTYPE);
   } else {
     CHECK(st != SGMV_ERROR_UNSUPPORTED_DTYPE);
-    if (st == SGMV_SUCCESS || st == SGMV_ERROR_NO_DRIVER) CHECK(well_formed(&a));
+    if (st == SGMV_SUCCESS || st == SGMV_ERROR_NO_DRIVER) CHECK(well_formed(&a) && aligned(&a));
     if (st == SGMV_SUCCESS) CHECK(a.batches == 0 || a.total_tokens == 0); /* nothing to do: no driver needed */
     if (st == SGMV_ERROR_NO_DRIVER)
       CHECK(a.batches > 0 && a.total_tokens > 0 && a.inputs && a.weights && a.output && a.seq_start && a.seq_len &&

@@ -23,8 +23,10 @@
 #define I32 SGMV_DTYPE_INT32
 #define I64 SGMV_DTYPE_INT64
 #define NO_DRIVER_MSG "no CUDA driver: cannot load libcuda.so.1 ("
-#define DTYPE_RULE \
-  "weights are float16 or bfloat16, inputs and output the weights' dtype or float32, metadata int32 or int64"
+#define SERVED                                                                                               \
+  "(float16, float16, float16), (float16, float16, float32), (float32, float16, float16), (float32, float16, " \
+  "float32), (bfloat16, bfloat16, bfloat16), (bfloat16, bfloat16, float32), (float32, bfloat16, bfloat16), "   \
+  "(float32, bfloat16, float32)"
 
 static unsigned char *reserved; /* PROT_NONE */
 static int failures, cases;
@@ -98,15 +100,16 @@ static void expect(int line, const char *before, sgmv_status_t got, sgmv_status_
 #define NOOP(...) CASE(SGMV_SUCCESS, NULL, __VA_ARGS__)
 
 static const char *dtype_msg(const char *x, const char *w, const char *o, const char *m) {
-  return f("sgmv_expand: unsupported dtypes (inputs %s, weights %s, output %s, metadata %s): " DTYPE_RULE, x, w, o, m);
+  if (strcmp(m, "int32") && strcmp(m, "int64"))
+    return f("sgmv_expand: args->metadata_dtype is %s: metadata are int32 or int64", m);
+  return f("sgmv_expand: unsupported dtypes (args->inputs_dtype %s, args->weights_dtype %s, args->output_dtype %s): "
+           "served (inputs, weights, output): " SERVED, x, w, o);
 }
 
 static void validation(void) {
   const size_t size = sizeof(sgmv_expand_args_t);
-  const char *stride_msg = "sgmv_expand: strides must be >= 0";
-  const char *overflow_msg = "sgmv_expand: a stride is so large that element offsets overflow int64";
-  const char *null_msg = "sgmv_expand: inputs, weights and output must not be NULL";
-  const char *null_meta_msg = "sgmv_expand: seq_start, seq_len and lora_indices must not be NULL";
+  const char *negative_fmt = "sgmv_expand: args->%s must be >= 0, got %lld";
+  const char *overflow_fmt = "sgmv_expand: args->%s %lld is so large that element offsets overflow int64";
 
   expect(__LINE__, "", sgmv_expand(NULL), INVALID, "sgmv_expand: args is NULL");
   OK();
@@ -129,8 +132,8 @@ static void validation(void) {
   CASE(INVALID, f(newer_fmt, (size_t)SIZE_MAX, SGMV_VERSION_MAJOR, SGMV_VERSION_MINOR, SGMV_VERSION_PATCH, size),
        a.struct_size = SIZE_MAX);
   /* batch_plan: aligned and large enough, or rejected; with a plan the metadata are not read */
-  const char *plan_msg = "sgmv_expand: batch_plan_bytes 400 is smaller than sgmv_batch_plan_bytes(2, 10) = %zu";
-  CASE(INVALID, "sgmv_expand: batch_plan must be 4-byte aligned", a.batch_plan = (const char *)fake(7) + 2,
+  const char *plan_msg = "sgmv_expand: args->batch_plan_bytes 400 is smaller than sgmv_batch_plan_bytes(2, 10) = %zu";
+  CASE(INVALID, "sgmv_expand: args->batch_plan is not aligned to its element size (4 bytes)", a.batch_plan = (const char *)fake(7) + 2,
        a.batch_plan_bytes = 1 << 20);
   CASE(INVALID, f(plan_msg, sgmv_batch_plan_bytes(2, 10)), a.batch_plan = fake(7), a.batch_plan_bytes = 400);
   OK(a.batch_plan = fake(7), a.batch_plan_bytes = sgmv_batch_plan_bytes(2, 10), a.seq_start = NULL, a.seq_len = NULL,
@@ -161,92 +164,110 @@ static void validation(void) {
   CASE(DTYPE, dtype_msg("float16", "float16", "int32", "int32"), a.output_dtype = I32, a.rank = 0); /* dtypes first */
 
   /* sizes */
-  CASE(INVALID, "sgmv_expand: total_tokens must be in [0, 2^30), got -1", a.total_tokens = -1);
-  CASE(INVALID, f("sgmv_expand: total_tokens must be in [0, 2^30), got %lld", (long long)INT64_MIN),
+  CASE(INVALID, "sgmv_expand: args->total_tokens must be in [0, 2^30), got -1", a.total_tokens = -1);
+  CASE(INVALID, f("sgmv_expand: args->total_tokens must be in [0, 2^30), got %lld", (long long)INT64_MIN),
        a.total_tokens = INT64_MIN);
-  CASE(INVALID, "sgmv_expand: total_tokens must be in [0, 2^30), got 1073741824", a.total_tokens = (int64_t)1 << 30);
+  CASE(INVALID, "sgmv_expand: args->total_tokens must be in [0, 2^30), got 1073741824", a.total_tokens = (int64_t)1 << 30);
   OK(a.total_tokens = ((int64_t)1 << 30) - 1);
-  CASE(INVALID, "sgmv_expand: hidden must be in [1, 4194240], got 0", a.hidden = 0);
-  CASE(INVALID, "sgmv_expand: hidden must be in [1, 4194240], got -5", a.hidden = -5);
-  CASE(INVALID, "sgmv_expand: hidden must be in [1, 4194240], got 4194241", a.hidden = 4194241,
+  CASE(INVALID, "sgmv_expand: args->hidden must be in [1, 4194240], got 0", a.hidden = 0);
+  CASE(INVALID, "sgmv_expand: args->hidden must be in [1, 4194240], got -5", a.hidden = -5);
+  CASE(INVALID, "sgmv_expand: args->hidden must be in [1, 4194240], got 4194241", a.hidden = 4194241,
        a.output_row_stride = 4194241);
   OK(a.hidden = 4194240, a.output_row_stride = 4194240, a.num_loras = 1);
-  CASE(INVALID, "sgmv_expand: rank must be in [1, 256], got 0", a.rank = 0);
-  CASE(INVALID, "sgmv_expand: rank must be in [1, 256], got -1", a.rank = -1);
-  CASE(INVALID, "sgmv_expand: rank must be in [1, 256], got 257", a.rank = 257, a.inputs_row_stride = 257,
+  CASE(INVALID, "sgmv_expand: args->rank must be in [1, 256], got 0", a.rank = 0);
+  CASE(INVALID, "sgmv_expand: args->rank must be in [1, 256], got -1", a.rank = -1);
+  CASE(INVALID, "sgmv_expand: args->rank must be in [1, 256], got 257", a.rank = 257, a.inputs_row_stride = 257,
        a.weights_row_stride = 257, a.weights_lora_stride = 64 * 257);
   OK(a.rank = 1);
   OK(a.rank = 256, a.inputs_row_stride = 256, a.weights_row_stride = 256, a.weights_lora_stride = 64 * 256);
-  CASE(INVALID, "sgmv_expand: num_loras must be in [1, 2^31), got 0", a.num_loras = 0);
-  CASE(INVALID, "sgmv_expand: num_loras must be in [1, 2^31), got 2147483648", a.num_loras = (int64_t)INT32_MAX + 1);
+  CASE(INVALID, "sgmv_expand: args->num_loras must be in [1, 2^31), got 0", a.num_loras = 0);
+  CASE(INVALID, "sgmv_expand: args->num_loras must be in [1, 2^31), got 2147483648", a.num_loras = (int64_t)INT32_MAX + 1);
   OK(a.num_loras = INT32_MAX);
-  CASE(INVALID, "sgmv_expand: batches must be in [0, 2^30), got -1", a.batches = -1);
-  CASE(INVALID, "sgmv_expand: batches must be in [0, 2^30), got 1073741824", a.batches = (int64_t)1 << 30);
+  CASE(INVALID, "sgmv_expand: args->batches must be in [0, 2^30), got -1", a.batches = -1);
+  CASE(INVALID, "sgmv_expand: args->batches must be in [0, 2^30), got 1073741824", a.batches = (int64_t)1 << 30);
   OK(a.batches = ((int64_t)1 << 30) - 1);
-  CASE(INVALID, "sgmv_expand: max_seq_length must be >= 0, got -1", a.max_seq_length = -1);
+  CASE(INVALID, "sgmv_expand: args->max_seq_length must be >= 0, got -1", a.max_seq_length = -1);
   OK(a.max_seq_length = 0);
   OK(a.max_seq_length = INT64_MAX);
 
   /* strides shorter than a row: checked only where there is more than one row */
-  CASE(INVALID, "sgmv_expand: inputs_row_stride 8 is smaller than rank 16", a.inputs_row_stride = 8);
-  CASE(INVALID, "sgmv_expand: inputs_row_stride -16 is smaller than rank 16", a.inputs_row_stride = -16);
-  CASE(INVALID, "sgmv_expand: weights_row_stride 15 is smaller than rank 16", a.weights_row_stride = 15);
-  CASE(INVALID, "sgmv_expand: output_row_stride 32 is smaller than hidden 64", a.output_row_stride = 32);
+  CASE(INVALID, "sgmv_expand: args->inputs_row_stride 8 is smaller than rank 16", a.inputs_row_stride = 8);
+  CASE(INVALID, "sgmv_expand: args->inputs_row_stride -16 is smaller than rank 16", a.inputs_row_stride = -16);
+  CASE(INVALID, "sgmv_expand: args->weights_row_stride 15 is smaller than rank 16", a.weights_row_stride = 15);
+  CASE(INVALID, "sgmv_expand: args->output_row_stride 32 is smaller than hidden 64", a.output_row_stride = 32);
   OK(a.total_tokens = 1, a.inputs_row_stride = 0, a.output_row_stride = 0);
   OK(a.hidden = 1, a.weights_row_stride = 0);
 
   /* negative strides where no row check catches them */
-  CASE(INVALID, stride_msg, a.total_tokens = 1, a.inputs_row_stride = -1);
-  CASE(INVALID, stride_msg, a.hidden = 1, a.weights_row_stride = -1);
-  CASE(INVALID, stride_msg, a.total_tokens = 1, a.output_row_stride = -1);
-  CASE(INVALID, stride_msg, a.weights_lora_stride = -1);
-  CASE(INVALID, stride_msg, a.num_loras = 1, a.weights_lora_stride = INT64_MIN);
+  CASE(INVALID, f(negative_fmt, "inputs_row_stride", -1LL), a.total_tokens = 1, a.inputs_row_stride = -1);
+  CASE(INVALID, f(negative_fmt, "weights_row_stride", -1LL), a.hidden = 1, a.weights_row_stride = -1);
+  CASE(INVALID, f(negative_fmt, "output_row_stride", -1LL), a.total_tokens = 1, a.output_row_stride = -1);
+  CASE(INVALID, f(negative_fmt, "weights_lora_stride", -1LL), a.weights_lora_stride = -1);
+  CASE(INVALID, f(negative_fmt, "weights_lora_stride", (long long)INT64_MIN), a.num_loras = 1,
+       a.weights_lora_stride = INT64_MIN);
 
   /* element offsets that overflow int64, each tensor; and the largest that fit */
-  CASE(INVALID, overflow_msg, a.inputs_row_stride = (int64_t)1 << 62);
-  CASE(INVALID, overflow_msg, a.total_tokens = 2, a.inputs_row_stride = INT64_MAX - 15);
+  CASE(INVALID, f(overflow_fmt, "inputs_row_stride", 1LL << 62), a.inputs_row_stride = (int64_t)1 << 62);
+  CASE(INVALID, f(overflow_fmt, "inputs_row_stride", (long long)INT64_MAX - 15), a.total_tokens = 2,
+       a.inputs_row_stride = INT64_MAX - 15);
   OK(a.total_tokens = 2, a.inputs_row_stride = INT64_MAX - 16);
-  CASE(INVALID, overflow_msg, a.output_row_stride = (int64_t)1 << 62);
-  CASE(INVALID, overflow_msg, a.total_tokens = 2, a.output_row_stride = INT64_MAX - 63);
+  CASE(INVALID, f(overflow_fmt, "output_row_stride", 1LL << 62), a.output_row_stride = (int64_t)1 << 62);
+  CASE(INVALID, f(overflow_fmt, "output_row_stride", (long long)INT64_MAX - 63), a.total_tokens = 2,
+       a.output_row_stride = INT64_MAX - 63);
   OK(a.total_tokens = 2, a.output_row_stride = INT64_MAX - 64);
-  CASE(INVALID, overflow_msg, a.weights_row_stride = (int64_t)1 << 62);
-  CASE(INVALID, overflow_msg, a.hidden = 2, a.num_loras = 1, a.weights_row_stride = INT64_MAX - 15);
+  CASE(INVALID, f(overflow_fmt, "weights_row_stride", 1LL << 62), a.weights_row_stride = (int64_t)1 << 62);
+  CASE(INVALID, f(overflow_fmt, "weights_row_stride", (long long)INT64_MAX - 15), a.hidden = 2, a.num_loras = 1,
+       a.weights_row_stride = INT64_MAX - 15);
   OK(a.hidden = 2, a.num_loras = 1, a.weights_row_stride = INT64_MAX - 16);
-  CASE(INVALID, overflow_msg, a.weights_lora_stride = (int64_t)1 << 62);
-  CASE(INVALID, overflow_msg, a.num_loras = INT32_MAX, a.weights_lora_stride = (int64_t)1 << 33);
+  CASE(INVALID, f(overflow_fmt, "weights_lora_stride", 1LL << 62), a.weights_lora_stride = (int64_t)1 << 62);
+  CASE(INVALID, f(overflow_fmt, "weights_lora_stride", 1LL << 33), a.num_loras = INT32_MAX,
+       a.weights_lora_stride = (int64_t)1 << 33);
   OK(a.num_loras = 1, a.weights_lora_stride = INT64_MAX);
 
   /* adapters that overlap */
-  CASE(INVALID, "sgmv_expand: weights_lora_stride 100 is smaller than one adapter's extent 1024",
+  CASE(INVALID, "sgmv_expand: args->weights_lora_stride 100 is smaller than one adapter's extent 1024",
        a.weights_lora_stride = 100);
-  CASE(INVALID, "sgmv_expand: weights_lora_stride 1023 is smaller than one adapter's extent 1024",
+  CASE(INVALID, "sgmv_expand: args->weights_lora_stride 1023 is smaller than one adapter's extent 1024",
        a.weights_lora_stride = 1023);
-  CASE(INVALID, "sgmv_expand: weights_lora_stride 0 is smaller than one adapter's extent 16", a.hidden = 1,
+  CASE(INVALID, "sgmv_expand: args->weights_lora_stride 0 is smaller than one adapter's extent 16", a.hidden = 1,
        a.weights_row_stride = 0, a.weights_lora_stride = 0);
   OK(a.weights_lora_stride = 1024);
   OK(a.num_loras = 1, a.weights_lora_stride = 0);
 
-  /* nothing to do: success without a driver or pointers, but only after the checks above */
+  /* nothing to do: success without a driver or data pointers (the weights are always needed), but
+   * only after the checks above */
   NOOP(a.batches = 0);
-  NOOP(a.batches = 0, a.inputs = a.weights = a.output = NULL, a.seq_start = a.seq_len = a.lora_indices = NULL);
+  NOOP(a.batches = 0, a.inputs = a.output = NULL, a.seq_start = a.seq_len = a.lora_indices = NULL);
   NOOP(a.total_tokens = 0);
-  NOOP(a.total_tokens = 0, a.inputs = a.weights = a.output = NULL, a.seq_start = a.seq_len = a.lora_indices = NULL);
+  NOOP(a.total_tokens = 0, a.inputs = a.output = NULL, a.seq_start = a.seq_len = a.lora_indices = NULL);
+  CASE(INVALID, "sgmv_expand: args->weights is NULL", a.batches = 0, a.weights = NULL);
   NOOP(a.total_tokens = 0, a.inputs_row_stride = 0, a.output_row_stride = 0);
-  CASE(INVALID, "sgmv_expand: rank must be in [1, 256], got 0", a.batches = 0, a.rank = 0);
-  CASE(INVALID, stride_msg, a.total_tokens = 0, a.output_row_stride = -1);
+  CASE(INVALID, "sgmv_expand: args->rank must be in [1, 256], got 0", a.batches = 0, a.rank = 0);
+  CASE(INVALID, f(negative_fmt, "output_row_stride", -1LL), a.total_tokens = 0, a.output_row_stride = -1);
   CASE(DTYPE, dtype_msg("float16", "float16", "float16", "unknown"), a.batches = 0, a.metadata_dtype = (sgmv_dtype_t)9);
 
-  /* null pointers, where there is work */
-  CASE(INVALID, null_msg, a.inputs = NULL);
-  CASE(INVALID, null_msg, a.weights = NULL);
-  CASE(INVALID, null_msg, a.output = NULL);
-  CASE(INVALID, null_meta_msg, a.seq_start = NULL);
-  CASE(INVALID, null_meta_msg, a.seq_len = NULL);
-  CASE(INVALID, null_meta_msg, a.lora_indices = NULL);
+  /* null pointers, where there is work: named, before any other check */
+  CASE(INVALID, "sgmv_expand: args->inputs is NULL", a.inputs = NULL);
+  CASE(INVALID, "sgmv_expand: args->weights is NULL", a.weights = NULL, a.rank = 0, a.metadata_dtype = FP16);
+  CASE(INVALID, "sgmv_expand: args->output is NULL", a.output = NULL);
+  CASE(INVALID, "sgmv_expand: args->seq_start is NULL", a.seq_start = NULL);
+  CASE(INVALID, "sgmv_expand: args->seq_len, args->lora_indices are NULL", a.seq_len = NULL, a.lora_indices = NULL);
+  {
+    sgmv_expand_args_t init = SGMV_EXPAND_ARGS_INIT; /* only initialised: nothing to do, but no weights */
+    expect(__LINE__, "", sgmv_expand(&init), INVALID, "sgmv_expand: args->weights is NULL");
+  }
+
+  /* every data pointer at a multiple of its element size */
+  const char *align_fmt = "sgmv_expand: args->%s is not aligned to its element size (%d bytes)";
+  CASE(INVALID, f(align_fmt, "inputs", 4), a.inputs_dtype = FP32, a.inputs = (char *)fake(1) + 2);
+  CASE(INVALID, f(align_fmt, "weights", 2), a.weights = (char *)fake(2) + 1);
+  CASE(INVALID, f(align_fmt, "output", 2), a.output = (char *)fake(3) + 3);
+  CASE(INVALID, f(align_fmt, "seq_len", 8), a.metadata_dtype = I64, a.seq_len = (char *)fake(5) + 4);
+  CASE(INVALID, f(align_fmt, "lora_ranks", 4), a.lora_ranks = (char *)fake(6) + 2);
 
   /* what validation does not look at */
   OK(a.add_inputs = -7, a.stream = (sgmv_stream_t)fake(7));
-  OK(a.inputs = (char *)fake(1) + 1, a.hidden = 63, a.output_row_stride = 63); /* misaligned: the unaligned tile */
+  OK(a.inputs = (char *)fake(1) + 2, a.hidden = 63, a.output_row_stride = 63); /* not 16-byte: the unaligned tile */
 
   /* the other entry points */
   for (int s = SGMV_SUCCESS; s <= SGMV_ERROR_INTERNAL; s++) {
@@ -296,7 +317,7 @@ static void *hammer(void *arg) {
     a = valid();
     a.rank = -(id * ROUNDS + i) - 1;
     char want[128];
-    snprintf(want, sizeof want, "sgmv_expand: rank must be in [1, 256], got %lld", (long long)a.rank);
+    snprintf(want, sizeof want, "sgmv_expand: args->rank must be in [1, 256], got %lld", (long long)a.rank);
     if (sgmv_expand(&a) != INVALID || strcmp(sgmv_last_error(), want)) bad++;
     int count = -1;
     if (sgmv_device_count(&count) != SGMV_ERROR_NO_DRIVER || count != 0) bad++;
