@@ -17,6 +17,10 @@ _Static_assert(SGMV_VERSION == SGMV_VERSION_MAJOR * 10000 + SGMV_VERSION_MINOR *
                "sgmv.h: SGMV_VERSION must be MAJOR * 10000 + MINOR * 100 + PATCH");
 
 SGMV_API int sgmv_version(void) { return SGMV_VERSION; }
+#ifndef SGMV_BUILD_TRITON /* set by CMakeLists.txt; test builds of the C sources alone */
+#define SGMV_BUILD_TRITON "unknown"
+#endif
+SGMV_API const char *sgmv_build_info(void) { return "triton=" SGMV_BUILD_TRITON; }
 SGMV_API const char *sgmv_archs(void) { return sgmv_archs_list; }
 SGMV_API int sgmv_num_variants(void) { return sgmv_num_variants_total; }
 

@@ -669,3 +669,11 @@ def test_limits_documented_in_the_header_are_the_library_s():
     for offset, want in ((ws_align // 2, S["SGMV_ERROR_INVALID_ARGUMENT"]), (ws_align, 0)):
         got = capi.lib.sgmv_shrink_config(shrink_args(workspace=0x80000 + offset, workspace_bytes=1 << 20), 90, c)
         assert got == want, ffi.string(capi.lib.sgmv_last_error())
+
+
+def test_build_info_names_the_pinned_compiler():
+    """sgmv_build_info() names the triton that compiled the cubins: the one pyproject.toml's
+    build requirements pin (a build from pip), or the generator's interpreter's (a CMake build)."""
+    info = dict(item.split("=", 1) for item in ffi.string(capi.lib.sgmv_build_info()).decode().split(";"))
+    pin = re.search(r'"triton==([^"]+)"', (HERE.parent / "pyproject.toml").read_text().split("[project]")[0])
+    assert pin and info["triton"] == pin.group(1), (info, pin)

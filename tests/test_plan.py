@@ -11,7 +11,7 @@ import sgmv.jit
 from sgmv.testing import CORRUPT, build, check, corrupt_case, expected, make_cases, needs_bf16_dot
 from conftest import DEVICE, HAS_GPU
 
-HEADER, ALIGN = 4, 64  # kernels/sgmv.py PLAN_HEADER, PLAN_ALIGN
+HEADER, ALIGN = sgmv.jit.kernels.PLAN_HEADER.value, sgmv.jit.kernels.PLAN_ALIGN.value  # the layout's one source
 
 
 def plan_for(args):

@@ -387,6 +387,9 @@ SGMV_API sgmv_status_t sgmv_batch_plan_launches(const sgmv_batch_plan_args_t *ar
 
 /* SGMV_VERSION of the loaded library. */
 SGMV_API int sgmv_version(void);
+/* The build, as "key=value" items separated by ';': triton (the Triton version that compiled the
+ * cubins; the JIT path gives the same bits only with that version). More items may follow. */
+SGMV_API const char *sgmv_build_info(void);
 /* A fixed description of a status. */
 SGMV_API const char *sgmv_status_string(sgmv_status_t status);
 /* The message of this thread's last failed call ("" if none). Valid until this thread's next call. */
