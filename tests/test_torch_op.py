@@ -142,10 +142,10 @@ def test_op_bodies_forward_to_the_binding_and_bump_versions(monkeypatch):
         ("batch_plan", (*meta, 4, 12, 3), dict(out=plan)),
         ("sgmv_shrink", (x, tuple(a), y, *meta, 4, 5, 0.5),
          dict(lora_ranks=ranks, lora_scales=scales, batch_plan=plan, workspace=ws)),
-        ("sgmv_expand", (y, tuple(b), out, *meta, 4, 5, True, None, plan), dict(lora_ranks=ranks)),
+        ("sgmv_expand", (y, tuple(b), out, *meta, 4, 5, True, plan), dict(lora_ranks=ranks)),
         ("sgmv_shrink", (x, a[0], y1, *meta, 4, 5, 1.0),
          dict(lora_ranks=None, lora_scales=None, batch_plan=None, workspace=None)),
-        ("sgmv_expand", (y1, b[0], out1, *meta, 4, 5, False, None, None), dict(lora_ranks=None)),
+        ("sgmv_expand", (y1, b[0], out1, *meta, 4, 5, False, None), dict(lora_ranks=None)),
     ]
 
     def same(got, want):  # tensors by identity, the slices' tuple element by element
