@@ -54,7 +54,7 @@ class _WhenTorchIsImported:
         return spec
 
 
-if "torch" in sys.modules:
+if sys.modules.get("torch") is not None:  # (None: a blocked import)
     _register_torch_ops()
 elif not any(isinstance(f, _WhenTorchIsImported) for f in sys.meta_path):
     sys.meta_path.insert(0, _WhenTorchIsImported())
