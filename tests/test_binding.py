@@ -1,10 +1,13 @@
 """The Python binding on the CPU: what Python itself refuses (non-arrays, non-int counts, arrays
 not on one CUDA device), and each library status as the exception Python raises, with C's message.
 Tensors here are stand-ins with torch's methods at fake device addresses: no kernel runs."""
+import re
+from pathlib import Path
+
 import pytest
 
 import sgmv
-from sgmv import capi
+from sgmv import binding, capi
 
 from conftest import HAS_GPU
 
@@ -56,7 +59,8 @@ def test_python_side_errors(over, exc, words):
     with pytest.raises(exc) as e:
         call(**over)
     assert words in str(e.value)
-    assert not isinstance(e.value, sgmv.SgmvError)  # raised before the library is called
+    # raised by the binding before the library is called, as the library's own errors are: one except catches all
+    assert isinstance(e.value, sgmv.SgmvError) and e.value.status == capi.STATUS["SGMV_ERROR_INVALID_ARGUMENT"]
 
 
 @pytest.mark.parametrize("over,status,exc,words", [
@@ -109,3 +113,36 @@ def test_plan_argument_errors():
 def test_every_status_has_a_string():
     for status in range(8):
         assert capi.ffi.string(capi.lib.sgmv_status_string(status)).decode() != "unknown status"
+
+
+def test_enums_and_version_come_from_the_header():
+    """capi's enums are sgmv.h's (parsed by cffi, no retyped number), and agree with the library."""
+    for table, prefix in ((capi.STATUS, "SGMV_SUCCESS"), (capi.DTYPE, "SGMV_DTYPE_"), (capi.PATH, "SGMV_PATH_"),
+                          (capi.ARG_KIND, "SGMV_ARG_")):
+        assert table and all(getattr(capi.lib, name) == value for name, value in table.items()), prefix
+    assert capi.STATUS["SGMV_ERROR_INVALID_ARGUMENT"] == S["SGMV_ERROR_INVALID_ARGUMENT"]
+    assert binding._DTYPE_NAMES == {"float16": capi.lib.SGMV_DTYPE_FLOAT16, "bfloat16": capi.lib.SGMV_DTYPE_BFLOAT16,
+                                    "float32": capi.lib.SGMV_DTYPE_FLOAT32, "int32": capi.lib.SGMV_DTYPE_INT32,
+                                    "int64": capi.lib.SGMV_DTYPE_INT64}
+    assert capi.VERSION == sgmv.__version__
+    v = capi.lib.sgmv_version()
+    assert (capi.VERSION_MAJOR, capi.VERSION_MINOR, capi.VERSION_PATCH) == (v // 10000, v // 100 % 100, v % 100)
+    sources = "".join((Path(binding.__file__).parent / f).read_text() for f in ("binding.py", "capi.py"))
+    assert not re.search(r"_DTYPE_NAMES = \{\"float16\": 0|_ERRORS = \{1:", sources)
+
+
+def test_every_refusal_is_an_sgmv_error():
+    """One `except sgmv.SgmvError` catches what the binding and the library refuse alike."""
+    for over in (dict(batches=2.0), dict(output_tensor=Fake((10, 64), device=-1)), dict(inputs=Fake((10, 8))),
+                 dict(inputs=Fake((10, 16), "bfloat16"))):
+        with pytest.raises(sgmv.SgmvError):
+            call(**over)
+    with pytest.raises(sgmv.SgmvError):
+        sgmv.batch_plan_bytes(5, -1)
+
+
+def test_build_info_parses_the_library_string():
+    assert capi.parse_build_info("triton=3.6.0; archs=80,90 ;line_info=0") == {
+        "triton": "3.6.0", "archs": "80,90", "line_info": "0"}
+    info = sgmv.build_info()
+    assert set(info) >= {"triton", "archs", "variants"} and info["variants"] == capi.lib.sgmv_num_variants()

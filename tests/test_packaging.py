@@ -2,11 +2,13 @@
 README's pkg-config commands as printed, the examples under examples/ built with
 find_package(sgmv CONFIG) and with pkg-config, a moved copy of the package, and the built
 programs run (on a GPU: correct results; without one: a clean failure, since there is no driver)."""
+import importlib.metadata
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -206,3 +208,63 @@ def test_lora_layer_example_without_gpu_exits_2(lora_layer):
 def test_lora_layer_example_runs_on_gpu(lora_layer):
     r = subprocess.run([str(lora_layer)], capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0 and r.stdout.endswith("lora_layer: ok\n") and not r.stderr, r
+
+
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_version_has_one_source_the_header():
+    """pyproject's version is sgmv.h's, through scikit-build-core's regex provider; the package's too."""
+    assert "version" not in PYPROJECT["project"] and "version" in PYPROJECT["project"]["dynamic"]
+    rule = PYPROJECT["tool"]["scikit-build"]["metadata"]["version"]
+    assert rule["provider"] == "scikit_build_core.metadata.regex" and rule["input"] == "csrc/include/sgmv.h"
+    m = re.search(rule["regex"], (ROOT / rule["input"]).read_text(), re.MULTILINE)
+    header = [int(re.search(rf"#define SGMV_VERSION_{p} (\d+)", (ROOT / rule["input"]).read_text()).group(1))
+              for p in ("MAJOR", "MINOR", "PATCH")]
+    assert rule["result"].format(**m.groupdict()) == "{}.{}.{}".format(*header) == sgmv.__version__
+    assert not re.search(r"__version__ = ['\"]", (ROOT / "python/sgmv/__init__.py").read_text())
+
+
+def test_extras_accept_every_triton_from_the_builds_on():
+    """The AOT compiler is pinned; the JIT's triton and torch are not (they sit beside an engine's)."""
+    from packaging.requirements import Requirement
+    assert "triton==3.6.0" in PYPROJECT["build-system"]["requires"]
+    for extra in ("jit", "test"):
+        reqs = {r.name: r for r in map(Requirement, PYPROJECT["project"]["optional-dependencies"][extra])}
+        assert all(reqs["triton"].specifier.contains(v) for v in ("3.6.0", "3.7.1", "3.9.0", "4.0.0")), extra
+        assert not reqs["triton"].specifier.contains("3.5.1"), extra
+        assert all(reqs["torch"].specifier.contains(v) for v in ("2.4.0", "2.13.0", "2.15.1")), extra
+
+
+def test_license_and_description():
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    description = PYPROJECT["project"]["description"]
+    assert "shrink" in description and "expand" in description
+
+
+def test_readme_names_the_header_where_it_is():
+    readme = (ROOT / "README.md").read_text()
+    assert "csrc/sgmv.h" not in readme and (ROOT / "csrc/include/sgmv.h").is_file()
+
+
+def _installed_distribution():
+    """The sgmv distribution this sgmv was imported from (a wheel install), else None."""
+    try:
+        dist = importlib.metadata.distribution("sgmv")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    init = Path(sgmv.__file__).resolve()
+    return dist if any(Path(dist.locate_file(f)).resolve() == init for f in dist.files or ()) else None
+
+
+def test_wheel_carries_license_summary_and_version():
+    """What the built wheel installed: LICENSE among its files, the summary naming shrink and expand,
+    the header's version (CI runs the tests on the wheel its README commands install)."""
+    dist = _installed_distribution()
+    if dist is None:
+        pytest.skip("sgmv is imported from the source tree, not from an installed wheel")
+    licenses = [f for f in dist.files if f.name == "LICENSE"]
+    assert licenses and "Apache License" in licenses[0].read_text(), dist.files
+    assert "shrink" in dist.metadata["Summary"] and "expand" in dist.metadata["Summary"], dist.metadata["Summary"]
+    assert dist.version == sgmv.__version__

@@ -46,32 +46,52 @@ def device_report():
     return lines, usable
 
 
+def version_line():
+    """`sgmv --version`: the package's version and the loaded library's (no torch, no triton)."""
+    try:
+        lib = capi.lib
+    except OSError as e:
+        return f"sgmv {__version__} (python); libsgmv not loaded: {e}"
+    return f"sgmv {__version__} (python), libsgmv {capi.version_string(lib.sgmv_version())} at {capi.library_path()}"
+
+
 def cmd_info(_args):
     lib = capi.lib
-    v = lib.sgmv_version()
-    print(f"sgmv {__version__} (python), libsgmv {v // 10000}.{v // 100 % 100}.{v % 100} at {capi.library_path()}")
-    print(f"ABI: sgmv.h major version {lib.SGMV_VERSION_MAJOR}, SONAME libsgmv.so.{lib.SGMV_VERSION_MAJOR}")
-    print(f"cubins: {lib.sgmv_num_variants()} variants for sm {_str(lib.sgmv_archs())}")
+    info = capi.build_info()
+    print(version_line())
+    print(f"ABI: sgmv.h major version {capi.VERSION_MAJOR}, SONAME libsgmv.so.{capi.VERSION_MAJOR}")
+    print(f"cubins: {info['variants']} variants for sm {info['archs']}, compiled by triton "
+          f"{info['triton'] or 'unknown (this libsgmv does not record it)'}")
     lines, _ = device_report()
     print("\n".join(lines))
     return OK
 
 
 def _check_error_path():
-    """A call with a bad rank must come back as its status and message, changing nothing."""
+    """A call with a bad rank must come back as its status and message, changing nothing. Every
+    other argument is valid, so that the rank check is the one reached: the pointers are fake
+    (never read: the call is refused before any launch), distinct and 256-byte aligned."""
     a = ffi.new("sgmv_expand_args_t *")
     a.struct_size = ffi.sizeof("sgmv_expand_args_t")
-    a.metadata_dtype = capi.lib.SGMV_DTYPE_INT32
-    a.total_tokens = a.hidden = a.num_loras = a.batches = 1
+    bf16, i32 = capi.DTYPE["SGMV_DTYPE_BFLOAT16"], capi.DTYPE["SGMV_DTYPE_INT32"]
+    for i, name in enumerate(("inputs", "weights", "output", "seq_start", "seq_len", "lora_indices")):
+        setattr(a, name, ffi.cast("void *", 0x10000 * (i + 1)))
+    a.inputs_dtype = a.weights_dtype = a.output_dtype = bf16
+    a.metadata_dtype = i32
+    a.total_tokens = a.num_loras = a.batches = a.max_seq_length = 1
+    a.hidden = 64
     a.rank = 0
+    a.inputs_row_stride = a.weights_row_stride = 16
+    a.weights_lora_stride = 64 * 16
+    a.output_row_stride = 64
     status = capi.lib.sgmv_expand(a)
     msg = _str(capi.lib.sgmv_last_error())
-    return status == capi.lib.SGMV_ERROR_INVALID_ARGUMENT and "rank" in msg, msg
+    return status == capi.STATUS["SGMV_ERROR_INVALID_ARGUMENT"] and "rank" in msg, msg
 
 
 # What the kernel checks and the benchmark need beyond the wheel's own dependencies; a command
 # that works from a source checkout too (no extras of an installed distribution needed).
-INSTALL_TORCH = 'pip install torch triton==3.6.0 "numpy<2.4"'
+INSTALL_TORCH = 'pip install torch "triton>=3.6" "numpy<2.4"'
 
 
 def _row(case, path, err="", dt="", result=""):
@@ -106,6 +126,15 @@ def cmd_check(args):
                        "bfloat16 (the interpreter has no bf16 dot)", "GPU timings"]
         print(f"{why}: libsgmv.so's kernels are NOT launched here; the JIT kernel runs under Triton's "
               "interpreter against the float64 reference, and its times are interpreter times")
+    bitwise = testing.jit_matches_build()
+    jit_triton, build_triton = testing.triton_versions()
+    why_not = f"the JIT's triton {jit_triton}, the cubins' {build_triton or 'unknown'}"
+    if device == "cuda":
+        print(f"AOT vs JIT: {'bit for bit' if bitwise else 'each within tolerance of the float64 result only'} "
+              f"({why_not})")
+    else:
+        print(f"AOT vs JIT: not compared here (no AOT launch); on a GPU they would be compared "
+              f"{'bit for bit' if bitwise else 'within tolerance only'} ({why_not})")
     suite = testing.make_cases(gpu=device == "cuda")
     cases = suite[::max(1, len(suite) // 8)]  # eight cases spread over the suite's shapes and dtypes
 
@@ -120,11 +149,23 @@ def cmd_check(args):
     if device == "cuda":
         from . import binding
         paths += [("aot", binding.sgmv_expand), ("aot+plan", with_plan(binding.sgmv_expand, binding.batch_plan))]
-    _row("case", "path", "rel err", "time" if device == "cuda" else "interp time", "result")
+    # err/tol: the worst written element's |got - expected| as a fraction of its tolerance (ok below 1).
+    _row("case", "path", "err/tol", "time" if device == "cuda" else "interp time", "result")
+    same = {"aot": "jit", "aot+plan": "jit+plan"}  # AOT outputs compared bit for bit with these JIT's
+
+    def compare(case_name, outputs):
+        nonlocal failed
+        for aot, jit_name in same.items():
+            if bitwise and aot in outputs and jit_name in outputs:
+                equal = testing.bitwise_equal(outputs[aot], outputs[jit_name])
+                failed |= not equal
+                _row(case_name, aot, result=f"bit for bit equal to {jit_name}" if equal
+                     else f"FAILED: differs from {jit_name} in some bits (same triton: must be equal)")
     for case in cases:
         if device == "cpu" and testing.needs_bf16_dot(case):
             _row(case.name, "jit", result="not checked (bf16 on the interpreter)")
             continue
+        outputs = {}
         for name, fn in paths:
             call_args, buf = testing.build(case, device)
             before = buf.clone()
@@ -136,13 +177,15 @@ def cmd_check(args):
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
                 err = testing.check(call_args, before, buf, exp, written, name)
-                _row(case.name, name, f"{err:.2e}", f"{dt * 1e3:.2f}ms", "ok")
+                outputs[name] = buf
+                _row(case.name, name, f"{err:.2f}", f"{dt * 1e3:.2f}ms", "ok")
             except testing.CheckFailed as e:
                 failed = True
                 _row(case.name, name, result=f"FAILED: {e}")
             except Exception as e:  # a path that raises has failed too: report it, check the rest
                 failed = True
                 _row(case.name, name, result=f"FAILED: {type(e).__name__}: {e}")
+        compare(case.name, outputs)
     # Shrink, fused slices and per-adapter ranks and scales: eight calls spread over that suite.
     lora = testing.make_lora_cases(gpu=device == "cuda")
     for case in lora[::max(1, len(lora) // 8)]:
@@ -153,6 +196,7 @@ def cmd_check(args):
         lora_paths = [("reference", getattr(reference, op)), ("jit", getattr(jit, op))]
         if device == "cuda":
             lora_paths.append(("aot", getattr(binding, op)))
+        outputs = {}
         for name, fn in lora_paths:
             call_args, kw, buf = testing.build_lora(case, device)
             before = buf.clone()
@@ -164,13 +208,15 @@ def cmd_check(args):
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
                 err = testing.check(call_args, before, buf, exp, written, name, slack)
-                _row(str(case), name, f"{err:.2e}", f"{dt * 1e3:.2f}ms", "ok")
+                outputs[name] = buf
+                _row(str(case), name, f"{err:.2f}", f"{dt * 1e3:.2f}ms", "ok")
             except testing.CheckFailed as e:
                 failed = True
                 _row(str(case), name, result=f"FAILED: {e}")
             except Exception as e:
                 failed = True
                 _row(str(case), name, result=f"FAILED: {type(e).__name__}: {e}")
+        compare(str(case), outputs)
     if failed:
         print("check: FAILED")
         return FAILED
@@ -197,6 +243,7 @@ def cmd_bench(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="sgmv", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="store_true", help="print the version of sgmv and of the libsgmv it loads")
     ap.add_argument("--include-dir", action="store_true", help="print the folder of sgmv.h")
     ap.add_argument("--lib-dir", action="store_true", help="print the folder of libsgmv.so")
     ap.add_argument("--cmake-dir", action="store_true", help="print the folder of sgmvConfig.cmake (sgmv_DIR)")
@@ -214,6 +261,9 @@ def main(argv=None):
                    "; ".join(f"{k}: {' '.join(v)}" for k, v in bench.SUITES.items()))
     b.add_argument("--cases", nargs="*", default=None, help="only cases whose name contains one of these")
     args = ap.parse_args(argv)
+    if args.version:
+        print(version_line())
+        return OK
     for flag, folder in [(args.include_dir, capi.INCLUDE_DIR), (args.lib_dir, capi.LIB_DIR),
                          (args.cmake_dir, capi.CMAKE_DIR), (args.pkgconfig_dir, capi.PKGCONFIG_DIR)]:
         if flag:

@@ -4,7 +4,9 @@ No torch, no triton, no JIT: torch tensors are read through their methods, other
 __cuda_array_interface__. What Python checks is only what C cannot see: that arguments are
 arrays, and that all of them are CUDA arrays of one device. The library checks the rest and its
 status comes back as ValueError (SGMV_ERROR_INVALID_ARGUMENT), TypeError
-(SGMV_ERROR_UNSUPPORTED_DTYPE) or SgmvError, with the library's message.
+(SGMV_ERROR_UNSUPPORTED_DTYPE) or SgmvError, with the library's message. What the binding refuses
+itself is an sgmv.SgmvError too (capi.InvalidArgument, a ValueError, or capi.ArgumentTypeError, a
+TypeError), so `except sgmv.SgmvError` catches every refusal.
 """
 import struct
 import sys
@@ -12,10 +14,12 @@ import threading
 
 from . import capi
 
-# sgmv_dtype_t
-_DTYPE_NAMES = {"float16": 0, "bfloat16": 1, "float32": 2, "int32": 3, "int64": 4}
+# sgmv_dtype_t by torch's dtype name (torch.float16 -> "float16"), from sgmv.h's SGMV_DTYPE_* names.
+_DTYPE_NAMES = {name[len("SGMV_DTYPE_"):].lower(): value for name, value in capi.DTYPE.items()}
+_INT32, _FLOAT32 = capi.DTYPE["SGMV_DTYPE_INT32"], capi.DTYPE["SGMV_DTYPE_FLOAT32"]
 # __cuda_array_interface__ typestrs (bfloat16 has none; torch tensors are read directly).
-_TYPESTR = {"<f2": 0, "<f4": 2, "<i4": 3, "<i8": 4}
+_TYPESTR = {"<f2": _DTYPE_NAMES["float16"], "<f4": _FLOAT32, "<i4": _INT32, "<i8": _DTYPE_NAMES["int64"]}
+_invalid, _type_error = capi.invalid_argument, capi.argument_type_error
 _ITEMSIZE = {"<f2": 2, "<f4": 4, "<i4": 4, "<i8": 8}
 _torch_dtypes = {}  # torch.dtype -> sgmv_dtype_t (or -1), filled as dtypes are seen
 
@@ -110,16 +114,16 @@ def describe(a, name):
             dt = _torch_dtypes.setdefault(a.dtype, _DTYPE_NAMES.get(str(a.dtype)[6:], -1))
         n = len(shape)
         if n > 4:
-            raise ValueError(f"{name} has {n} dimensions (at most 4)")
+            raise _invalid(f"{name} has {n} dimensions (at most 4)")
         pad = _PADS[n]
         return (ptr, dt, n, *shape, *pad, *strides, *pad), device
     cai = getattr(a, "__cuda_array_interface__", None)
     if cai is None:
-        raise TypeError(f"{name} must be a torch tensor or an array with __cuda_array_interface__, "
+        raise _type_error(f"{name} must be a torch tensor or an array with __cuda_array_interface__, "
                         f"got {type(a).__name__}")
     shape, ts = tuple(cai["shape"]), cai["typestr"]
     if len(shape) > 4:
-        raise ValueError(f"{name} has {len(shape)} dimensions (at most 4)")
+        raise _invalid(f"{name} has {len(shape)} dimensions (at most 4)")
     if cai.get("strides") is None:  # C-contiguous
         strides, s = [], 1
         for n in reversed(shape):
@@ -128,7 +132,7 @@ def describe(a, name):
     else:
         size = _ITEMSIZE.get(ts, 1)
         if any(s % size for s in cai["strides"]):
-            raise ValueError(f"{name} has strides that are not a multiple of its element size")
+            raise _invalid(f"{name} has strides that are not a multiple of its element size")
         strides = [s // size for s in cai["strides"]]
     pad = (0,) * (4 - len(shape))
     device = _cai_device(cai["data"][0])
@@ -147,7 +151,7 @@ def _one_device(devices, names, allow_cpu=False):
     first = devices[0]
     if any(d != first for d in devices) or (first < 0 and not allow_cpu):
         where = ", ".join(f"{m}: {'cuda:%d' % e if e >= 0 else 'not CUDA'}" for m, e in zip(names, devices))
-        raise ValueError(f"all tensors must be CUDA tensors on one device, got {where}")
+        raise _invalid(f"all tensors must be CUDA tensors on one device, got {where}")
     return first
 
 
@@ -172,7 +176,7 @@ def stream_handle(stream):
         h = getattr(stream, attr, None)
         if h is not None:
             return int(h)
-    raise TypeError(f"stream must be an int handle or a torch/CuPy/Numba stream, got {type(stream).__name__}")
+    raise _type_error(f"stream must be an int handle or a torch/CuPy/Numba stream, got {type(stream).__name__}")
 
 
 def _plan_ref(batch_plan):
@@ -180,8 +184,8 @@ def _plan_ref(batch_plan):
     if batch_plan is None:
         return 0, 0, None
     (ptr, dt, ndim, *rest), device = describe(batch_plan, "batch_plan")
-    if dt != 3 or ndim != 1 or (rest[0] > 1 and rest[4] != 1):
-        raise ValueError("batch_plan must be a contiguous 1-D int32 array (see sgmv.batch_plan_bytes)")
+    if dt != _INT32 or ndim != 1 or (rest[0] > 1 and rest[4] != 1):
+        raise _invalid("batch_plan must be a contiguous 1-D int32 array (see sgmv.batch_plan_bytes)")
     return ptr, rest[0] * 4, device
 
 
@@ -203,7 +207,7 @@ def _buffer(ctype):
 
 def _count(value, name):
     if type(value) is bool or not hasattr(value, "__index__"):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise _type_error(f"{name} must be an int, got {type(value).__name__}")
     return value.__index__()
 
 
@@ -211,7 +215,7 @@ def _slices(weights, name):
     """The weight stacks of a call: one array, or a tuple/list of up to SGMV_MAX_SLICES (fused slices)."""
     if isinstance(weights, (tuple, list)):
         if not 1 <= len(weights) <= _MAX_SLICES:
-            raise ValueError(f"{name} must be an array or 1 to {_MAX_SLICES} arrays (fused slices), "
+            raise _invalid(f"{name} must be an array or 1 to {_MAX_SLICES} arrays (fused slices), "
                              f"got {len(weights)}")
         return weights
     return (weights,)
@@ -233,7 +237,7 @@ def _pack_common(mem, offsets, names, tensors, slices_at, optional):
     size = _TENSOR.size
     for i in range(1, _MAX_SLICES):
         if i < len(stacks) and stacks[i] is None:  # None means "absent" only for optional tensors
-            raise TypeError(f"{names[1]}[{i}] must be an array, got None")
+            raise _type_error(f"{names[1]}[{i}] must be an array, got None")
         d = _pack_optional(mem, slices_at + (i - 1) * size, stacks[i] if i < len(stacks) else None,
                            f"{names[1]}[{i}]")
         if d is not None:
@@ -260,7 +264,7 @@ def expand_tensors(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_l
                                                              seq_len_tensor, lora_indices_tensor),
                               _EXPAND_SLICES_AT, ((_EXPAND_RANKS_AT, lora_ranks, "lora_ranks"),))
     if type(add_inputs) is not bool:
-        raise TypeError(f"add_inputs must be a bool, got {type(add_inputs).__name__}")
+        raise _type_error(f"add_inputs must be a bool, got {type(add_inputs).__name__}")
     plan_ptr, plan_bytes = 0, 0
     if batch_plan is not None:
         plan_ptr, plan_bytes, plan_device = _plan_ref(batch_plan)
@@ -273,16 +277,18 @@ def expand_tensors(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_l
 
 
 def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
-                batches, max_seq_length, add_inputs=False, stream=None, batch_plan=None, *, lora_ranks=None):
+                batches, max_seq_length, add_inputs=False, batch_plan=None, *, lora_ranks=None, stream=None):
     """out[start_b + m, :] (+)= inputs[start_b + m, :] @ lora_b_weights[idx_b]^T, in place; returns output_tensor.
 
-    Launched asynchronously on `stream` (default: torch's or CuPy's current stream). With
+    Positionally the same parameters as sgmv.jit.sgmv_expand, sgmv.reference.sgmv_expand and
+    torch.ops.sgmv.expand. Launched asynchronously on `stream` (keyword only; default: torch's
+    or CuPy's current stream). With
     `batch_plan` (from sgmv.batch_plan, built from the same metadata) every program computes a
     dense tile of one adapter's rows. `lora_b_weights` may be a tuple of up to three stacks
     (fused slices: slice s reads inputs columns [s * rank, (s + 1) * rank) and writes its
     columns after slice s - 1's). `lora_ranks` (int32, per adapter): adapter a reads only its
-    first lora_ranks[a] columns of each slice; 0 skips it. Raises ValueError/TypeError for
-    arguments outside the contract, sgmv.SgmvError for a failed call.
+    first lora_ranks[a] columns of each slice; 0 skips it. Raises sgmv.SgmvError: also a
+    ValueError/TypeError for arguments outside the contract.
     """
     buf, _ = expand_tensors(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
                             lora_indices_tensor, batches, max_seq_length, add_inputs, stream, batch_plan, lora_ranks)
@@ -294,7 +300,7 @@ def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_
 
 def _float(value, name):
     if type(value) is bool or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        raise _type_error(f"{name} must be a float, got {type(value).__name__}")
     return float(value)
 
 
@@ -315,8 +321,8 @@ def shrink_tensors(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_l
     work_ptr, work_bytes = 0, 0
     if workspace is not None:
         (work_ptr, dt, ndim, *rest), work_device = describe(workspace, "workspace")
-        if ndim != 1 or (rest[0] > 1 and rest[4] != 1) or dt not in (2, 3):
-            raise ValueError("workspace must be a contiguous 1-D float32 or int32 array "
+        if ndim != 1 or (rest[0] > 1 and rest[4] != 1) or dt not in (_FLOAT32, _INT32):
+            raise _invalid("workspace must be a contiguous 1-D float32 or int32 array "
                              "(see sgmv.shrink_workspace_bytes)")
         work_bytes = rest[0] * 4
         devices.append(work_device)
@@ -391,7 +397,7 @@ def batch_plan_bytes(max_batches, max_tokens):
     """Device bytes of a plan for up to max_batches segments and max_tokens rows."""
     n = capi.lib.sgmv_batch_plan_bytes(_count(max_batches, "max_batches"), _count(max_tokens, "max_tokens"))
     if n == 0:
-        raise ValueError(f"no plan serves max_batches = {max_batches} and max_tokens = {max_tokens} "
+        raise _invalid(f"no plan serves max_batches = {max_batches} and max_tokens = {max_tokens} "
                          "(both in [0, 2^30))")
     return n
 
@@ -415,7 +421,7 @@ def new_plan(like, batches, total_tokens, max_batches, max_tokens):
     """A torch int32 plan buffer on like's device, for up to max_batches and max_tokens."""
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(like, torch.Tensor):
-        raise TypeError("pass out= (a 1-D int32 array of sgmv.batch_plan_bytes() bytes) when not using torch")
+        raise _type_error("pass out= (a 1-D int32 array of sgmv.batch_plan_bytes() bytes) when not using torch")
     n = batch_plan_bytes(batches if max_batches is None else max_batches,
                          total_tokens if max_tokens is None else max_tokens)
     return torch.empty(n // 4, dtype=torch.int32, device=like.device)

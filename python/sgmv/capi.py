@@ -46,12 +46,39 @@ def cdef_from_header(text):
     return "\n".join(out)
 
 
+_HEADER_TEXT = HEADER.read_text()
 ffi = cffi.FFI()
-ffi.cdef(cdef_from_header(HEADER.read_text()))
+ffi.cdef(cdef_from_header(_HEADER_TEXT))
+
+
+def _enum(ctype):
+    """{name: value} of one of sgmv.h's enums, as cffi parsed it (no library needed)."""
+    return dict(ffi.typeof(ctype).relements)
+
+
+# The header's enums and version, read from sgmv.h itself (never retyped here).
+STATUS = _enum("sgmv_status_t")
+DTYPE = _enum("sgmv_dtype_t")
+PATH = _enum("sgmv_path_t")
+ARG_KIND = _enum("sgmv_arg_kind_t")
+
+
+def _define(name):
+    m = re.search(rf"^#define\s+{name}\s+(\d+)\s*$", _HEADER_TEXT, re.MULTILINE)
+    if m is None:
+        raise ImportError(f"{HEADER} does not define {name}")
+    return int(m.group(1))
+
+
+VERSION_MAJOR, VERSION_MINOR, VERSION_PATCH = (_define(f"SGMV_VERSION_{p}") for p in ("MAJOR", "MINOR", "PATCH"))
+VERSION = f"{VERSION_MAJOR}.{VERSION_MINOR}.{VERSION_PATCH}"
 
 
 class SgmvError(RuntimeError):
-    """A failed libsgmv call: `.status` is the sgmv_status_t value, the message sgmv_last_error()."""
+    """Every error libsgmv and its binding raise for a call: `.status` is the sgmv_status_t value,
+    the message sgmv_last_error() (or the binding's own, for what it checks before calling C).
+    Bad arguments are also ValueError (InvalidArgument) or TypeError (ArgumentTypeError,
+    UnsupportedDtype)."""
 
     def __init__(self, status, message):
         super().__init__(message)
@@ -62,11 +89,32 @@ class InvalidArgument(SgmvError, ValueError):
     """SGMV_ERROR_INVALID_ARGUMENT: an argument outside the contract."""
 
 
+class ArgumentTypeError(SgmvError, TypeError):
+    """An argument of the wrong Python type (not an array, a float for a count), found by the
+    binding before calling the library; .status is SGMV_ERROR_INVALID_ARGUMENT."""
+
+
 class UnsupportedDtype(SgmvError, TypeError):
     """SGMV_ERROR_UNSUPPORTED_DTYPE: a dtype or dtype combination the library does not serve."""
 
 
-_ERRORS = {1: InvalidArgument, 2: UnsupportedDtype}
+def invalid_argument(message):
+    """The binding's own InvalidArgument (ValueError), for what it checks before calling C."""
+    return InvalidArgument(STATUS["SGMV_ERROR_INVALID_ARGUMENT"], message)
+
+
+def argument_type_error(message):
+    """The binding's own ArgumentTypeError (TypeError)."""
+    return ArgumentTypeError(STATUS["SGMV_ERROR_INVALID_ARGUMENT"], message)
+
+
+_ERRORS = {STATUS["SGMV_ERROR_INVALID_ARGUMENT"]: InvalidArgument,
+           STATUS["SGMV_ERROR_UNSUPPORTED_DTYPE"]: UnsupportedDtype}
+
+
+def version_string(version):
+    """sgmv_version()'s MAJOR * 10000 + MINOR * 100 + PATCH as "MAJOR.MINOR.PATCH"."""
+    return f"{version // 10000}.{version // 100 % 100}.{version % 100}"
 
 
 def library_path():
@@ -87,9 +135,9 @@ def _load():
             except OSError as e:
                 raise OSError(f"cannot load libsgmv from {path}: {e} (set SGMV_LIBRARY to another libsgmv.so)") from e
             version = lib.sgmv_version()
-            if version // 10000 != lib.SGMV_VERSION_MAJOR:
-                raise OSError(f"{path} is libsgmv {version}, but this binding's header is "
-                              f"{lib.SGMV_VERSION_MAJOR}.x: major versions must match")
+            if version // 10000 != VERSION_MAJOR:
+                raise OSError(f"{path} is libsgmv {version_string(version)}, but this binding's header is "
+                              f"{VERSION_MAJOR}.x: major versions must match")
             _lib = lib
     return _lib
 
@@ -105,6 +153,28 @@ def check(status):
     TypeError (as InvalidArgument, UnsupportedDtype) for bad arguments, else SgmvError."""
     if status:
         lib = _lib or _load()
-        raise _ERRORS.get(int(status), SgmvError)(
-            int(status), ffi.string(lib.sgmv_last_error()).decode(errors="replace")
-            or ffi.string(lib.sgmv_status_string(status)).decode())
+        status = int(status)
+        message = (ffi.string(lib.sgmv_last_error()).decode(errors="replace")
+                   or ffi.string(lib.sgmv_status_string(status)).decode())
+        cls = _ERRORS.get(status)
+        raise (cls or SgmvError)(status, message)
+
+
+def build_info():
+    """What the loaded library says about its build, as a dict: "triton" (the Triton version that
+    compiled its cubins), "archs", "variants", and whatever else sgmv_build_info() lists
+    ("key=value" items separated by ";"). "triton" is None for a library that does not say."""
+    lib = _lib or _load()
+    info = {"triton": None, "archs": ffi.string(lib.sgmv_archs()).decode(), "variants": lib.sgmv_num_variants()}
+    try:
+        fn = lib.sgmv_build_info
+    except AttributeError:  # a header or a library from before sgmv_build_info()
+        return info
+    info.update(parse_build_info(ffi.string(fn()).decode()))
+    return info
+
+
+def parse_build_info(text):
+    """sgmv_build_info()'s "key=value;key=value" string as a dict."""
+    items = (item.partition("=") for item in text.split(";") if item.strip())
+    return {k.strip(): v.strip() for k, _, v in items}

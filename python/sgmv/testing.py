@@ -9,10 +9,14 @@ bit for bit unchanged. A failure raises CheckFailed, never `assert` (`sgmv check
 and python -O would strip asserts).
 """
 import dataclasses
+import importlib.metadata
 import itertools
 import random
+import sys
 
 import torch
+
+from . import capi
 
 RANKS = (1, 7, 8, 16, 24, 64, 128, 256)
 HIDDENS = (1, 64, 4096, 4097)
@@ -482,3 +486,29 @@ def _name(dtype):
 
 def _bits(t):
     return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def triton_versions():
+    """(the version of the triton the JIT path uses, or None if none is installed; the version
+    that compiled libsgmv.so's cubins, or None if the library does not record it)."""
+    triton = sys.modules.get("triton")
+    jit = getattr(triton, "__version__", None)
+    if jit is None:
+        try:
+            jit = importlib.metadata.version("triton")
+        except importlib.metadata.PackageNotFoundError:
+            jit = None
+    return jit, capi.build_info()["triton"]
+
+
+def jit_matches_build():
+    """True when the JIT path's triton is the one that compiled libsgmv.so's cubins: AOT and JIT
+    results must then be bit for bit equal. Otherwise (another triton, or a library that does
+    not say which compiled it) each is only held to the tolerance against the float64 result."""
+    jit, build = triton_versions()
+    return jit is not None and jit == build
+
+
+def bitwise_equal(a, b):
+    """True when two tensors of one shape and dtype hold the same bits (NaNs included)."""
+    return a.shape == b.shape and a.dtype == b.dtype and bool((_bits(a) == _bits(b)).all())

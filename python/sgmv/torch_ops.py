@@ -42,7 +42,7 @@ def expand(inputs, weights, output, seq_start, seq_len, lora_indices, batches, m
            batch_plan=None, lora_ranks=None, slice_weights=None):
     """sgmv.sgmv_expand into `output`."""
     binding.sgmv_expand(inputs, (weights, *slice_weights) if slice_weights else weights, output, seq_start,
-                        seq_len, lora_indices, batches, max_seq_length, add_inputs, None, batch_plan,
+                        seq_len, lora_indices, batches, max_seq_length, add_inputs, batch_plan,
                         lora_ranks=lora_ranks)
     _written(output)
 
