@@ -14,6 +14,13 @@ if not HAS_GPU:
 DEVICE = "cuda" if HAS_GPU else "cpu"
 
 
+def pytest_report_header(config):
+    from sgmv.testing import triton_versions, jit_matches_build
+    jit, build = triton_versions()
+    how = "bit for bit" if jit_matches_build() else "within tolerance only (not the build's triton)"
+    return f"sgmv: JIT triton {jit}, cubins' triton {build}: AOT against JIT {how}"
+
+
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU: none is visible to torch")
     for item in items:

@@ -49,11 +49,7 @@ def _positional(params):
     return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
-JIT_XFAIL = pytest.mark.xfail(strict=True, reason="sgmv.jit.sgmv_expand's tile is positional until jit.py makes "
-                                                  "it keyword-only (remove this mark then)")
-
-
-@pytest.mark.parametrize("other", ["reference", pytest.param("jit", marks=JIT_XFAIL)])
+@pytest.mark.parametrize("other", ["reference", "jit"])
 def test_expand_positional_parameters_agree(other):
     """sgmv.sgmv_expand, sgmv.jit.sgmv_expand and sgmv.reference.sgmv_expand take the same
     positional parameters (stream and the rest keyword only), and torch.ops.sgmv.expand's

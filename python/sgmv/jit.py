@@ -42,11 +42,11 @@ def _dtypes():
     """sgmv_dtype_t (the header's values) -> torch dtype."""
     names = {"FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16, "FLOAT32": torch.float32,
              "INT32": torch.int32, "INT64": torch.int64}
-    return {getattr(capi.lib, "SGMV_DTYPE_" + n): t for n, t in names.items()}
+    return {capi.DTYPE["SGMV_DTYPE_" + n]: t for n, t in names.items()}
 
 
 _DTYPES = _dtypes()
-_POINTER, _FLOAT = capi.lib.SGMV_ARG_POINTER, capi.lib.SGMV_ARG_FLOAT
+_POINTER, _FLOAT = capi.ARG_KIND["SGMV_ARG_POINTER"], capi.ARG_KIND["SGMV_ARG_FLOAT"]
 
 
 def cubin_arch(device):
