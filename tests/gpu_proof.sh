@@ -43,7 +43,7 @@ gpu = sh("nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | hea
 cs = sh("compute-sanitizer --version | tail -1")
 lines = ["# GPU proof (issue 18): sanitizers, refused pointers, soak", "",
          f"Made by `tests/gpu_proof.sh` on {gpu} (compute-sanitizer {cs}), library `{os.environ.get('SGMV_LIBRARY', '?')}`,"
-         f" commit {sh('git rev-parse --short HEAD')}{' (QUICK smoke mode)' if quick == '1' else ''}; {wall} s in all.", "",
+         f" commit {os.environ.get('SGMV_COMMIT') or sh('git rev-parse --short HEAD')}{' (QUICK smoke mode)' if quick == '1' else ''}; {wall} s in all.", "",
          "## compute-sanitizer over tests/gpu_sanitizer_cases.py (AOT and JIT)", "",
          "| tool | exit | summary | cases | calls | kernel launches checked | failures | s |", "|---|---|---|---|---|---|---|---|"]
 tsv = os.path.join(logs, "sanitizers.tsv")

@@ -177,3 +177,24 @@ def test_jit_launches_what_c_describes(monkeypatch):
         assert sorted(set(kw) - {"num_warps", "num_stages"}) == sorted(kernel.arg_names), kernel.arg_names
     want = torch.stack([x.double()[r] @ a.double()[i].T for r, i in ((0, 0), (1, 1), (2, 1))]) * 0.5
     torch.testing.assert_close(y.double(), want, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("field", [0, 1, 2], ids=["start", "length", "index"])
+def test_int64_metadata_outside_int32_is_skipped_by_kernel_and_reference(field):
+    """An int64 start, length or adapter index that does not fit in int32 skips its segment in
+    the kernel (it reads int32 words) and in the reference alike; the other segment is written."""
+    g = torch.Generator().manual_seed(203 + field)
+    x = torch.randn(4, 16, generator=g).half().to(DEVICE)
+    w = torch.randn(2, 64, 16, generator=g).half().to(DEVICE)
+    meta = [[0, 2], [2, 2], [1, 0]]
+    meta[field][0] += 2 ** 32
+    meta = [torch.tensor(v, dtype=torch.int64, device=DEVICE) for v in meta]
+    outs = []
+    for fn in (sgmv.jit.sgmv_expand, sgmv.reference.sgmv_expand):
+        out = torch.full((4, 64), 7.0, dtype=torch.float16, device=DEVICE)
+        fn(x, w, out, *meta, 2, 2, False)
+        outs.append(out.cpu())
+    want = (x.double()[2:] @ w.double()[0].T).cpu()
+    for out in outs:
+        assert torch.equal(out[:2], torch.full((2, 64), 7.0, dtype=torch.float16))  # skipped: untouched
+        torch.testing.assert_close(out[2:].double(), want, atol=2e-2, rtol=1e-2)

@@ -11,7 +11,9 @@ def _segments(a, seq_start, seq_len, lora_indices, ranks, rank):
     ranks = None if ranks is None else ranks.tolist()
     for start, length, idx in zip(starts, lens, idxs):
         end = min(start + length, a.total_tokens)
-        if not (0 <= idx < a.num_loras) or start < 0 or end <= start:
+        # int64 entries outside int32 are skipped, as the kernel does (it reads int32 words).
+        fits = all(-2 ** 31 <= v < 2 ** 31 for v in (start, length, idx))
+        if not fits or not (0 <= idx < a.num_loras) or start < 0 or end <= start:
             continue
         r = rank if ranks is None else min(rank, ranks[idx])
         if r > 0:
