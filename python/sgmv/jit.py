@@ -38,14 +38,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _ffi = capi.ffi
 
 
-def _dtypes():
-    """sgmv_dtype_t (the header's values) -> torch dtype."""
-    names = {"FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16, "FLOAT32": torch.float32,
-             "INT32": torch.int32, "INT64": torch.int64}
-    return {capi.DTYPE["SGMV_DTYPE_" + n]: t for n, t in names.items()}
-
-
-_DTYPES = _dtypes()
+# sgmv_dtype_t -> torch dtype, by the header's names the binding reads (SGMV_DTYPE_BFLOAT16 -> torch.bfloat16).
+_DTYPES = {value: getattr(torch, name) for name, value in binding._DTYPE_NAMES.items()}
 _POINTER, _FLOAT = capi.ARG_KIND["SGMV_ARG_POINTER"], capi.ARG_KIND["SGMV_ARG_FLOAT"]
 
 
@@ -107,10 +101,6 @@ def _run(launches, tensors, device):
             kernel[tuple(d.grid)](**kw, num_warps=d.num_warps, num_stages=d.num_stages)
 
 
-def _stacks(weights):
-    return list(weights) if isinstance(weights, (tuple, list)) else [weights]
-
-
 def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
                 batches, max_seq_length, add_inputs=False, batch_plan=None, *, lora_ranks=None, tile=None):
     """Same contract as sgmv.sgmv_expand, on torch's current stream. `tile` (block_m, block_n,
@@ -122,8 +112,8 @@ def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_
     args = _ffi.new("sgmv_expand_args_t *")
     capi.check(capi.lib.sgmv_expand_args_from_tensors(tensors, args))
     launches = _launches(capi.lib.sgmv_expand_launches, args, cubin_arch(device), _want(tile, None))
-    _run(launches, [inputs, *_stacks(lora_b_weights), output_tensor, b_seq_start_loc, seq_len_tensor,
-                    lora_indices_tensor, batch_plan, lora_ranks], device)
+    _run(launches, [inputs, *binding._slices(lora_b_weights, "lora_b_weights"), output_tensor, b_seq_start_loc,
+                    seq_len_tensor, lora_indices_tensor, batch_plan, lora_ranks], device)
     return output_tensor
 
 
@@ -140,8 +130,8 @@ def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_
     args = _ffi.new("sgmv_shrink_args_t *")
     capi.check(capi.lib.sgmv_shrink_args_from_tensors(tensors, args))
     launches = _launches(capi.lib.sgmv_shrink_launches, args, cubin_arch(device), _want(tile, split))
-    _run(launches, [inputs, *_stacks(lora_a_weights), output_tensor, b_seq_start_loc, seq_len_tensor,
-                    lora_indices_tensor, batch_plan, lora_ranks, lora_scales, workspace], device)
+    _run(launches, [inputs, *binding._slices(lora_a_weights, "lora_a_weights"), output_tensor, b_seq_start_loc,
+                    seq_len_tensor, lora_indices_tensor, batch_plan, lora_ranks, lora_scales, workspace], device)
     return output_tensor
 
 
