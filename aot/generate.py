@@ -99,7 +99,7 @@ def compile_variant(v):
             for a in ("x_ptr", "w_ptr", "w1_ptr", "w2_ptr", "out_ptr", "work_ptr"):
                 attrs[(names.index(a),)] = [["tt.divisibility", V.ALIGN_BYTES]]
             elems = {t: V.ALIGN_BYTES // V.DTYPE_BYTES[v[t]] for t in ("x", "w", "out")}
-            for t, args in (("out", ("N", "N1", "N2", "out_stride_m")), ("x", ("x_slice_step", "x_stride_m")),
+            for t, args in (("out", ("N", "N1", "N2", "out_slice_step", "out_stride_m")), ("x", ("x_slice_step", "x_stride_m")),
                             ("w", ("w_stride_l", "w_stride_n", "w1_stride_l", "w1_stride_n", "w2_stride_l",
                                    "w2_stride_n"))):
                 for a in args:

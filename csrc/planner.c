@@ -68,6 +68,7 @@ SGMV_API int sgmv_cubin_arch(int cc) {
 /* Sizes of earlier versions' structs: the smallest a caller may pass. */
 #define EXPAND_ARGS_V0_1 (offsetof(sgmv_expand_args_t, stream) + sizeof(sgmv_stream_t))
 #define EXPAND_TENSORS_V0_2 (offsetof(sgmv_expand_tensors_t, batch_plan_bytes) + sizeof(size_t))
+#define SHRINK_ARGS_V0_3 (offsetof(sgmv_shrink_args_t, stream) + sizeof(sgmv_stream_t))
 
 SGMV_API void sgmv_expand_args_init(sgmv_expand_args_t *args) {
   if (!args) return;
@@ -200,6 +201,26 @@ static int check_aligned(const char *fn, const char *name, const void *p, int by
   return SGMV_SUCCESS;
 }
 
+/* A (rows, slices, cols) view of `name` with row stride rs and slice stride ss (one slice: ss
+ * unused): the slices side by side in each row (cols <= ss, (slices - 1) * ss + cols <= rs) or in
+ * planes (cols <= rs, (rows - 1) * rs + cols <= ss), its last offset within int64. */
+static int check_view(const char *fn, const char *name, int64_t rows, int slices, int64_t cols, int64_t rs, int64_t ss,
+                      const char *cols_name) {
+  const char *slice_field = name[0] == 'i' ? "inputs_slice_stride" : "output_slice_stride";
+  if (rs < 0) return INVALID("%s: args->%s_row_stride must be >= 0, got %lld", fn, name, (long long)rs);
+  int64_t last = (slices - 1) * ss + cols, plane;
+  if (slices > 1 && ss < cols)
+    return INVALID("%s: args->%s %lld is smaller than rank %lld", fn, slice_field, (long long)ss, (long long)cols);
+  int planes = slices > 1 && rows > 1 && ss > rs && !__builtin_mul_overflow(rows - 1, rs, &plane) && ss >= plane + cols;
+  if (rows > 1 && rs < (planes ? cols : last))
+    return INVALID("%s: args->%s_row_stride %lld is smaller than %s %lld", fn, name, (long long)rs,
+                   planes ? "rank" : cols_name, (long long)(planes ? cols : last));
+  if (!extent_fits(rows, last, rs))
+    return INVALID("%s: args->%s_row_stride %lld and its slice stride are so large that element offsets overflow int64",
+                   fn, name, (long long)rs);
+  return SGMV_SUCCESS;
+}
+
 /* The checks expand and shrink share, on the call they were turned into. K is rank (expand) or
  * hidden (shrink); each slice's weights are (num_loras, N, K). */
 static int check_call(const char *fn, const sgmv_call_t *c) {
@@ -207,23 +228,23 @@ static int check_call(const char *fn, const sgmv_call_t *c) {
   if (status) return status;
   if (c->max_seq_length < 0)
     return INVALID("%s: args->max_seq_length must be >= 0, got %lld", fn, (long long)c->max_seq_length);
-  int64_t x_cols = c->x_slice_step * (c->num_slices - 1) + c->K;
   int expand = c->op == SGMV_OP_EXPAND;
-  if (c->total_tokens > 1 && c->x_stride < x_cols)
-    return INVALID("%s: args->inputs_row_stride %lld is smaller than %s %lld", fn, (long long)c->x_stride,
-                   !expand ? "hidden" : c->num_slices > 1 ? "num_slices * rank" : "rank", (long long)x_cols);
-  if (c->total_tokens > 1 && c->out_stride < c->out_cols)
-    return INVALID("%s: args->output_row_stride %lld is smaller than %s %lld", fn, (long long)c->out_stride,
-                   expand ? "hidden" : "num_slices * rank", (long long)c->out_cols);
-  if (c->x_stride < 0) return INVALID("%s: args->inputs_row_stride must be >= 0, got %lld", fn, (long long)c->x_stride);
-  if (c->out_stride < 0)
-    return INVALID("%s: args->output_row_stride must be >= 0, got %lld", fn, (long long)c->out_stride);
-  if (!extent_fits(c->total_tokens, x_cols, c->x_stride))
-    return INVALID("%s: args->inputs_row_stride %lld is so large that element offsets overflow int64", fn,
-                   (long long)c->x_stride);
-  if (!extent_fits(c->total_tokens, c->out_cols, c->out_stride))
-    return INVALID("%s: args->output_row_stride %lld is so large that element offsets overflow int64", fn,
-                   (long long)c->out_stride);
+  int64_t rank = expand ? c->K : c->w[0].rows;
+  int status_x = check_view(fn, "inputs", c->total_tokens, expand ? c->num_slices : 1, expand ? rank : c->K,
+                            c->x_stride, c->x_slice_step, expand ? (c->num_slices > 1 ? "num_slices * rank" : "rank") : "hidden");
+  if (status_x) return status_x;
+  if (expand) { /* slices of different widths, side by side */
+    if (c->total_tokens > 1 && c->out_stride < c->out_cols)
+      return INVALID("%s: args->output_row_stride %lld is smaller than hidden %lld", fn, (long long)c->out_stride,
+                     (long long)c->out_cols);
+    if (c->out_stride < 0)
+      return INVALID("%s: args->output_row_stride must be >= 0, got %lld", fn, (long long)c->out_stride);
+    if (!extent_fits(c->total_tokens, c->out_cols, c->out_stride))
+      return INVALID("%s: args->output_row_stride %lld is so large that element offsets overflow int64", fn,
+                     (long long)c->out_stride);
+  } else if ((status_x = check_view(fn, "output", c->total_tokens, c->num_slices, rank, c->out_stride,
+                                    c->out_slice_step, "num_slices * rank")))
+    return status_x;
   for (int s = 0; s < c->num_slices; s++) {
     const sgmv_slice_t *w = &c->w[s];
     char row[32], lora[32];
@@ -313,7 +334,7 @@ int sgmv_expand_call(const sgmv_expand_args_t *args, sgmv_call_t *c) {
     return INVALID("%s: args->hidden and args->slices[].rows add up to %lld, more than %d", fn, (long long)c->out_cols,
                    SGMV_MAX_HIDDEN - SGMV_MIN_EXPAND_BLOCK_N * (c->num_slices - 1));
   c->x = a.inputs, c->x_dtype = a.inputs_dtype, c->x_stride = a.inputs_row_stride;
-  c->x_slice_step = c->num_slices > 1 ? a.rank : 0;
+  c->x_slice_step = c->num_slices > 1 ? (a.inputs_slice_stride ? a.inputs_slice_stride : a.rank) : 0;
   c->w_dtype = a.weights_dtype;
   c->out = a.output, c->out_dtype = a.output_dtype, c->out_stride = a.output_row_stride;
   c->total_tokens = a.total_tokens, c->K = a.rank, c->num_loras = a.num_loras;
@@ -327,7 +348,8 @@ int sgmv_expand_call(const sgmv_expand_args_t *args, sgmv_call_t *c) {
 int sgmv_shrink_call(const sgmv_shrink_args_t *args, sgmv_call_t *c) {
   const char *fn = "sgmv_shrink";
   sgmv_shrink_args_t a;
-  int status = read_struct(fn, "sgmv_shrink_args_t", args, args ? args->struct_size : 0, sizeof a, &a, sizeof a);
+  int status = read_struct(fn, "sgmv_shrink_args_t", args, args ? args->struct_size : 0, SHRINK_ARGS_V0_3, &a,
+                           sizeof a);
   if (status) return status;
   CHECK_OP(fn, SGMV_OP_SHRINK, a);
   if (a.hidden < 1 || a.hidden > SGMV_MAX_SHRINK_HIDDEN)
@@ -346,6 +368,7 @@ int sgmv_shrink_call(const sgmv_shrink_args_t *args, sgmv_call_t *c) {
   c->x = a.inputs, c->x_dtype = a.inputs_dtype, c->x_stride = a.inputs_row_stride, c->x_slice_step = 0;
   c->w_dtype = a.weights_dtype;
   c->out = a.output, c->out_dtype = a.output_dtype, c->out_stride = a.output_row_stride;
+  c->out_slice_step = c->num_slices > 1 ? (a.output_slice_stride ? a.output_slice_stride : a.rank) : 0;
   c->total_tokens = a.total_tokens, c->K = a.hidden, c->num_loras = a.num_loras;
   c->seq_start = a.seq_start, c->seq_len = a.seq_len, c->lora_indices = a.lora_indices;
   c->metadata_dtype = a.metadata_dtype, c->batches = a.batches, c->max_seq_length = a.max_seq_length;
@@ -414,11 +437,17 @@ static int check_tensors(const char *fn, const sgmv_tensor_t *const all[6], cons
   int status = check_slices(fn, num_slices);
   if (status) return status;
   const sgmv_tensor_t *x = all[0], *out = all[2];
-  if (x->ndim != 2) return INVALID("%s: tensors->inputs must be 2-D (total_tokens, columns)", fn);
-  if (out->ndim != 2) return INVALID("%s: tensors->output must be 2-D (total_tokens, columns)", fn);
-  if (x->strides[1] != 1 && x->shape[1] > 1)
+  int expand = fn[5] == 'e';
+  /* The sliced side (expand's inputs, shrink's output) may be planes (num_slices, total_tokens, rank). */
+  if (x->ndim != 2 && !(expand && x->ndim == 3))
+    return INVALID("%s: tensors->inputs must be 2-D (total_tokens, columns)%s", fn,
+                   expand ? " or 3-D (num_slices, total_tokens, rank)" : "");
+  if (out->ndim != 2 && !(!expand && out->ndim == 3))
+    return INVALID("%s: tensors->output must be 2-D (total_tokens, columns)%s", fn,
+                   expand ? "" : " or 3-D (num_slices, total_tokens, rank)");
+  if (x->strides[x->ndim - 1] != 1 && x->shape[x->ndim - 1] > 1)
     return INVALID("%s: tensors->inputs must have unit stride in its last dimension", fn);
-  if (out->strides[1] != 1 && out->shape[1] > 1)
+  if (out->strides[out->ndim - 1] != 1 && out->shape[out->ndim - 1] > 1)
     return INVALID("%s: tensors->output must have unit stride in its last dimension", fn);
   int n = num_slices > 1 ? num_slices : 1;
   for (int s = 0; s < n; s++) {
@@ -454,27 +483,33 @@ SGMV_API sgmv_status_t sgmv_expand_args_from_tensors(const sgmv_expand_tensors_t
   int64_t loras, rows[SGMV_MAX_SLICES], rank, hidden = 0;
   if ((status = check_tensors(fn, all, t.slice_weights, t.num_slices, t.batches, slices, &loras, rows, &rank)))
     return (sgmv_status_t)status;
-  int n = t.num_slices > 1 ? t.num_slices : 1;
+  int n = t.num_slices > 1 ? t.num_slices : 1, planes = t.inputs.ndim == 3;
   for (int s = 0; s < n; s++) hidden += rows[s];
-  if (t.inputs.shape[1] != n * rank && n == 1)
+  int64_t tokens = t.inputs.shape[planes];
+  if (planes && (t.inputs.shape[0] != n || t.inputs.shape[2] != rank))
+    return (sgmv_status_t)INVALID("%s: tensors->inputs must be (num_slices, total_tokens, rank) = (%d, %lld, %lld), got "
+                                  "(%lld, %lld, %lld)", fn, n, (long long)tokens, (long long)rank,
+                                  (long long)t.inputs.shape[0], (long long)tokens, (long long)t.inputs.shape[2]);
+  if (!planes && t.inputs.shape[1] != n * rank && n == 1)
     return (sgmv_status_t)INVALID("%s: tensors->inputs has rank %lld but weights have rank %lld", fn,
                                   (long long)t.inputs.shape[1], (long long)rank);
-  if (t.inputs.shape[1] != n * rank)
+  if (!planes && t.inputs.shape[1] != n * rank)
     return (sgmv_status_t)INVALID("%s: tensors->inputs has %lld columns but %d slices of rank %lld need %lld", fn,
                                   (long long)t.inputs.shape[1], n, (long long)rank, (long long)(n * rank));
-  if (t.output.shape[0] != t.inputs.shape[0] || t.output.shape[1] != hidden)
+  if (t.output.shape[0] != tokens || t.output.shape[1] != hidden)
     return (sgmv_status_t)INVALID("%s: tensors->output must be (total_tokens, hidden) = (%lld, %lld), got (%lld, %lld)", fn,
-                                  (long long)t.inputs.shape[0], (long long)hidden, (long long)t.output.shape[0],
+                                  (long long)tokens, (long long)hidden, (long long)t.output.shape[0],
                                   (long long)t.output.shape[1]);
   if ((status = check_per_adapter(fn, "lora_ranks", &t.lora_ranks, SGMV_DTYPE_INT32, loras)))
     return (sgmv_status_t)status;
   memset(a, 0, sizeof *a);
   a->struct_size = sizeof *a;
-  a->inputs = t.inputs.data, a->inputs_dtype = t.inputs.dtype, a->inputs_row_stride = t.inputs.strides[0];
+  a->inputs = t.inputs.data, a->inputs_dtype = t.inputs.dtype, a->inputs_row_stride = t.inputs.strides[planes];
+  a->inputs_slice_stride = planes ? t.inputs.strides[0] : 0;
   a->weights = slices[0].weights, a->weights_dtype = t.weights.dtype, a->weights_lora_stride = slices[0].lora_stride;
   a->weights_row_stride = slices[0].row_stride;
   a->output = (void *)t.output.data, a->output_dtype = t.output.dtype, a->output_row_stride = t.output.strides[0];
-  a->total_tokens = t.inputs.shape[0], a->hidden = rows[0], a->rank = rank, a->num_loras = loras;
+  a->total_tokens = tokens, a->hidden = rows[0], a->rank = rank, a->num_loras = loras;
   a->seq_start = t.seq_start.data, a->seq_len = t.seq_len.data, a->lora_indices = t.lora_indices.data;
   a->metadata_dtype = t.seq_start.dtype, a->batches = t.batches, a->max_seq_length = t.max_seq_length;
   a->add_inputs = t.add_inputs, a->stream = t.stream;
@@ -505,7 +540,13 @@ SGMV_API sgmv_status_t sgmv_shrink_args_from_tensors(const sgmv_shrink_tensors_t
   if (t.inputs.shape[1] != hidden)
     return (sgmv_status_t)INVALID("%s: tensors->inputs has hidden %lld but weights have hidden %lld", fn,
                                   (long long)t.inputs.shape[1], (long long)hidden);
-  if (t.output.shape[0] != t.inputs.shape[0] || t.output.shape[1] != n * rank)
+  int planes = t.output.ndim == 3;
+  if (planes && (t.output.shape[0] != n || t.output.shape[1] != t.inputs.shape[0] || t.output.shape[2] != rank))
+    return (sgmv_status_t)INVALID("%s: tensors->output must be (num_slices, total_tokens, rank) = (%d, %lld, %lld), got "
+                                  "(%lld, %lld, %lld)", fn, n, (long long)t.inputs.shape[0], (long long)rank,
+                                  (long long)t.output.shape[0], (long long)t.output.shape[1],
+                                  (long long)t.output.shape[2]);
+  if (!planes && (t.output.shape[0] != t.inputs.shape[0] || t.output.shape[1] != n * rank))
     return (sgmv_status_t)INVALID("%s: tensors->output must be (total_tokens, num_slices * rank) = (%lld, %lld), got (%lld, %lld)",
                                   fn, (long long)t.inputs.shape[0], (long long)(n * rank),
                                   (long long)t.output.shape[0], (long long)t.output.shape[1]);
@@ -516,7 +557,8 @@ SGMV_API sgmv_status_t sgmv_shrink_args_from_tensors(const sgmv_shrink_tensors_t
   a->inputs = t.inputs.data, a->inputs_dtype = t.inputs.dtype, a->inputs_row_stride = t.inputs.strides[0];
   a->weights = slices[0].weights, a->weights_dtype = t.weights.dtype, a->weights_lora_stride = slices[0].lora_stride;
   a->weights_row_stride = slices[0].row_stride;
-  a->output = (void *)t.output.data, a->output_dtype = t.output.dtype, a->output_row_stride = t.output.strides[0];
+  a->output = (void *)t.output.data, a->output_dtype = t.output.dtype, a->output_row_stride = t.output.strides[planes];
+  a->output_slice_stride = planes ? t.output.strides[0] : 0;
   a->total_tokens = t.inputs.shape[0], a->hidden = hidden, a->rank = rank, a->num_loras = loras;
   a->seq_start = t.seq_start.data, a->seq_len = t.seq_len.data, a->lora_indices = t.lora_indices.data;
   a->metadata_dtype = t.seq_start.dtype, a->batches = t.batches, a->max_seq_length = t.max_seq_length;
@@ -537,7 +579,7 @@ static int is_aligned(const sgmv_call_t *c) {
   int64_t ex = SGMV_ALIGN_BYTES / dtype_size(c->x_dtype), ew = SGMV_ALIGN_BYTES / dtype_size(c->w_dtype);
   int64_t eo = SGMV_ALIGN_BYTES / dtype_size(c->out_dtype);
   uintptr_t ptrs = (uintptr_t)c->x | (uintptr_t)c->out;
-  int ok = (c->x_stride | c->x_slice_step) % ex == 0 && c->out_stride % eo == 0;
+  int ok = (c->x_stride | c->x_slice_step) % ex == 0 && (c->out_stride | c->out_slice_step) % eo == 0;
   for (int s = 0; s < c->num_slices; s++) {
     ptrs |= (uintptr_t)c->w[s].weights;
     ok = ok && c->w[s].rows % eo == 0 && (c->w[s].lora_stride | c->w[s].row_stride) % ew == 0;
@@ -614,6 +656,7 @@ int sgmv_decide(const sgmv_call_t *a, int arch, const sgmv_launch_config_t *want
   c->x_slice_step = a->x_slice_step;
   c->kernel = "sgmv_kernel";
   c->meta_shift = a->metadata_dtype == SGMV_DTYPE_INT64;
+  c->per_token = a->per_token;
   c->noop = a->batches == 0 || a->total_tokens == 0;
   if (c->noop) return SGMV_SUCCESS;
   int status = check_arch(fn, arch);
@@ -759,4 +802,244 @@ SGMV_API sgmv_status_t sgmv_batch_plan_config(const sgmv_batch_plan_args_t *args
   int status = sgmv_decide_batch_plan(args, cubin_arch, &launch);
   if (!status) copy_config(config, &launch.config);
   return (sgmv_status_t)status;
+}
+
+/* ---- the layer call ------------------------------------------------------------------------ */
+
+/* A layer and a step, as checked at creation: what the calls of sgmv_layer_apply are made of. */
+struct sgmv_layer {
+  int num_slices, w_dtype;
+  int64_t num_loras, rank, hidden;
+  sgmv_slice_t a[SGMV_MAX_SLICES], b[SGMV_MAX_SLICES];
+  const void *ranks, *scales;
+  float scaling;
+};
+
+struct sgmv_step {
+  const void *seq_start, *seq_len, *lora_indices; /* per_token: lora_indices is the token mapping */
+  int metadata_dtype, per_token;
+  int64_t batches; /* segments, or total_tokens with a token mapping */
+  int64_t max_seq_length, total_tokens, num_loras;
+  char *scratch;
+  size_t scratch_bytes, plan_bytes; /* the plan at the start of the scratch; the intermediate, the workspace */
+};
+
+static size_t round_up(size_t n) { return (n + 255) / 256 * 256; }
+
+/* The scratch's parts: plan, intermediate (weights' dtype, 2 bytes), split-K workspace. */
+static size_t scratch_bytes(int64_t batches, int64_t tokens, int64_t columns, size_t *plan, size_t *mid) {
+  *plan = round_up(sgmv_batch_plan_bytes(batches, tokens));
+  *mid = round_up((size_t)tokens * (size_t)columns * 2);
+  return *plan + *mid + sgmv_shrink_workspace_bytes(tokens > 0 ? tokens : 1, columns);
+}
+
+SGMV_API size_t sgmv_step_scratch_bytes(int64_t max_batches, int64_t max_tokens, int64_t max_columns) {
+  size_t plan, mid;
+  if (!sgmv_batch_plan_bytes(max_batches, max_tokens) || max_columns < 1 ||
+      max_columns > SGMV_MAX_SLICES * SGMV_MAX_RANK)
+    return 0;
+  return scratch_bytes(max_batches, max_tokens, max_columns, &plan, &mid);
+}
+
+/* The layer's shrink (c[0]: inputs -> the step's intermediate, scaled) and expand (c[1]: the
+ * intermediate -> output), before checks. Without a step: rows 0 (the weights' checks). */
+static void layer_calls(const sgmv_layer_t *l, const sgmv_step_t *st, const void *x, int x_dtype, int64_t x_stride,
+                        void *out, int out_dtype, int64_t out_stride, int add_inputs, sgmv_stream_t stream,
+                        sgmv_call_t c[2]) {
+  int n = l->num_slices;
+  int64_t tokens = st ? st->total_tokens : 0, cols = n * l->rank;
+  size_t mid = round_up((size_t)tokens * (size_t)cols * 2);
+  char *y = st ? st->scratch + st->plan_bytes : NULL;
+  memset(c, 0, 2 * sizeof *c);
+  for (int i = 0; i < 2; i++) {
+    c[i].num_slices = n, c[i].w_dtype = l->w_dtype, c[i].num_loras = l->num_loras, c[i].total_tokens = tokens;
+    c[i].ranks = l->ranks, c[i].stream = stream, c[i].scaling = 1.0f;
+    if (st) {
+      c[i].seq_start = st->seq_start, c[i].seq_len = st->seq_len, c[i].lora_indices = st->lora_indices;
+      c[i].per_token = st->per_token, c[i].metadata_dtype = st->metadata_dtype, c[i].batches = st->batches;
+      c[i].max_seq_length = st->max_seq_length, c[i].plan = st->scratch, c[i].plan_bytes = st->plan_bytes;
+    }
+    for (int k = 0; k < n; k++) c[i].w[k] = i ? l->b[k] : l->a[k];
+  }
+  c[0].op = SGMV_OP_SHRINK, c[0].x = x, c[0].x_dtype = x_dtype, c[0].x_stride = x_stride, c[0].K = l->hidden;
+  c[0].out = y, c[0].out_dtype = l->w_dtype, c[0].out_stride = cols, c[0].out_cols = cols;
+  c[0].out_slice_step = n > 1 ? l->rank : 0, c[0].scaling = l->scaling, c[0].scales = l->scales;
+  if (st && st->scratch_bytes > st->plan_bytes + mid)
+    c[0].work = y + mid, c[0].work_bytes = st->scratch_bytes - st->plan_bytes - mid;
+  c[1].op = SGMV_OP_EXPAND, c[1].x = y, c[1].x_dtype = l->w_dtype, c[1].x_stride = cols, c[1].K = l->rank;
+  c[1].x_slice_step = n > 1 ? l->rank : 0, c[1].out = out, c[1].out_dtype = out_dtype, c[1].out_stride = out_stride;
+  c[1].add_inputs = add_inputs != 0;
+  for (int k = 0; k < n; k++) c[1].out_cols += l->b[k].rows;
+}
+
+SGMV_API sgmv_status_t sgmv_layer_create(const sgmv_layer_args_t *args, sgmv_layer_t **layer) {
+  const char *fn = "sgmv_layer_create";
+  if (!layer) return (sgmv_status_t)INVALID("%s: layer is NULL", fn);
+  *layer = NULL;
+  sgmv_layer_args_t t;
+  int status = read_struct(fn, "sgmv_layer_args_t", args, args ? args->struct_size : 0, sizeof t, &t, sizeof t);
+  if (!status) status = check_slices(fn, t.num_slices);
+  if (status) return (sgmv_status_t)status;
+  sgmv_layer_t l;
+  memset(&l, 0, sizeof l);
+  l.num_slices = t.num_slices > 1 ? t.num_slices : 1;
+  l.w_dtype = t.lora_a[0].dtype, l.scaling = t.scaling, l.ranks = t.lora_ranks.data, l.scales = t.lora_scales.data;
+  int64_t out_cols = 0;
+  for (int k = 0; k < l.num_slices; k++) {
+    int64_t loras[2], rows[2], cols[2];
+    char name[2][32];
+    for (int i = 0; i < 2; i++) {
+      const sgmv_tensor_t *w = i ? &t.lora_b[k] : &t.lora_a[k];
+      snprintf(name[i], sizeof name[i], "lora_%c[%d]", i ? 'b' : 'a', k);
+      if (!w->data) return (sgmv_status_t)INVALID("%s: args->%s.data is NULL", fn, name[i]);
+      if (w->ndim < 3 || w->ndim > 4)
+        return (sgmv_status_t)INVALID("%s: args->%s must be (num_loras, %s) or (num_loras, 1, %s)", fn, name[i],
+                                      i ? "hidden_s, rank" : "rank, hidden", i ? "hidden_s, rank" : "rank, hidden");
+      if ((status = weight_stack(fn, name[i], w, &loras[i], &rows[i], &cols[i], i ? &l.b[k] : &l.a[k])))
+        return (sgmv_status_t)status;
+      if ((int)w->dtype != l.w_dtype)
+        return (sgmv_status_t)sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE, "%s: args->%s is %s, lora_a[0] %s: one dtype",
+                                             fn, name[i], dtype_name(w->dtype), dtype_name(l.w_dtype));
+    }
+    if (!k) l.num_loras = loras[0], l.rank = rows[0], l.hidden = cols[0];
+    if (loras[0] != l.num_loras || rows[0] != l.rank || cols[0] != l.hidden)
+      return (sgmv_status_t)INVALID("%s: args->lora_a[%d] is (%lld, %lld, %lld), lora_a[0] (%lld, %lld, %lld): slices "
+                                    "share num_loras, rank and hidden", fn, k, (long long)loras[0], (long long)rows[0],
+                                    (long long)cols[0], (long long)l.num_loras, (long long)l.rank, (long long)l.hidden);
+    if (loras[1] != l.num_loras || cols[1] != l.rank)
+      return (sgmv_status_t)INVALID("%s: args->lora_b[%d] is (%lld, %lld, %lld), but B is (num_loras, hidden_s, rank) "
+                                    "with num_loras %lld and rank %lld from lora_a", fn, k, (long long)loras[1],
+                                    (long long)rows[1], (long long)cols[1], (long long)l.num_loras, (long long)l.rank);
+    if (rows[1] < 1 || rows[1] > SGMV_MAX_HIDDEN)
+      return (sgmv_status_t)INVALID("%s: args->lora_b[%d] has %lld output columns, not in [1, %d]", fn, k,
+                                    (long long)rows[1], SGMV_MAX_HIDDEN);
+    out_cols += rows[1];
+  }
+  if (l.rank < 1 || l.rank > SGMV_MAX_RANK)
+    return (sgmv_status_t)INVALID("%s: the rank (lora_a's rows) must be in [1, %d], got %lld", fn, SGMV_MAX_RANK,
+                                  (long long)l.rank);
+  if (l.hidden < 1 || l.hidden > SGMV_MAX_SHRINK_HIDDEN)
+    return (sgmv_status_t)INVALID("%s: hidden (lora_a's columns) must be in [1, %d], got %lld", fn,
+                                  SGMV_MAX_SHRINK_HIDDEN, (long long)l.hidden);
+  if (out_cols > SGMV_MAX_HIDDEN - SGMV_MIN_EXPAND_BLOCK_N * (l.num_slices - 1))
+    return (sgmv_status_t)INVALID("%s: the slices' output columns add up to %lld, more than %d", fn,
+                                  (long long)out_cols, SGMV_MAX_HIDDEN - SGMV_MIN_EXPAND_BLOCK_N * (l.num_slices - 1));
+  if ((status = check_per_adapter(fn, "lora_ranks", &t.lora_ranks, SGMV_DTYPE_INT32, l.num_loras)) ||
+      (status = check_per_adapter(fn, "lora_scales", &t.lora_scales, SGMV_DTYPE_FLOAT32, l.num_loras)) ||
+      (status = check_dtypes(fn, SGMV_OP_SHRINK, l.w_dtype, l.w_dtype, l.w_dtype, SGMV_DTYPE_INT32)))
+    return (sgmv_status_t)status;
+  sgmv_call_t c[2];
+  layer_calls(&l, NULL, NULL, l.w_dtype, 0, NULL, l.w_dtype, 0, 0, NULL, c);
+  for (int i = 0; i < 2 && !status; i++) status = check_call(fn, &c[i]); /* the weights' strides and alignment */
+  if (status) return (sgmv_status_t)status;
+  if (!(*layer = malloc(sizeof l))) return (sgmv_status_t)sgmv_set_error(SGMV_ERROR_INTERNAL, "%s: out of memory", fn);
+  **layer = l;
+  return SGMV_SUCCESS;
+}
+
+SGMV_API void sgmv_layer_destroy(sgmv_layer_t *layer) { free(layer); }
+
+SGMV_API sgmv_status_t sgmv_step_create(const sgmv_step_args_t *args, sgmv_step_t **step) {
+  const char *fn = "sgmv_step_create";
+  if (!step) return (sgmv_status_t)INVALID("%s: step is NULL", fn);
+  *step = NULL;
+  sgmv_step_args_t t;
+  int status = read_struct(fn, "sgmv_step_args_t", args, args ? args->struct_size : 0, sizeof t, &t, sizeof t);
+  if (status) return (sgmv_status_t)status;
+  sgmv_step_t st;
+  memset(&st, 0, sizeof st);
+  st.per_token = t.token_lora_mapping.data != NULL;
+  st.batches = st.per_token ? t.total_tokens : t.batches;
+  st.total_tokens = t.total_tokens, st.num_loras = t.num_loras;
+  st.max_seq_length = st.per_token ? 1 : t.max_seq_length;
+  st.scratch = t.scratch, st.scratch_bytes = t.scratch_bytes;
+  if ((status = check_counts(fn, t.total_tokens, st.batches, t.num_loras))) return (sgmv_status_t)status;
+  if (st.max_seq_length < 0)
+    return (sgmv_status_t)INVALID("%s: args->max_seq_length must be >= 0, got %lld", fn, (long long)t.max_seq_length);
+  if (st.per_token) {
+    if (t.seq_start.data || t.seq_len.data || t.lora_indices.data)
+      return (sgmv_status_t)INVALID("%s: args->token_lora_mapping replaces seq_start, seq_len and lora_indices: leave "
+                                    "their data NULL", fn);
+    const sgmv_tensor_t *m[3] = {&t.token_lora_mapping, &t.token_lora_mapping, &t.token_lora_mapping};
+    const char *const names[3] = {"token_lora_mapping", "token_lora_mapping", "token_lora_mapping"};
+    status = check_metadata(fn, "args", m, names, st.batches);
+  } else {
+    const sgmv_tensor_t *m[3] = {&t.seq_start, &t.seq_len, &t.lora_indices};
+    status = check_metadata(fn, "args", m, tensor_names + 3, st.batches);
+    for (int i = 0; i < 3 && !status && st.batches; i++)
+      if (!m[i]->data) status = INVALID("%s: args->%s.data is NULL", fn, tensor_names[3 + i]);
+  }
+  if (status) return (sgmv_status_t)status;
+  st.seq_start = t.seq_start.data, st.seq_len = t.seq_len.data;
+  st.lora_indices = st.per_token ? t.token_lora_mapping.data : t.lora_indices.data;
+  st.metadata_dtype = st.per_token ? t.token_lora_mapping.dtype : t.seq_start.dtype;
+  const void *meta[3] = {st.seq_start, st.seq_len, st.lora_indices};
+  for (int i = 0; i < 3 && !status; i++)
+    status = check_aligned(fn, st.per_token ? "token_lora_mapping" : tensor_names[3 + i], meta[i],
+                           dtype_size(st.metadata_dtype), "its element size");
+  if (!status && !st.scratch) status = INVALID("%s: args->scratch is NULL", fn);
+  if (!status) status = check_aligned(fn, "scratch", st.scratch, SGMV_ALIGN_BYTES, "what the kernels assume");
+  if (status) return (sgmv_status_t)status;
+  st.plan_bytes = round_up(sgmv_batch_plan_bytes(st.batches, st.total_tokens));
+  if (st.scratch_bytes < st.plan_bytes)
+    return (sgmv_status_t)INVALID("%s: args->scratch_bytes %zu is smaller than the step's batch plan (%zu bytes): see "
+                                  "sgmv_step_scratch_bytes", fn, st.scratch_bytes, st.plan_bytes);
+  if (!(*step = malloc(sizeof st))) return (sgmv_status_t)sgmv_set_error(SGMV_ERROR_INTERNAL, "%s: out of memory", fn);
+  **step = st;
+  return SGMV_SUCCESS;
+}
+
+SGMV_API void sgmv_step_destroy(sgmv_step_t *step) { free(step); }
+
+int sgmv_layer_calls(const sgmv_layer_t *l, const sgmv_step_t *st, const sgmv_tensor_t *x, const sgmv_tensor_t *out,
+                     int add_inputs, sgmv_stream_t stream, sgmv_call_t c[2]) {
+  const char *fn = "sgmv_layer_apply";
+  if (!l || !st || !x || !out)
+    return INVALID("%s: %s is NULL", fn, !l ? "layer" : !st ? "step" : !x ? "inputs" : "output");
+  if (l->num_loras != st->num_loras)
+    return INVALID("%s: the layer has num_loras %lld, the step %lld: describe both for the same adapter slots", fn,
+                   (long long)l->num_loras, (long long)st->num_loras);
+  int64_t cols = l->num_slices * l->rank, out_cols = 0;
+  for (int k = 0; k < l->num_slices; k++) out_cols += l->b[k].rows;
+  size_t plan, mid, need = scratch_bytes(st->batches, st->total_tokens, cols, &plan, &mid);
+  if (st->scratch_bytes < need)
+    return INVALID("%s: the step's scratch_bytes %zu is smaller than sgmv_step_scratch_bytes(%lld, %lld, %lld) = %zu, "
+                   "which this layer needs", fn, st->scratch_bytes, (long long)st->batches,
+                   (long long)st->total_tokens, (long long)cols, need);
+  const sgmv_tensor_t *t[2] = {x, out};
+  const int64_t want[2] = {l->hidden, out_cols};
+  for (int i = 0; i < 2; i++) {
+    if (t[i]->ndim != 2 || t[i]->shape[0] != st->total_tokens || t[i]->shape[1] != want[i])
+      return INVALID("%s: %s must be (total_tokens, %s) = (%lld, %lld), got %d-D (%lld, %lld)", fn, i ? "output" : "inputs",
+                     i ? "output columns" : "hidden", (long long)st->total_tokens, (long long)want[i], t[i]->ndim,
+                     (long long)t[i]->shape[0], (long long)(t[i]->ndim > 1 ? t[i]->shape[1] : 0));
+    if (t[i]->strides[1] != 1 && want[i] > 1)
+      return INVALID("%s: %s must have unit stride in its last dimension", fn, i ? "output" : "inputs");
+    if (!t[i]->data && st->total_tokens && st->batches)
+      return INVALID("%s: %s->data is NULL", fn, i ? "output" : "inputs");
+  }
+  int status = check_dtypes(fn, SGMV_OP_SHRINK, x->dtype, l->w_dtype, l->w_dtype, st->metadata_dtype);
+  if (!status) status = check_dtypes(fn, SGMV_OP_EXPAND, l->w_dtype, l->w_dtype, out->dtype, st->metadata_dtype);
+  if (status) return status;
+  layer_calls(l, st, x->data, x->dtype, x->strides[0], (void *)out->data, out->dtype, out->strides[0], add_inputs,
+              stream, c);
+  for (int i = 0; i < 2 && !status; i++) status = check_call(fn, &c[i]);
+  return status;
+}
+
+int sgmv_decide_step_plan(const sgmv_step_t *st, sgmv_stream_t stream, int arch, sgmv_batch_plan_args_t *p,
+                          sgmv_launch_t *out) {
+  if (!st) return INVALID("sgmv_step_plan: step is NULL");
+  memset(p, 0, sizeof *p);
+  p->struct_size = sizeof *p;
+  p->plan = st->scratch, p->plan_bytes = st->plan_bytes;
+  /* With a token mapping every "segment" is a row: the kernel reads the mapping only. */
+  const void *m[3] = {st->seq_start, st->seq_len, st->lora_indices};
+  if (st->per_token) m[0] = m[1] = m[2];
+  sgmv_tensor_t *t[3] = {&p->seq_start, &p->seq_len, &p->lora_indices};
+  for (int i = 0; i < 3; i++) *t[i] = (sgmv_tensor_t){m[i], st->metadata_dtype, 1, {st->batches, 0, 0, 0}, {1, 0, 0, 0}};
+  p->batches = st->batches, p->total_tokens = st->total_tokens, p->num_loras = st->num_loras, p->stream = stream;
+  int status = sgmv_decide_batch_plan(p, arch, out);
+  out->config.per_token = st->per_token;
+  return status;
 }

@@ -255,9 +255,9 @@ static void fill_call(const void *args, const sgmv_launch_t *l, int step, void *
   p->plan_ptr = a->plan, p->ranks_ptr = a->ranks, p->scales_ptr = a->scales, p->work_ptr = a->work;
   p->batches = (int32_t)a->batches, p->num_loras = (int32_t)a->num_loras, p->total_tokens = a->total_tokens;
   p->N = (int32_t)w[0].rows, p->N1 = s1 ? (int32_t)w[1].rows : 0, p->N2 = s2 ? (int32_t)w[2].rows : 0;
-  p->K = (int32_t)a->K, p->x_slice_step = (int32_t)c->x_slice_step;
+  p->K = (int32_t)a->K, p->x_slice_step = c->x_slice_step, p->out_slice_step = a->out_slice_step;
   p->has_ranks = a->ranks != NULL, p->has_scales = a->scales != NULL, p->scaling = a->scaling;
-  p->meta_shift = c->meta_shift, p->add_inputs = a->add_inputs, p->flat = c->flat;
+  p->meta_shift = c->meta_shift, p->per_token = c->per_token, p->add_inputs = a->add_inputs, p->flat = c->flat;
   p->plan_capacity = c->plan_capacity, p->k_split = (int32_t)c->k_split, p->step = step;
   p->x_stride_m = a->x_stride, p->w_stride_l = w[0].lora_stride, p->w_stride_n = w[0].row_stride;
   p->w1_stride_l = w[s1].lora_stride, p->w1_stride_n = w[s1].row_stride;
@@ -270,7 +270,8 @@ static void fill_plan(const void *args, const sgmv_launch_t *l, int step, void *
   plan_params_t *p = params;
   p->plan_ptr = a->plan, p->seq_start_ptr = a->seq_start.data, p->seq_len_ptr = a->seq_len.data;
   p->lora_idx_ptr = a->lora_indices.data, p->batches = (int32_t)a->batches, p->num_loras = (int32_t)a->num_loras;
-  p->total_tokens = a->total_tokens, p->meta_shift = l->config.meta_shift, p->plan_capacity = l->config.plan_capacity;
+  p->total_tokens = a->total_tokens, p->meta_shift = l->config.meta_shift, p->per_token = l->config.per_token;
+  p->plan_capacity = l->config.plan_capacity;
   p->step = step;
 }
 
@@ -464,4 +465,83 @@ SGMV_API sgmv_status_t sgmv_batch_plan_build(const sgmv_batch_plan_args_t *a) {
   void *scratch = NULL, *profile_scratch = NULL;
   void *params[] = {SGMV_PLAN_KERNEL_PARAMS(ADDR) & scratch, &profile_scratch};
   return (sgmv_status_t)enter_and_launch(cu, a->stream, decide_plan, a, &l, &plan_kernel, &p, params);
+}
+
+/* ---- the layer call ------------------------------------------------------------------------ */
+
+static int decide_step_plan(const void *a, int arch, sgmv_launch_t *l) {
+  const sgmv_batch_plan_args_t *p = a;
+  int per_token = l->config.per_token; /* set before entering (sgmv_decide_step_plan), kept */
+  int status = sgmv_decide_batch_plan(p, arch, l);
+  l->config.per_token = per_token;
+  return status;
+}
+
+SGMV_API sgmv_status_t sgmv_step_plan(const sgmv_step_t *step, sgmv_stream_t stream) {
+  sgmv_batch_plan_args_t a;
+  sgmv_launch_t l;
+  int status = sgmv_decide_step_plan(step, stream, any_arch(), &a, &l);
+  if (status) return (sgmv_status_t)status;
+  const sgmv_driver_t *cu = sgmv_driver(&status);
+  if (!cu) return (sgmv_status_t)status;
+  plan_params_t p;
+  void *scratch = NULL, *profile_scratch = NULL;
+  void *params[] = {SGMV_PLAN_KERNEL_PARAMS(ADDR) & scratch, &profile_scratch};
+  return (sgmv_status_t)enter_and_launch(cu, stream, decide_step_plan, &a, &l, &plan_kernel, &p, params);
+}
+
+SGMV_API sgmv_status_t sgmv_step_plan_launches(const sgmv_step_t *step, int cubin_arch, sgmv_launches_t *out) {
+  sgmv_batch_plan_args_t a;
+  sgmv_launch_t l;
+  plan_params_t p;
+  int status = start_description(out, "sgmv_step_plan_launches");
+  if (!status) status = sgmv_decide_step_plan(step, NULL, cubin_arch, &a, &l);
+  if (!status) status = describe(&a, &l, &plan_kernel, &p, out);
+  return (sgmv_status_t)status;
+}
+
+SGMV_API sgmv_status_t sgmv_layer_apply(const sgmv_layer_t *layer, const sgmv_step_t *step,
+                                        const sgmv_tensor_t *inputs, const sgmv_tensor_t *output, int32_t add_inputs,
+                                        sgmv_stream_t stream) {
+  sgmv_call_t c[2];
+  sgmv_launch_t l;
+  int status = sgmv_layer_calls(layer, step, inputs, output, add_inputs, stream, c);
+  for (int i = 0; i < 2 && !status; i++) status = sgmv_decide(&c[i], any_arch(), NULL, &l);
+  if (status || l.config.noop) return (sgmv_status_t)status;
+  const sgmv_driver_t *cu = sgmv_driver(&status);
+  if (!cu) return (sgmv_status_t)status;
+  kernel_params_t p;
+  void *scratch = NULL, *profile_scratch = NULL;
+  void *params[] = {SGMV_KERNEL_PARAMS(ADDR) & scratch, &profile_scratch};
+  /* The shrink, then the expand that reads its intermediate, in stream order, in one context entry. */
+  int pushed, arch = 0;
+  CUdevice dev = 0;
+  status = enter_context(cu, stream, &pushed, &dev, &arch);
+  for (int i = 0; i < 2 && !status; i++) {
+    status = sgmv_decide(&c[i], arch, NULL, &l);
+    for (int step = 0; !status && step < l.config.steps; step++) {
+      fill_call(&c[i], &l, step, &p);
+      status = launch(cu, &l, dev, params, stream);
+    }
+  }
+  if (pushed) {
+    CUcontext popped;
+    cu->cuCtxPopCurrent(&popped);
+  }
+  return (sgmv_status_t)status;
+}
+
+SGMV_API sgmv_status_t sgmv_layer_apply_launches(const sgmv_layer_t *layer, const sgmv_step_t *step,
+                                                 const sgmv_tensor_t *inputs, const sgmv_tensor_t *output,
+                                                 int32_t add_inputs, int cubin_arch, sgmv_launches_t *out) {
+  sgmv_call_t c[2];
+  sgmv_launch_t l;
+  kernel_params_t p;
+  int status = start_description(out, "sgmv_layer_apply_launches");
+  if (!status) status = sgmv_layer_calls(layer, step, inputs, output, add_inputs, NULL, c);
+  for (int i = 0; i < 2 && !status; i++) {
+    status = sgmv_decide(&c[i], cubin_arch, NULL, &l);
+    if (!status) status = describe(&c[i], &l, &call_kernel, &p, out);
+  }
+  return (sgmv_status_t)status;
 }

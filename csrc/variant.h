@@ -103,8 +103,10 @@ typedef struct {
   int out_dtype;
   int64_t out_stride, out_cols;
   int64_t total_tokens, K, num_loras;
+  int64_t out_slice_step;        /* shrink: output elements between slices */
   const void *seq_start, *seq_len, *lora_indices;
   int metadata_dtype;
+  int per_token;                 /* lora_indices maps rows (batches == total_tokens), no seq_start / seq_len */
   int64_t batches, max_seq_length;
   int add_inputs;
   float scaling;
@@ -122,5 +124,12 @@ int sgmv_shrink_call(const sgmv_shrink_args_t *args, sgmv_call_t *call);
 /* want: a tile to plan with instead of the rules' (a tuner's), or NULL. */
 int sgmv_decide(const sgmv_call_t *call, int arch, const sgmv_launch_config_t *want, sgmv_launch_t *out);
 int sgmv_decide_batch_plan(const sgmv_batch_plan_args_t *a, int arch, sgmv_launch_t *out);
+
+/* The layer call (sgmv_layer_apply): the shrink and the expand it makes, checked; and a step's
+ * plan build as batch plan arguments (per_token set in the launch by sgmv_decide_step_plan). */
+int sgmv_layer_calls(const sgmv_layer_t *layer, const sgmv_step_t *step, const sgmv_tensor_t *inputs,
+                     const sgmv_tensor_t *output, int add_inputs, sgmv_stream_t stream, sgmv_call_t calls[2]);
+int sgmv_decide_step_plan(const sgmv_step_t *step, sgmv_stream_t stream, int arch, sgmv_batch_plan_args_t *args,
+                          sgmv_launch_t *out);
 
 #endif

@@ -59,23 +59,23 @@ SIGNATURES = {
         "seq_start_ptr": "*i32", "seq_len_ptr": "*i32", "lora_idx_ptr": "*i32", "plan_ptr": "*i32",
         "ranks_ptr": "*i32", "scales_ptr": "*fp32", "work_ptr": "*fp32",
         "batches": "i32", "num_loras": "i32", "total_tokens": "i64", "N": "i32", "N1": "i32", "N2": "i32",
-        "K": "i32", "x_slice_step": "i32", "has_ranks": "i32", "has_scales": "i32",
-        "scaling": "fp32", "meta_shift": "i32", "add_inputs": "i32", "flat": "i32", "plan_capacity": "i64",
+        "K": "i32", "x_slice_step": "i64", "out_slice_step": "i64", "has_ranks": "i32", "has_scales": "i32",
+        "scaling": "fp32", "meta_shift": "i32", "per_token": "i32", "add_inputs": "i32", "flat": "i32", "plan_capacity": "i64",
         "k_split": "i32", "step": "i32", "x_stride_m": "i64", "w_stride_l": "i64", "w_stride_n": "i64",
         "w1_stride_l": "i64", "w1_stride_n": "i64", "w2_stride_l": "i64", "w2_stride_n": "i64",
         "out_stride_m": "i64",
     },
     "sgmv_plan_kernel": {
         "plan_ptr": "*i32", "seq_start_ptr": "*i32", "seq_len_ptr": "*i32", "lora_idx_ptr": "*i32",
-        "batches": "i32", "num_loras": "i32", "total_tokens": "i64", "meta_shift": "i32", "plan_capacity": "i64",
-        "step": "i32",
+        "batches": "i32", "num_loras": "i32", "total_tokens": "i64", "meta_shift": "i32", "per_token": "i32",
+        "plan_capacity": "i64", "step": "i32",
     },
 }
 
 
 # K and the flags are not specialised when they are 1: the AOT variants serve every value with
 # one code path, and the JIT must run the same code to give the same bits.
-@triton.jit(do_not_specialize=["K", "has_ranks", "has_scales", "step"])
+@triton.jit(do_not_specialize=["K", "has_ranks", "has_scales", "per_token", "step"])
 def sgmv_kernel(
     x_ptr,  # (total_tokens, K per slice) rows, unit stride along K
     w_ptr,  # slice 0: (num_loras, N, K), unit stride along K
@@ -96,11 +96,13 @@ def sgmv_kernel(
     N1,  # columns of slice 1 (0: none)
     N2,  # columns of slice 2 (0: none)
     K,
-    x_slice_step,  # inputs columns between slices (expand: K; shrink: 0)
+    x_slice_step,  # inputs elements between slices (expand: K, or a slice plane; shrink: 0)
+    out_slice_step,  # shrink: output elements between slices (K columns, or a slice plane); expand: unused
     has_ranks,
     has_scales,
     scaling,  # fp32, multiplies the product
     meta_shift,  # 0: int32 metadata, 1: int64 (one kernel serves both)
+    per_token,  # 1: lora_idx_ptr maps each row to its adapter (segment b is row b), no seq_start / seq_len
     add_inputs,  # nonzero: out += product
     flat,  # PATH_ROWS: 0 by segment, 1 flat
     plan_capacity,  # row slots of the plan
@@ -136,6 +138,8 @@ def sgmv_kernel(
     tile_n = pid_n - tl.where(in2, tiles0 + tiles1, tl.where(in1, tiles0, 0))
     x_base = x_ptr + (in1.to(tl.int64) + in2.to(tl.int64)) * x_slice_step
     out_base = out_ptr + col0
+    if SHRINK:  # every slice has K columns; the slices may lie in planes (slices, total_tokens, rank)
+        out_base = out_ptr + (in1.to(tl.int64) + in2.to(tl.int64)) * out_slice_step
     work_base = work_ptr + col0
     work_stride_m = tl.zeros((), tl.int64) + N + N1 + N2  # (the JIT may pass these as constants)
 
@@ -163,8 +167,8 @@ def sgmv_kernel(
         # weight tile is read once per program however many of its segments use it. Expand only:
         # no split, no scales, ranks limit K.
         segs = pid_g * BLOCK_M + tl.arange(0, BLOCK_M)
-        loras, starts, ends, valid = _segments(segs, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, batches,
-                                               num_loras, total_tokens)
+        loras, starts, ends, valid = _segments(segs, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, per_token,
+                                               batches, num_loras, total_tokens)
         ranks = tl.full((BLOCK_M,), K, tl.int32)
         if has_ranks != 0:
             ranks = tl.minimum(tl.load(ranks_ptr + loras, mask=valid, other=0), K)
@@ -184,8 +188,8 @@ def sgmv_kernel(
                 todo = todo & (loras != adapter)
             _store(acc, prior, out_ptrs, out_mask, add_inputs)
     elif flat == 0:  # PATH_ROWS by segment: program (g, n, z) covers segment g's row tiles z, z + num_programs(2), ...
-        lora, start, end, valid = _segments(pid_g, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, batches,
-                                            num_loras, total_tokens)
+        lora, start, end, valid = _segments(pid_g, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, per_token,
+                                            batches, num_loras, total_tokens)
         if valid:
             for row0 in range(start + tl.program_id(2) * BLOCK_M, end, tl.num_programs(2) * BLOCK_M):
                 offs_m = row0 + tl.arange(0, BLOCK_M)
@@ -205,7 +209,7 @@ def sgmv_kernel(
         while (b0 < batches) & (found == 0):
             segs = b0 + tl.arange(0, _SEARCH)
             loras, starts, ends, valid = _segments(segs, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift,
-                                                   batches, num_loras, total_tokens)
+                                                   per_token, batches, num_loras, total_tokens)
             tiles = tl.where(valid, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
             last = tiles_before + tl.cumsum(tiles, axis=0)
             hit = (pid_g >= last - tiles) & (pid_g < last)  # at most one segment
@@ -224,7 +228,7 @@ def sgmv_kernel(
                   BLOCK_K, EVEN_K, SHRINK)
 
 
-@triton.jit(do_not_specialize=["batches", "total_tokens", "plan_capacity", "step"])
+@triton.jit(do_not_specialize=["batches", "total_tokens", "per_token", "plan_capacity", "step"])
 def sgmv_plan_kernel(
     plan_ptr,  # int32: header, plan_capacity row slots, an adapter per PLAN_ALIGN slots, 4 x batches
     seq_start_ptr,
@@ -234,6 +238,7 @@ def sgmv_plan_kernel(
     num_loras,
     total_tokens,
     meta_shift,
+    per_token,
     plan_capacity,  # a multiple of PLAN_ALIGN
     step,  # 0, then 1 (two launches: step 1 needs every segment's step-0 result)
     SEGS: tl.constexpr,
@@ -253,8 +258,8 @@ def sgmv_plan_kernel(
     table = plan_ptr + PLAN_HEADER + plan_capacity + plan_capacity // PLAN_ALIGN  # key, length, ahead, grows
     mine = tl.program_id(0) * SEGS + tl.arange(0, SEGS)
     in_batch = mine < batches
-    lora, start, end, valid = _segments(mine, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, batches,
-                                        num_loras, total_tokens)
+    lora, start, end, valid = _segments(mine, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, per_token,
+                                        batches, num_loras, total_tokens)
     length = tl.where(valid, end - start, 0).to(tl.int32)  # < 2^30
     key = tl.where(valid, lora, num_loras).to(tl.int32)  # invalid segments: one empty group, last
     if step == 0:
@@ -263,7 +268,7 @@ def sgmv_plan_kernel(
             for j0 in range(0, batches, SCAN):
                 other = j0 + tl.arange(0, SCAN)
                 o_lora, o_start, o_end, o_valid = _segments(other, seq_start_ptr, seq_len_ptr, lora_idx_ptr,
-                                                            meta_shift, batches, num_loras, total_tokens)
+                                                            meta_shift, per_token, batches, num_loras, total_tokens)
                 same = (tl.where(o_valid, o_lora, num_loras).to(tl.int32)[None, :] == key[:, None]) & \
                     (other[None, :] < mine[:, None])
                 ahead += tl.sum(tl.where(same, tl.where(o_valid, o_end - o_start, 0)[None, :], 0), axis=1)
@@ -376,14 +381,18 @@ _SEARCH = tl.constexpr(256)
 
 
 @triton.jit
-def _segments(segs, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, batches, num_loras, total_tokens):
-    """Adapter, first row, end row and validity of segments `segs`. Metadata is not trusted:
-    unknown adapters, negative starts or lengths, int64 values outside int32 are skipped, and a
-    segment past the last token is clipped."""
+def _segments(segs, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, per_token, batches, num_loras,
+              total_tokens):
+    """Adapter, first row, end row and validity of segments `segs` (per_token: segment b is row b).
+    Metadata is not trusted: unknown adapters, negative starts or lengths, int64 values outside
+    int32 are skipped, and a segment past the last token is clipped."""
     in_range = segs < batches
+    by_segment = tl.where(per_token != 0, False, in_range)
     lora, lora_ok = _metadata(lora_idx_ptr, segs, in_range, meta_shift)
-    start, start_ok = _metadata(seq_start_ptr, segs, in_range, meta_shift)
-    length, length_ok = _metadata(seq_len_ptr, segs, in_range, meta_shift)
+    start, start_ok = _metadata(seq_start_ptr, segs, by_segment, meta_shift)
+    length, length_ok = _metadata(seq_len_ptr, segs, by_segment, meta_shift)
+    start = tl.where(per_token != 0, segs.to(tl.int64), start)
+    length = tl.where(per_token != 0, 1, length)
     end = tl.minimum(start + length, total_tokens)
     valid = in_range & lora_ok & start_ok & length_ok & (lora >= 0) & (lora < num_loras) & (start >= 0) & (end > start)
     return lora, start, end, valid

@@ -21,10 +21,10 @@
 #include <stdint.h>
 
 #define SGMV_VERSION_MAJOR 0
-#define SGMV_VERSION_MINOR 3
+#define SGMV_VERSION_MINOR 4
 #define SGMV_VERSION_PATCH 0
 /* MAJOR * 10000 + MINOR * 100 + PATCH, as returned by sgmv_version(). */
-#define SGMV_VERSION 300
+#define SGMV_VERSION 400
 
 #if defined(_WIN32)
 #define SGMV_API
@@ -128,6 +128,11 @@ typedef struct {
    * first min(lora_ranks[a], rank) inputs columns of each slice (no padding is read); a rank of
    * 0 or less skips its segments like index -1. */
   const void *lora_ranks;
+  /* ---- end of version 0.3 ---- */
+  /* Elements from slice s's inputs to slice s + 1's: 0 means rank (the slices side by side in
+   * each row, (total_tokens, num_slices * rank)); vLLM's (num_slices, total_tokens, rank) buffer
+   * has its plane stride here and rank as inputs_row_stride. */
+  int64_t inputs_slice_stride;
 } sgmv_expand_args_t;
 
 #define SGMV_EXPAND_ARGS_INIT SGMV_STRUCT_INIT(sgmv_expand_args_t)
@@ -224,6 +229,10 @@ typedef struct {
   void *workspace;               /* device memory for split-K partial sums (16-byte aligned), or NULL (no split) */
   size_t workspace_bytes;        /* sgmv_shrink_workspace_bytes() allows every split the planner uses */
   sgmv_stream_t stream;
+  /* ---- end of version 0.3 ---- */
+  /* Elements from slice s's output to slice s + 1's: 0 means rank (side by side in each row);
+   * vLLM's (num_slices, total_tokens, rank) buffer has its plane stride here. */
+  int64_t output_slice_stride;
 } sgmv_shrink_args_t;
 
 #define SGMV_SHRINK_ARGS_INIT SGMV_SHRINK_INIT_
@@ -319,7 +328,9 @@ typedef struct {
   int32_t split;                 /* shrink: programs along hidden (then grid[2]); 1: none */
   int64_t k_split;               /* hidden per split program, a multiple of block_k (no split: hidden) */
   int32_t op;                    /* 0 expand, 1 shrink: the kernel's SHRINK constexpr */
-  int64_t x_slice_step;          /* inputs columns between fused slices (expand with slices: rank) */
+  int64_t x_slice_step;          /* inputs elements between fused slices (expand with slices) */
+  /* ---- end of version 0.3 ---- */
+  int32_t per_token;             /* 1: the metadata is a per-row adapter array (a step's token mapping) */
 } sgmv_launch_config_t;
 
 /* The launch sgmv_expand would make on a GPU of cubin family cubin_arch (80, 90, 100, 120),
@@ -385,6 +396,90 @@ SGMV_API sgmv_status_t sgmv_shrink_launches(const sgmv_shrink_args_t *args, int 
 SGMV_API sgmv_status_t sgmv_batch_plan_launches(const sgmv_batch_plan_args_t *args, int cubin_arch,
                                                 sgmv_launches_t *out);
 
+/* ---- the layer call: a step described once, a layer described once, one call per layer ----- */
+
+/* A serving step applies LoRA to every adapted projection of every layer. Describe the step
+ * (its metadata, the plan, the intermediate buffer) once per step, each layer's weights once at
+ * model load, and make one call per layer application:
+ *
+ *   out (+)= B_s[idx] (scaling * lora_scales[idx] * A_s[idx] x)   for each slice s of the layer
+ *
+ * sgmv_layer_apply launches the shrink into the step's intermediate buffer and the expand from
+ * it (the same kernels and rules as sgmv_shrink and sgmv_expand, with the step's plan). */
+
+/* A layer's adapters: slice s's A is lora_a[s], (num_loras, rank, hidden) or (num_loras, 1, rank,
+ * hidden), and its B is lora_b[s], (num_loras, hidden_s, rank) or (num_loras, 1, hidden_s, rank):
+ * unit stride along the last dimension, all of one dtype (float16 or bfloat16). */
+typedef struct {
+  size_t struct_size;
+  int32_t num_slices;            /* 1 to SGMV_MAX_SLICES (0: 1) */
+  sgmv_tensor_t lora_a[SGMV_MAX_SLICES];
+  sgmv_tensor_t lora_b[SGMV_MAX_SLICES];
+  sgmv_tensor_t lora_ranks;      /* int32 (>= num_loras,), contiguous, or data NULL: as sgmv_shrink's */
+  sgmv_tensor_t lora_scales;     /* float32 (>= num_loras,), contiguous, or data NULL */
+  float scaling;                 /* 1 from the initialiser */
+} sgmv_layer_args_t;
+
+#define SGMV_LAYER_ARGS_INIT SGMV_LAYER_INIT_
+
+typedef struct sgmv_layer sgmv_layer_t;
+typedef struct sgmv_step sgmv_step_t;
+
+/* Checks the layer's description and keeps a copy (the weights stay the caller's: keep them
+ * alive and in place while the layer is used). *layer is NULL on error. */
+SGMV_API sgmv_status_t sgmv_layer_create(const sgmv_layer_args_t *args, sgmv_layer_t **layer);
+SGMV_API void sgmv_layer_destroy(sgmv_layer_t *layer);
+
+/* A step's rows: segments (seq_start, seq_len, lora_indices, at least batches entries each, as
+ * for sgmv_expand) or, with token_lora_mapping, one adapter index per row (vLLM's token mapping,
+ * at least total_tokens entries; the three segment tensors' data NULL). 1-D, contiguous, device
+ * memory, one integer dtype. The scratch buffer (device memory the caller owns, 16-byte
+ * aligned) holds the step's batch plan, the intermediate (total_tokens, num_slices * rank) of
+ * each layer call in the weights' dtype, and the shrink's split-K workspace. */
+typedef struct {
+  size_t struct_size;
+  sgmv_tensor_t seq_start, seq_len, lora_indices;
+  sgmv_tensor_t token_lora_mapping;
+  int64_t batches;               /* segments (0 .. 2^30 - 1); ignored with token_lora_mapping */
+  int64_t max_seq_length;        /* as for sgmv_expand (picks tiles); ignored with token_lora_mapping */
+  int64_t total_tokens;          /* 0 .. 2^30 - 1 */
+  int64_t num_loras;             /* the layers' num_loras */
+  void *scratch;
+  size_t scratch_bytes;          /* >= sgmv_step_scratch_bytes(batches, total_tokens, columns) */
+} sgmv_step_args_t;
+
+#define SGMV_STEP_ARGS_INIT SGMV_STRUCT_INIT(sgmv_step_args_t)
+
+/* Scratch bytes of a step of up to max_batches segments (with a token mapping: max_tokens) and
+ * max_tokens rows, for layers of up to max_columns = num_slices * rank; 0 on bad sizes. */
+SGMV_API size_t sgmv_step_scratch_bytes(int64_t max_batches, int64_t max_tokens, int64_t max_columns);
+
+/* Checks the step's description and keeps a copy; no launch. In a CUDA graph: describe the step
+ * once with the captured sizes, capture sgmv_step_plan with the layer calls, and change the
+ * metadata in place between replays. *step is NULL on error. */
+SGMV_API sgmv_status_t sgmv_step_create(const sgmv_step_args_t *args, sgmv_step_t **step);
+SGMV_API void sgmv_step_destroy(sgmv_step_t *step);
+
+/* Builds the step's batch plan from its metadata on `stream` (two small launches): once per
+ * step, after the metadata are written and before the step's layer calls. */
+SGMV_API sgmv_status_t sgmv_step_plan(const sgmv_step_t *step, sgmv_stream_t stream);
+
+/* The layer's whole LoRA delta for the step's rows: inputs (total_tokens, hidden) in the weights'
+ * dtype; output (total_tokens, sum of hidden_s) in the weights' dtype or float32, unit stride
+ * along columns (it may be a column slice), updated in place on the rows of valid segments
+ * (add_inputs nonzero: out += delta; zero: out = delta). Launches the shrink and the expand on
+ * `stream` after checking everything. */
+SGMV_API sgmv_status_t sgmv_layer_apply(const sgmv_layer_t *layer, const sgmv_step_t *step,
+                                        const sgmv_tensor_t *inputs, const sgmv_tensor_t *output, int32_t add_inputs,
+                                        sgmv_stream_t stream);
+
+/* The launches of sgmv_step_plan and sgmv_layer_apply on cubin_arch, after the same checks (as
+ * sgmv_expand_launches describes sgmv_expand's). */
+SGMV_API sgmv_status_t sgmv_step_plan_launches(const sgmv_step_t *step, int cubin_arch, sgmv_launches_t *out);
+SGMV_API sgmv_status_t sgmv_layer_apply_launches(const sgmv_layer_t *layer, const sgmv_step_t *step,
+                                                 const sgmv_tensor_t *inputs, const sgmv_tensor_t *output,
+                                                 int32_t add_inputs, int cubin_arch, sgmv_launches_t *out);
+
 /* SGMV_VERSION of the loaded library. */
 SGMV_API int sgmv_version(void);
 /* The build, as "key=value" items separated by ';': triton (the Triton version that compiled the
@@ -419,11 +514,13 @@ template <typename T> inline T sgmv_scaled_init() { T t = sgmv_struct_init<T>();
 #define SGMV_STRUCT_INIT(T) sgmv_struct_init<T>()
 #define SGMV_SHRINK_INIT_ sgmv_scaled_init<sgmv_shrink_args_t>()
 #define SGMV_SHRINK_TENSORS_INIT_ sgmv_scaled_init<sgmv_shrink_tensors_t>()
+#define SGMV_LAYER_INIT_ sgmv_scaled_init<sgmv_layer_args_t>()
 #endif
 #ifndef __cplusplus
 #define SGMV_STRUCT_INIT(T) {.struct_size = sizeof(T)}
 #define SGMV_SHRINK_INIT_ {.struct_size = sizeof(sgmv_shrink_args_t), .scaling = 1.0f}
 #define SGMV_SHRINK_TENSORS_INIT_ {.struct_size = sizeof(sgmv_shrink_tensors_t), .scaling = 1.0f}
+#define SGMV_LAYER_INIT_ {.struct_size = sizeof(sgmv_layer_args_t), .scaling = 1.0f}
 #endif
 
 #endif /* SGMV_H */

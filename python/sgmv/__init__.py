@@ -4,6 +4,10 @@ sgmv.sgmv_shrink   LoRA A: x @ A^T, scaled (fused slices, per-adapter rank and s
 sgmv.sgmv_expand   LoRA B: out (+)= y @ B^T (fused slices, per-adapter rank), through libsgmv.so (needs
                    neither torch nor triton)
 sgmv.batch_plan    a step's rows grouped by adapter, built on the device, for every call of the step
+sgmv.Layer         one LoRA layer's A and B (up to 3 slices, ranks, scales), described once:
+                   layer(x, out, step) is the whole delta, shrink and expand, in one call
+sgmv.Step          one step's rows (segments or a per-token adapter mapping), plan and scratch, for
+                   every layer call of the step
 sgmv.jit           the same kernels through Triton's JIT
 sgmv.reference     plain torch, fp32 accumulation
 sgmv.capi          the raw C API (ffi, lib)
@@ -16,12 +20,13 @@ batch_plan) are registered as soon as both sgmv and torch are imported, in eithe
 import sys
 
 from . import capi
-from .binding import batch_plan, batch_plan_bytes, sgmv_expand, sgmv_shrink, shrink_workspace_bytes
+from .binding import (Layer, Step, batch_plan, batch_plan_bytes, sgmv_expand, sgmv_shrink, shrink_workspace_bytes,
+                      step_scratch_bytes)
 from .capi import SgmvError, build_info
 
 __version__ = capi.VERSION  # sgmv.h's SGMV_VERSION_MAJOR/MINOR/PATCH, as the wheel's version
-__all__ = ["sgmv_shrink", "sgmv_expand", "batch_plan", "batch_plan_bytes", "shrink_workspace_bytes", "SgmvError",
-           "build_info", "__version__"]
+__all__ = ["Layer", "Step", "step_scratch_bytes", "sgmv_shrink", "sgmv_expand", "batch_plan", "batch_plan_bytes",
+           "shrink_workspace_bytes", "SgmvError", "build_info", "__version__"]
 
 
 def _register_torch_ops():

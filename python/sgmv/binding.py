@@ -437,3 +437,187 @@ def batch_plan(seq_start, seq_len, lora_indices, batches, total_tokens, num_lora
     buf, _ = plan_args(seq_start, seq_len, lora_indices, batches, total_tokens, num_loras, out, stream)
     capi.check(capi.lib.sgmv_batch_plan_build(buf))
     return out
+
+
+# ---- the layer call: a step described once per step, a layer once at model load -----------------
+
+_SIZEOF_TENSOR = _TENSOR.size
+_STEP_META_AT = [_offset("sgmv_step_args_t", f) for f in ("seq_start", "seq_len", "lora_indices",
+                                                           "token_lora_mapping")]
+_STEP_TAIL = _struct("sgmv_step_args_t", ("batches", "max_seq_length", "total_tokens", "num_loras", "scratch",
+                                          "scratch_bytes"), _offset("sgmv_step_args_t", "batches"))
+_STEP_TAIL_AT = _offset("sgmv_step_args_t", "batches")
+_DEFAULT_COLUMNS = 3 * 256  # the widest layer: SGMV_MAX_SLICES slices of rank 256
+
+
+def step_scratch_bytes(max_batches, max_tokens, max_columns=_DEFAULT_COLUMNS):
+    """Device bytes of a Step's scratch buffer: up to max_batches segments (with a token mapping,
+    max_tokens) and max_tokens rows, for layers of up to max_columns = num_slices * rank."""
+    n = (_lib or _library()).sgmv_step_scratch_bytes(_count(max_batches, "max_batches"),
+                                                     _count(max_tokens, "max_tokens"),
+                                                     _count(max_columns, "max_columns"))
+    if n == 0:
+        raise _invalid(f"no step serves max_batches = {max_batches}, max_tokens = {max_tokens} (both in [0, 2^30)) "
+                       f"and max_columns = {max_columns} (in [1, {_DEFAULT_COLUMNS}])")
+    return n
+
+
+def _scratch_ref(scratch):
+    (ptr, dt, ndim, *rest), device = describe(scratch, "scratch")
+    if ndim != 1 or (rest[0] > 1 and rest[4] != 1):
+        raise _invalid("scratch must be a contiguous 1-D array (see sgmv.step_scratch_bytes)")
+    size = {_INT32: 4, _FLOAT32: 4, _DTYPE_NAMES["int64"]: 8}.get(dt)
+    if size is None:
+        torch = sys.modules.get("torch")
+        size = scratch.element_size() if torch is not None and isinstance(scratch, torch.Tensor) else 1
+    return ptr, rest[0] * size, device
+
+
+class Step:
+    """One serving step's rows, described once for every layer call of the step: the metadata
+    (LoRAX's segments, or vLLM's per-token adapter index), its batch plan built on the device,
+    and the scratch buffer holding the plan, each layer's intermediate and the split-K workspace.
+
+        step = sgmv.Step(seq_start, seq_len, lora_indices, total_tokens=T, num_loras=L)
+        step = sgmv.Step(token_lora_mapping=mapping, num_loras=L)      # one adapter per row (-1: none)
+        layer(x, out, step)                                            # for every layer of the step
+
+    `batches` defaults to len(seq_start), `max_seq_length` to total_tokens (it only picks tiles).
+    `scratch` (a contiguous device array of sgmv.step_scratch_bytes() bytes) is allocated with
+    torch when not given, for layers of up to `max_columns` = num_slices * rank. The plan is built
+    on `stream` (default: the current stream) unless plan=False; call step.plan() again after
+    changing the metadata in place (in a CUDA graph: capture it with the layer calls)."""
+
+    __slots__ = ("_h", "_keep", "total_tokens", "num_loras", "device", "scratch", "batches", "max_seq_length",
+                 "__weakref__")
+
+    def __init__(self, seq_start=None, seq_len=None, lora_indices=None, batches=None, max_seq_length=None, *,
+                 token_lora_mapping=None, total_tokens=None, num_loras, scratch=None, max_columns=_DEFAULT_COLUMNS,
+                 plan=True, stream=None, allow_cpu=False):
+        buf, mem = _buffer("sgmv_step_args_t")
+        per_token = token_lora_mapping is not None
+        meta = (None, None, None, token_lora_mapping) if per_token else (seq_start, seq_len, lora_indices, None)
+        names = ("seq_start", "seq_len", "lora_indices", "token_lora_mapping")
+        if not per_token and any(m is None for m in meta[:3]):
+            raise _type_error("sgmv.Step needs seq_start, seq_len and lora_indices, or token_lora_mapping")
+        if per_token and any(m is not None for m in (seq_start, seq_len, lora_indices)):
+            raise _invalid("token_lora_mapping replaces seq_start, seq_len and lora_indices: pass one or the other")
+        devices = []
+        for at, m, name in zip(_STEP_META_AT, meta, names):
+            d = _pack_optional(mem, at, m, name)
+            if d is not None:
+                devices.append(d)
+        first = meta[3] if per_token else meta[0]
+        n = _shape(first)[0] if len(_shape(first)) else 0
+        if total_tokens is None:
+            if not per_token:
+                raise _type_error("sgmv.Step with segments needs total_tokens (the rows of the step)")
+            total_tokens = n
+        total_tokens = _count(total_tokens, "total_tokens")
+        batches = n if batches is None else _count(batches, "batches")
+        max_seq_length = total_tokens if max_seq_length is None else _count(max_seq_length, "max_seq_length")
+        if scratch is None:
+            torch = sys.modules.get("torch")
+            if torch is None or not isinstance(first, torch.Tensor):
+                raise _type_error("pass scratch= (a 1-D device array of sgmv.step_scratch_bytes() bytes) when not "
+                                  "using torch")
+            size = step_scratch_bytes(total_tokens if per_token else batches, total_tokens, max_columns)
+            scratch = torch.empty(size, dtype=torch.uint8, device=first.device)
+        ptr, nbytes, d = _scratch_ref(scratch)
+        devices.append(d)
+        self.device = _one_device(devices, names[3:] + ("scratch",) if per_token else names[:3] + ("scratch",),
+                                  allow_cpu)
+        _STEP_TAIL.pack_into(mem, _STEP_TAIL_AT, batches, max_seq_length, total_tokens,
+                             _count(num_loras, "num_loras"), ptr, nbytes)
+        h = capi.ffi.new("sgmv_step_t **")
+        capi.check((_lib or _library()).sgmv_step_create(buf, h))
+        self._h = capi.ffi.gc(h[0], _lib.sgmv_step_destroy)
+        self._keep = meta
+        self.total_tokens, self.num_loras, self.scratch = total_tokens, num_loras, scratch
+        self.batches, self.max_seq_length = (total_tokens, 1) if per_token else (batches, max_seq_length)
+        if plan:
+            self.plan(stream=stream)
+
+    def plan(self, *, stream=None):
+        """Builds the step's batch plan from its metadata (two small launches on `stream`)."""
+        s = current_stream(self.device, self.scratch) if stream is None else stream_handle(stream)
+        status = _lib.sgmv_step_plan(self._h, s)
+        if status:
+            capi.check(status)
+        return self
+
+
+class Layer:
+    """One LoRA layer's adapters, described once (at model load): A and B of up to three fused
+    slices (QKV, gate/up), per-adapter ranks and scales. A call applies the whole LoRA delta
+
+        out[:, slice s] (+)= (scaling * lora_scales[idx] * x @ A_s[idx]^T) @ B_s[idx]^T
+
+    for every row of the step: `layer(x, out, step)` (add_inputs=True: out += delta), one call in
+    place of sgmv_shrink then sgmv_expand, on torch's current stream unless `stream` is given.
+
+    lora_a: (num_loras, rank, hidden) or (num_loras, 1, rank, hidden), or a tuple of up to three;
+    lora_b: (num_loras, hidden_s, rank) or (num_loras, 1, hidden_s, rank), as many; one dtype
+    (float16 or bfloat16). The tensors stay the caller's: the layer reads them where they lie."""
+
+    __slots__ = ("_h", "_keep", "device", "dtype", "num_slices", "rank", "hidden", "out_columns", "lora_a",
+                 "lora_b", "lora_ranks", "lora_scales", "scaling", "__weakref__")
+
+    def __init__(self, lora_a, lora_b, *, lora_ranks=None, lora_scales=None, scaling=1.0, allow_cpu=False):
+        a_stacks, b_stacks = _slices(lora_a, "lora_a"), _slices(lora_b, "lora_b")
+        if len(a_stacks) != len(b_stacks):
+            raise _invalid(f"lora_a has {len(a_stacks)} slices, lora_b {len(b_stacks)}: one A and one B per slice")
+        args = capi.ffi.new("sgmv_layer_args_t *")
+        args.struct_size = capi.ffi.sizeof("sgmv_layer_args_t")
+        mem = capi.ffi.buffer(args)
+        devices = []
+        for field, stacks in (("lora_a", a_stacks), ("lora_b", b_stacks)):
+            at = _offset("sgmv_layer_args_t", field)
+            for i, w in enumerate(stacks):
+                if w is None:
+                    raise _type_error(f"{field}[{i}] must be an array, got None")
+                devices.append(_pack(mem, at + i * _SIZEOF_TENSOR, w, f"{field}[{i}]"))
+        for field, a in (("lora_ranks", lora_ranks), ("lora_scales", lora_scales)):
+            d = _pack_optional(mem, _offset("sgmv_layer_args_t", field), a, field)
+            if d is not None:
+                devices.append(d)
+        self.device = _call_device(devices, ("lora_a",), allow_cpu)
+        args.num_slices = len(a_stacks)
+        args.scaling = _float(scaling, "scaling")
+        h = capi.ffi.new("sgmv_layer_t **")
+        capi.check((_lib or _library()).sgmv_layer_create(args, h))
+        self._h = capi.ffi.gc(h[0], _lib.sgmv_layer_destroy)
+        self.lora_a, self.lora_b, self.lora_ranks, self.lora_scales = tuple(a_stacks), tuple(b_stacks), lora_ranks, \
+            lora_scales
+        self.scaling, self.num_slices = float(scaling), len(a_stacks)
+        self.dtype = a_stacks[0].dtype
+        self.rank, self.hidden = _shape(a_stacks[0])[-2:]
+        self.out_columns = sum(_shape(b)[-2] for b in b_stacks)
+        self._keep = (args,)
+
+    def __call__(self, x, out, step, *, add_inputs=True, stream=None):
+        """out (+)= the layer's LoRA delta of x for the step's rows; returns out."""
+        t = _thread_tensors()
+        xf, xd = describe(x, "x")
+        of, od = describe(out, "out")
+        if xd != od or od != self.device or step.device != od:
+            _one_device([xd, od, self.device, step.device], ("x", "out", "layer", "step"), self.device < 0)
+        if type(add_inputs) is not bool:
+            raise _type_error(f"add_inputs must be a bool, got {type(add_inputs).__name__}")
+        mem = t[1]
+        _TENSOR.pack_into(mem, 0, *xf)
+        _TENSOR.pack_into(mem, _SIZEOF_TENSOR, *of)
+        s = current_stream(od, out) if stream is None else stream_handle(stream)
+        status = _lib.sgmv_layer_apply(self._h, step._h, t[0], t[2], add_inputs, s)
+        if status:
+            capi.check(status)
+        return out
+
+
+def _thread_tensors():
+    """This thread's pair of sgmv_tensor_t (a layer call's inputs and output): (first, buffer, second)."""
+    got = getattr(_local, "pair", None)
+    if got is None:
+        arr = capi.ffi.new("sgmv_tensor_t[2]")
+        got = _local.pair = (arr, capi.ffi.buffer(arr), arr + 1)
+    return got

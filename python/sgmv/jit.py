@@ -73,7 +73,8 @@ def _launches(fn, args, *rest):
 def _run(launches, tensors, device):
     """Each described launch, its pointers resolved to the caller's tensors (viewed as the
     dtype the kernel reads them as), NULL to a one-element tensor (never read)."""
-    by_address = {t.data_ptr(): t for t in reversed(tensors) if t is not None}
+    tensors = [t for t in tensors if t is not None]
+    by_address = {t.data_ptr(): t for t in reversed(tensors)}
     where = tensors[0].device
     unused = {}
     with torch.cuda.device(device) if device >= 0 else contextlib.nullcontext():
@@ -90,6 +91,8 @@ def _run(launches, tensors, device):
                     else:
                         t = by_address.get(a.value)
                         if t is None:
+                            t = _inside(tensors, a.value, dt)
+                        if t is None:
                             raise capi.SgmvError(capi.lib.SGMV_ERROR_INTERNAL,
                                                  f"sgmv.jit: {name} points at no tensor of the call")
                         if t.dtype != dt:
@@ -99,6 +102,18 @@ def _run(launches, tensors, device):
                     kw[name] = a.fvalue if a.kind == _FLOAT else a.value
             kernel = getattr(kernels, _ffi.string(d.kernel).decode())
             kernel[tuple(d.grid)](**kw, num_warps=d.num_warps, num_stages=d.num_stages)
+
+
+def _inside(tensors, address, dtype):
+    """The rest of a contiguous tensor from `address` on (a step's scratch holds the plan, the
+    intermediate and the workspace), as dtype; None if no tensor holds it."""
+    size = torch.empty((), dtype=dtype).element_size()
+    for t in tensors:
+        base, nbytes = t.data_ptr(), t.numel() * t.element_size()
+        if t.is_contiguous() and base <= address < base + nbytes and (address - base) % size == 0:
+            rest = t.reshape(-1).view(torch.uint8)[address - base:]
+            return rest[:rest.numel() // size * size].view(dtype)
+    return None
 
 
 def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
@@ -144,4 +159,25 @@ def batch_plan(seq_start, seq_len, lora_indices, batches, total_tokens, num_lora
                                      allow_cpu=INTERPRETED)
     launches = _launches(capi.lib.sgmv_batch_plan_launches, args, cubin_arch(device))
     _run(launches, [out, seq_start, seq_len, lora_indices], device)
+    return out
+
+
+def step_plan(step):
+    """Same as step.plan(), through the JIT, on torch's current stream (build the step with plan=False)."""
+    launches = _launches(capi.lib.sgmv_step_plan_launches, step._h, cubin_arch(step.device))
+    _run(launches, [step.scratch, *step._keep], step.device)
+    return step
+
+
+def layer_apply(layer, x, out, step, *, add_inputs=True):
+    """Same as layer(x, out, step, add_inputs=...), through the JIT, on torch's current stream."""
+    pair = capi.ffi.new("sgmv_tensor_t[2]")
+    mem = capi.ffi.buffer(pair)
+    for i, (t, name) in enumerate(((x, "x"), (out, "out"))):
+        fields, _ = binding.describe(t, name)
+        binding._TENSOR.pack_into(mem, i * binding._SIZEOF_TENSOR, *fields)
+    launches = _launches(capi.lib.sgmv_layer_apply_launches, layer._h, step._h, pair, pair + 1, add_inputs,
+                         cubin_arch(layer.device))
+    _run(launches, [x, out, step.scratch, *step._keep, *layer.lora_a, *layer.lora_b, layer.lora_ranks,
+                    layer.lora_scales], layer.device)
     return out

@@ -64,3 +64,20 @@ def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_
             acc = x @ w[idx, :r].float().T
             output_tensor[rows, s * a.rank:s * a.rank + r] = (acc * scale.to(acc.device)).to(output_tensor.dtype)
     return output_tensor
+
+
+def layer_apply(layer, x, out, step, *, add_inputs=True):
+    """Same as layer(x, out, step): the shrink into an intermediate of the weights' dtype (as the
+    library keeps it), then the expand from it, on any device."""
+    seq_start, seq_len, lora_indices, mapping = step._keep
+    if mapping is not None:  # a row per segment
+        lora_indices = mapping[:step.total_tokens]
+        seq_start = torch.arange(step.total_tokens, dtype=mapping.dtype, device=mapping.device)
+        seq_len = torch.ones_like(seq_start)
+    y = torch.zeros(step.total_tokens, layer.num_slices * layer.rank, dtype=layer.dtype, device=x.device)
+    a = layer.lora_a if layer.num_slices > 1 else layer.lora_a[0]
+    b = layer.lora_b if layer.num_slices > 1 else layer.lora_b[0]
+    sgmv_shrink(x, a, y, seq_start, seq_len, lora_indices, step.batches, step.max_seq_length, layer.scaling,
+                lora_ranks=layer.lora_ranks, lora_scales=layer.lora_scales)
+    return sgmv_expand(y, b, out, seq_start, seq_len, lora_indices, step.batches, step.max_seq_length, add_inputs,
+                       lora_ranks=layer.lora_ranks)
