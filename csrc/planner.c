@@ -207,17 +207,21 @@ static int check_aligned(const char *fn, const char *name, const void *p, int by
 static int check_view(const char *fn, const char *name, int64_t rows, int slices, int64_t cols, int64_t rs, int64_t ss,
                       const char *cols_name) {
   const char *slice_field = name[0] == 'i' ? "inputs_slice_stride" : "output_slice_stride";
-  if (rs < 0) return INVALID("%s: args->%s_row_stride must be >= 0, got %lld", fn, name, (long long)rs);
-  int64_t last = (slices - 1) * ss + cols, plane;
+  int64_t last, plane;
+  if (__builtin_mul_overflow((int64_t)(slices - 1), ss, &last) || __builtin_add_overflow(last, cols, &last))
+    return INVALID("%s: args->%s %lld is so large that element offsets overflow int64", fn, slice_field,
+                   (long long)ss);
   if (slices > 1 && ss < cols)
     return INVALID("%s: args->%s %lld is smaller than rank %lld", fn, slice_field, (long long)ss, (long long)cols);
-  int planes = slices > 1 && rows > 1 && ss > rs && !__builtin_mul_overflow(rows - 1, rs, &plane) && ss >= plane + cols;
+  int planes = slices > 1 && rows > 1 && ss > rs && !__builtin_mul_overflow(rows - 1, rs, &plane) &&
+               plane <= INT64_MAX - cols && ss >= plane + cols;
   if (rows > 1 && rs < (planes ? cols : last))
     return INVALID("%s: args->%s_row_stride %lld is smaller than %s %lld", fn, name, (long long)rs,
                    planes ? "rank" : cols_name, (long long)(planes ? cols : last));
+  if (rs < 0) return INVALID("%s: args->%s_row_stride must be >= 0, got %lld", fn, name, (long long)rs);
   if (!extent_fits(rows, last, rs))
-    return INVALID("%s: args->%s_row_stride %lld and its slice stride are so large that element offsets overflow int64",
-                   fn, name, (long long)rs);
+    return INVALID("%s: args->%s_row_stride %lld is so large that element offsets overflow int64", fn, name,
+                   (long long)rs);
   return SGMV_SUCCESS;
 }
 

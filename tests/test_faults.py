@@ -292,3 +292,23 @@ def test_driver_statuses_through_the_python_binding(fake, env, status, words):
     assert words in first["message"], first["message"]
     transient = "FAKE_CUDA_FAIL" in env
     assert (second["status"] == 0) == transient, second
+
+
+def test_layer_call_plans_once_and_launches_shrink_then_expand(fake):
+    """A step's plan is two launches; a layer call is the shrink and the expand, one context entry."""
+    first, second = scenario(fake, [{"layer": {}}, {"layer": {"stream": 0x5150}}])
+    for r in (first, second):
+        assert r["status"] == 0, r["error"]
+        assert r["plan_launches"] == 2 and r["apply_launches"] == 2, r
+        assert_balanced(r)
+    assert second["last_launch"]["stream"] == 0x5150
+
+
+def test_layer_call_launch_failure_names_the_call(fake):
+    """A failing launch in the middle of a layer call: its status and the CUDA error, context balanced,
+    and the next call works."""
+    failed, after = scenario(fake, [{"layer": {"fail_after_plan": "cuLaunchKernel"}}, {"layer": {}}])
+    assert failed["status"] == S["SGMV_ERROR_CUDA"] and "cuLaunchKernel" in failed["error"], failed
+    assert failed["apply_launches"] == 1  # the shrink's launch failed: the expand was not made
+    assert_balanced(failed)
+    assert after["status"] == 0 and after["apply_launches"] == 2

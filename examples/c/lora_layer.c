@@ -1,6 +1,6 @@
 /* A fused QKV LoRA layer from C99, as a serving runtime runs it for one step:
- *   y = x W0^T (the base GEMM), then s = shrink(x; A_q, A_k, A_v) in one launch (fused slices),
- *   then y += expand(s; B_q, B_k, B_v) in one launch, both over one batch plan.
+ *   y = x W0^T (the base GEMM), then y += B (scale * A x) for the q, k and v slices in one call,
+ *   sgmv_layer_apply (the layer described once at model load, the step once per step).
  * Three adapters of ranks 8, 16 and 64 share a rank-64 stack (lora_ranks: the padding is never
  * read), each scaled by alpha / rank (lora_scales); base-model rows (index -1), one prefill and
  * several decode segments share the batch. Every element is checked against a host reference.
@@ -147,10 +147,7 @@ enum { T = 8 + 37, MAX_SEQ = 37 };
 static uint16_t x[T * H], w0[NOUT * H], y_base[T * NOUT], y[T * NOUT];
 static uint16_t lora_a[S * L * R * H]; /* slice s: (L, R, H) from s * L * R * H */
 static uint16_t lora_b[L * NOUT * R];  /* slice s: (L, slice_cols[s], R) from L * slice_col0[s] * R */
-static float shrunk[T * S * R];
 static double s_ref[T * S * R];
-
-static const uint32_t POISON = 0x7fc0beefu; /* a NaN: the shrink output's elements nobody writes */
 
 int main(void) {
   cuda_start();
@@ -187,123 +184,69 @@ int main(void) {
       for (int k = 0; k < H; k++) acc += from_bf16(x[m * H + k]) * from_bf16(w0[n * H + k]);
       y_base[m * NOUT + n] = to_bf16(acc);
     }
-  for (int i = 0; i < T * S * R; i++) memcpy(&shrunk[i], &POISON, 4);
 
-  CUdeviceptr d_x = upload(x, sizeof x), d_y = upload(y_base, sizeof y_base), d_shrunk = upload(shrunk, sizeof shrunk);
+  CUdeviceptr d_x = upload(x, sizeof x), d_y = upload(y_base, sizeof y_base);
   CUdeviceptr d_a = upload(lora_a, sizeof lora_a), d_b = upload(lora_b, sizeof lora_b);
   CUdeviceptr d_ranks = upload(ranks, sizeof ranks), d_scales = upload(scales, sizeof scales);
   CUdeviceptr d_start = upload(seg_start, sizeof seg_start), d_len = upload(seg_len, sizeof seg_len);
   CUdeviceptr d_idx = upload(seg_idx, sizeof seg_idx);
 
-  /* The step's batch plan: built once on the device from the metadata, shared by the shrink and
-   * expand calls (of every layer, in a model). */
-  size_t plan_bytes = sgmv_batch_plan_bytes(B, T);
-  if (plan_bytes == 0) {
-    fprintf(stderr, "lora_layer: sgmv_batch_plan_bytes(%d, %d) is 0: %s\n", B, T, sgmv_last_error());
-    return 1;
+  /* At model load: the layer's A and B stacks of each slice, described once. A runtime keeps the
+   * sgmv_layer_t of every adapted projection. */
+  sgmv_layer_args_t la = SGMV_LAYER_ARGS_INIT;
+  la.num_slices = S;
+  for (int s = 0; s < S; s++) {
+    sgmv_tensor_t a = {DEV(d_a + (CUdeviceptr)s * L * R * H * 2), SGMV_DTYPE_BFLOAT16, 3, {L, R, H},
+                       {(int64_t)R * H, H, 1}};
+    sgmv_tensor_t b = {DEV(d_b + (CUdeviceptr)L * slice_col0[s] * R * 2), SGMV_DTYPE_BFLOAT16, 3,
+                       {L, slice_cols[s], R}, {slice_cols[s] * R, R, 1}};
+    la.lora_a[s] = a;
+    la.lora_b[s] = b;
   }
-  CUdeviceptr d_plan;
-  CU_CHECK(cu.MemAlloc(&d_plan, plan_bytes));
-  sgmv_batch_plan_args_t p = SGMV_BATCH_PLAN_ARGS_INIT;
+  const sgmv_tensor_t lora_ranks = {DEV(d_ranks), SGMV_DTYPE_INT32, 1, {L}, {1}};
+  const sgmv_tensor_t lora_scales = {DEV(d_scales), SGMV_DTYPE_FLOAT32, 1, {L}, {1}};
+  la.lora_ranks = lora_ranks;
+  la.lora_scales = lora_scales;
+  sgmv_layer_t *qkv = NULL;
+  SGMV_CHECK(sgmv_layer_create(&la, &qkv));
+
+  /* Once per step: the metadata and a scratch buffer (the batch plan, each call's intermediate
+   * and the split-K workspace), sized by the library for the step's widest layer. */
+  size_t scratch_bytes = sgmv_step_scratch_bytes(B, T, S * R);
+  CUdeviceptr d_scratch;
+  CU_CHECK(cu.MemAlloc(&d_scratch, scratch_bytes));
+  sgmv_step_args_t sa = SGMV_STEP_ARGS_INIT;
   const sgmv_tensor_t meta = {.dtype = SGMV_DTYPE_INT32, .ndim = 1, .shape = {B}, .strides = {1}};
-  p.plan = DEV(d_plan);
-  p.plan_bytes = plan_bytes;
-  p.seq_start = p.seq_len = p.lora_indices = meta;
-  p.seq_start.data = DEV(d_start);
-  p.seq_len.data = DEV(d_len);
-  p.lora_indices.data = DEV(d_idx);
-  p.batches = B;
-  p.total_tokens = T;
-  p.num_loras = L;
-  SGMV_CHECK(sgmv_batch_plan_build(&p));
-
-  /* Split-K workspace for few-row (decode) steps. A runtime sizes it once for its largest step;
-   * 0 bytes: no call of this size splits, pass none. */
-  size_t ws_bytes = sgmv_shrink_workspace_bytes(T, S * R);
-  CUdeviceptr d_ws = 0;
-  if (ws_bytes > 0) CU_CHECK(cu.MemAlloc(&d_ws, ws_bytes));
-
-  /* shrink: shrunk[:, s*R + r] = scales[a] * x . A_s[a, r, :] for r < ranks[a], one launch for
-   * the three slices; the fp32 output keeps the products unrounded until expand. */
-  sgmv_shrink_args_t sa = SGMV_SHRINK_ARGS_INIT;
-  sa.inputs = DEV(d_x);
-  sa.inputs_dtype = SGMV_DTYPE_BFLOAT16;
-  sa.inputs_row_stride = H;
-  sa.weights = DEV(d_a);
-  sa.weights_dtype = SGMV_DTYPE_BFLOAT16;
-  sa.weights_lora_stride = (int64_t)R * H;
-  sa.weights_row_stride = H;
-  sa.output = DEV(d_shrunk);
-  sa.output_dtype = SGMV_DTYPE_FLOAT32;
-  sa.output_row_stride = S * R;
-  sa.total_tokens = T;
-  sa.hidden = H;
-  sa.rank = R;
-  sa.num_loras = L;
-  sa.seq_start = DEV(d_start);
-  sa.seq_len = DEV(d_len);
-  sa.lora_indices = DEV(d_idx);
-  sa.metadata_dtype = SGMV_DTYPE_INT32;
+  sa.seq_start = sa.seq_len = sa.lora_indices = meta;
+  sa.seq_start.data = DEV(d_start);
+  sa.seq_len.data = DEV(d_len);
+  sa.lora_indices.data = DEV(d_idx);
   sa.batches = B;
   sa.max_seq_length = MAX_SEQ;
-  sa.num_slices = S;
-  for (int s = 1; s < S; s++) {
-    sgmv_slice_t sl = {DEV(d_a + (CUdeviceptr)s * L * R * H * 2), (int64_t)R * H, H, R};
-    sa.slices[s - 1] = sl;
-  }
-  sa.lora_ranks = DEV(d_ranks);
-  sa.lora_scales = DEV(d_scales);
-  sa.batch_plan = DEV(d_plan);
-  sa.batch_plan_bytes = plan_bytes;
-  sa.workspace = DEV(d_ws);
-  sa.workspace_bytes = ws_bytes;
-  SGMV_CHECK(sgmv_shrink(&sa));
+  sa.total_tokens = T;
+  sa.num_loras = L;
+  sa.scratch = DEV(d_scratch);
+  sa.scratch_bytes = scratch_bytes;
+  sgmv_step_t *step = NULL;
+  SGMV_CHECK(sgmv_step_create(&sa, &step));
+  SGMV_CHECK(sgmv_step_plan(step, NULL)); /* the rows grouped by adapter, on the device */
 
-  /* expand: y[:, slice s's columns] += shrunk[:, s*R : s*R + ranks[a]] @ B_s[a, :, :ranks[a]]^T,
-   * one launch for the three slices, in place in the base output. */
-  sgmv_expand_args_t ea = SGMV_EXPAND_ARGS_INIT;
-  ea.inputs = DEV(d_shrunk);
-  ea.inputs_dtype = SGMV_DTYPE_FLOAT32;
-  ea.inputs_row_stride = S * R;
-  ea.weights = DEV(d_b);
-  ea.weights_dtype = SGMV_DTYPE_BFLOAT16;
-  ea.weights_lora_stride = (int64_t)NQ * R;
-  ea.weights_row_stride = R;
-  ea.output = DEV(d_y);
-  ea.output_dtype = SGMV_DTYPE_BFLOAT16;
-  ea.output_row_stride = NOUT;
-  ea.total_tokens = T;
-  ea.hidden = NQ; /* slice 0's columns; the other slices' follow */
-  ea.rank = R;
-  ea.num_loras = L;
-  ea.seq_start = DEV(d_start);
-  ea.seq_len = DEV(d_len);
-  ea.lora_indices = DEV(d_idx);
-  ea.metadata_dtype = SGMV_DTYPE_INT32;
-  ea.batches = B;
-  ea.max_seq_length = MAX_SEQ;
-  ea.add_inputs = 1;
-  ea.batch_plan = DEV(d_plan);
-  ea.batch_plan_bytes = plan_bytes;
-  ea.num_slices = S;
-  for (int s = 1; s < S; s++) {
-    sgmv_slice_t sl = {DEV(d_b + (CUdeviceptr)L * slice_col0[s] * R * 2), slice_cols[s] * R, R, slice_cols[s]};
-    ea.slices[s - 1] = sl;
-  }
-  ea.lora_ranks = DEV(d_ranks);
-  SGMV_CHECK(sgmv_expand(&ea));
+  /* The layer: y += the LoRA delta of the three slices, one call (the shrink, then the expand). */
+  const sgmv_tensor_t in = {DEV(d_x), SGMV_DTYPE_BFLOAT16, 2, {T, H}, {H, 1}};
+  const sgmv_tensor_t out = {DEV(d_y), SGMV_DTYPE_BFLOAT16, 2, {T, NOUT}, {NOUT, 1}};
+  SGMV_CHECK(sgmv_layer_apply(qkv, step, &in, &out, 1, NULL));
 
   CU_CHECK(cu.CtxSynchronize()); /* the launches are asynchronous */
   CU_CHECK(cu.MemcpyDtoH(y, d_y, sizeof y));
-  CU_CHECK(cu.MemcpyDtoH(shrunk, d_shrunk, sizeof shrunk));
+  sgmv_step_destroy(step);
+  sgmv_layer_destroy(qkv);
 
   /* Reference in double from the same bf16 values. An element's error is measured against the
    * sum of the magnitudes of its terms (cancellation makes |ref| a poor scale): the shrink
-   * accumulates in fp32 (at most 256 * 2^-24 of it at H = 256); expand rounds the shrink output
-   * and its result to bf16 (2^-8 each, at most 2^-7 together). Each tolerance is twice its bound
-   * or more. */
-  const double shrink_tol = 1e-4, y_tol = 1.0 / 64;
-  double shrink_err = 0, y_err = 0;
+   * accumulates in fp32 and keeps its result in bf16, and expand rounds its result to bf16 (2^-8
+   * each, at most 2^-7 together). The tolerance is twice the bound or more. */
+  const double y_tol = 1.0 / 64;
+  double y_err = 0;
   long bad = 0, base_rows = 0;
   for (int m = 0; m < T; m++) {
     int a = row_lora[m];
@@ -313,32 +256,14 @@ int main(void) {
         fprintf(stderr, "lora_layer: FAILED: base-model row %d differs from the base output\n", m);
         bad++;
       }
-      for (int c = 0; c < S * R; c++)
-        if (memcmp(&shrunk[m * S * R + c], &POISON, 4) != 0 && bad++ < 10)
-          fprintf(stderr, "lora_layer: FAILED: shrink wrote base-model row %d column %d\n", m, c);
       continue;
     }
     for (int s = 0; s < S; s++)
       for (int r = 0; r < R; r++) {
-        int c = s * R + r;
-        if (r >= ranks[a]) { /* past the adapter's rank: untouched */
-          if (memcmp(&shrunk[m * S * R + c], &POISON, 4) != 0 && bad++ < 10)
-            fprintf(stderr, "lora_layer: FAILED: shrink wrote row %d column %d past rank %d\n", m, c, ranks[a]);
-          continue;
-        }
         const uint16_t *arow = &lora_a[(((size_t)s * L + a) * R + r) * H];
-        double ref = 0, mag = 0;
-        for (int k = 0; k < H; k++) {
-          double t = scales[a] * from_bf16(x[m * H + k]) * from_bf16(arow[k]);
-          ref += t;
-          mag += fabs(t);
-        }
-        s_ref[m * S * R + c] = ref;
-        double err = fabs(shrunk[m * S * R + c] - ref) / mag;
-        if (!(err <= shrink_tol) && bad++ < 10) /* !(<=) also catches NaN */
-          fprintf(stderr, "lora_layer: FAILED: shrink row %d column %d: %.6g, expected %.6g\n", m, c,
-                  shrunk[m * S * R + c], ref);
-        if (!(err <= shrink_err)) shrink_err = err;
+        double ref = 0;
+        for (int k = 0; r < ranks[a] && k < H; k++) ref += scales[a] * from_bf16(x[m * H + k]) * from_bf16(arow[k]);
+        s_ref[m * S * R + s * R + r] = ref;
       }
     for (int s = 0; s < S; s++)
       for (int n = 0; n < slice_cols[s]; n++) {
@@ -351,19 +276,18 @@ int main(void) {
           mag += fabs(t);
         }
         double got = from_bf16(y[m * NOUT + col]), err = fabs(got - ref) / mag;
-        if (!(err <= y_tol) && bad++ < 10)
+        if (!(err <= y_tol) && bad++ < 10) /* !(<=) also catches NaN */
           fprintf(stderr, "lora_layer: FAILED: y row %d column %d: %.6g, expected %.6g\n", m, col, got, ref);
         if (!(err <= y_err)) y_err = err;
       }
   }
 
-  CUdeviceptr all[] = {d_x, d_y, d_shrunk, d_a, d_b, d_ranks, d_scales, d_start, d_len, d_idx, d_plan, d_ws};
+  CUdeviceptr all[] = {d_x, d_y, d_a, d_b, d_ranks, d_scales, d_start, d_len, d_idx, d_scratch};
   for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
     if (all[i]) CU_CHECK(cu.MemFree(all[i]));
 
-  printf("lora_layer: %d tokens (%ld base-model rows), ranks 8/16/64, q/k/v %d/%d/%d columns; split-K "
-         "workspace %zu bytes; relative errors: shrink %.2g, y %.2g\n",
-         T, base_rows, NQ, NKV, NKV, ws_bytes, shrink_err, y_err);
+  printf("lora_layer: %d tokens (%ld base-model rows), ranks 8/16/64, q/k/v %d/%d/%d columns; step scratch "
+         "%zu bytes; relative error of y %.2g\n", T, base_rows, NQ, NKV, NKV, scratch_bytes, y_err);
   if (bad) {
     fprintf(stderr, "lora_layer: FAILED: %ld wrong elements or rows\n", bad);
     return 1;

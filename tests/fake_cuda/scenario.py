@@ -10,6 +10,10 @@ Steps, in order:
     {"plan": {field: value, ...}}           sgmv_batch_plan_build for the metadata of those arguments
     {"shrink": {field: value, ...}}         sgmv_shrink on valid arguments (SHRINK) with these fields
                                              changed ("with_workspace": the workspace it may split into)
+    {"layer": {"tokens": t, "stream": s, "fail_after_plan": name}}
+                                             sgmv_layer_create, sgmv_step_create, sgmv_step_plan and
+                                             sgmv_layer_apply (fp16, hidden 64, rank 16, 2 slices,
+                                             two segments); the status is the first failure's
     {"device_arch": ordinal}                 sgmv_device_arch
 Prints one JSON line: for each step that calls the library, its status, sgmv_last_error(), the
 launch the planner gives that call at sm_90 (sgmv_expand_config, sgmv_batch_plan_config) and the
@@ -118,6 +122,43 @@ def plan_args(**over):
         batches=e["batches"], total_tokens=e["total_tokens"], num_loras=e["num_loras"], stream=e.get("stream", 0)))
 
 
+def tensor(ptr, dtype, *shape):
+    strides, n = [], 1
+    for d in reversed(shape):
+        strides.insert(0, n)
+        n *= d
+    return dict(data=ptr, dtype=dtype, ndim=len(shape), shape=list(shape), strides=strides)
+
+
+def layer_call(fake, tokens=10, stream=0, fail_after_plan=None):
+    """A layer and a step of fake addresses; (status, launches made by the plan, by the apply)."""
+    f16, i32 = "SGMV_DTYPE_FLOAT16", "SGMV_DTYPE_INT32"
+    la = fill("sgmv_layer_args_t", dict(num_slices=2, scaling=0.5,
+                                        lora_a=[tensor(0x20000 + i * 0x10000, f16, 2, 16, 64) for i in range(2)],
+                                        lora_b=[tensor(0x40000 + i * 0x10000, f16, 2, 64, 16) for i in range(2)]))
+    layer, step = ffi.new("sgmv_layer_t **"), ffi.new("sgmv_step_t **")
+    status = capi.lib.sgmv_layer_create(la, layer)
+    nbytes = capi.lib.sgmv_step_scratch_bytes(2, tokens, 32)
+    sa = fill("sgmv_step_args_t", dict(seq_start=tensor(0x60000, i32, 2), seq_len=tensor(0x61000, i32, 2),
+                                       lora_indices=tensor(0x62000, i32, 2), batches=2, max_seq_length=5,
+                                       total_tokens=tokens, num_loras=2, scratch=0x100000, scratch_bytes=nbytes))
+    status = status or capi.lib.sgmv_step_create(sa, step)
+    before = fake.fake_cuda_calls(b"cuLaunchKernel")
+    status = status or capi.lib.sgmv_step_plan(step[0], ffi.cast("sgmv_stream_t", stream))
+    planned_launches = fake.fake_cuda_calls(b"cuLaunchKernel") - before
+    if fail_after_plan:
+        fake.fake_cuda_fail(fail_after_plan.encode(), 1, 0)
+    io = ffi.new("sgmv_tensor_t[2]")
+    fill("sgmv_tensor_t", tensor(0x10000, f16, tokens, 64), io[0])
+    fill("sgmv_tensor_t", tensor(0x90000, f16, tokens, 128), io[1])
+    before = fake.fake_cuda_calls(b"cuLaunchKernel")
+    status = status or capi.lib.sgmv_layer_apply(layer[0], step[0], io, io + 1, 1, ffi.cast("sgmv_stream_t", stream))
+    applied = fake.fake_cuda_calls(b"cuLaunchKernel") - before
+    capi.lib.sgmv_step_destroy(step[0])
+    capi.lib.sgmv_layer_destroy(layer[0])
+    return status, dict(plan_launches=planned_launches, apply_launches=applied)
+
+
 def planned(config_fn, args):
     """The launch the planner gives these arguments at sm_90."""
     c = ffi.new("sgmv_launch_config_t *")
@@ -165,6 +206,8 @@ def main(steps):
             args = plan_args(**step["plan"])
             status = capi.lib.sgmv_batch_plan_build(args)
             extra = dict(planned=planned(capi.lib.sgmv_batch_plan_config, args))
+        elif "layer" in step:
+            status, extra = layer_call(fake, **step["layer"])
         else:
             cc, arch = ffi.new("int *", -1), ffi.new("int *", -1)
             status = capi.lib.sgmv_device_arch(step["device_arch"], cc, arch)
