@@ -41,11 +41,11 @@ LAYOUT_LENS = {
     "decode 256x1": [1] * 256, "decode 512x1": [1] * 512, "spec 64x4": [4] * 64,
     "mixed 512+192x1": [512] + [1] * 192, "mixed 3x700+100x1": [700] * 3 + [1] * 100,
     "mixed 2048+64x1": [2048] + [1] * 64, "prefill 16x4096": [4096] * 16, "prefill 4x2048": [2048] * 4,
-    "prefill 8x1024": [1024] * 8,
+    "prefill 8x1024": [1024] * 8, "skewed 4000+8x10": [4000] + [10] * 8,
 }
 
 
-@pytest.mark.parametrize("suite", ["shrink", "qkv", "ranks"])
+@pytest.mark.parametrize("suite", ["shrink", "qkv", "ranks", "layer"])
 def test_new_suites_run_on_the_expand_suites_batches(suite):
     expand = {}
     for c in bench.suite_cases("expand"):  # the first case of each batch (the issue's)
@@ -82,6 +82,28 @@ def test_targets_are_the_issues():
     assert all(c.target == ("ratio", 0.7) for c in bench.suite_cases("qkv"))
     assert {c.name: c.target for c in bench.suite_cases("ranks") if c.target} == {
         "expand decode 256x1 N4096 r8/16/64 pad 64, 4": ("ratio", 0.6)}
+
+
+def test_layer_suite_cases_targets_and_floor():
+    cases = bench.suite_cases("layer")
+    assert len(cases) == 2 * len(bench.LAYER_LAYOUTS) + 2
+    assert all(c.op == "layer" and c.hidden == 4096 and c.add and c.main == "layer" and
+               c.ratio == ("layer", "two-calls") for c in cases)
+    assert {c.slices for c in cases} == {(4096, 1024, 1024), (14336, 14336)}
+    targets = {c.name: c.target for c in cases if c.target}
+    assert targets.pop("qkv layer decode 256x1 N4096+1024+1024 r16, 4") == ("gpu_us", 8)
+    big = {n: t for n, t in targets.items() if t[0] == "pct_floor"}
+    assert big and all(t == ("pct_floor", 85) for t in big.values())
+    assert all(t == ("ratio", 0.75) for n, t in targets.items() if n not in big)
+    for c in cases:
+        rows = valid_rows(c)
+        t = sum(rows.values())
+        r = {a: c.rank_of(a) for a in rows}
+        want = (t * 4096 * 2 + sum(r[a] * (len(c.slices) * 4096 + sum(c.slices)) * 2 for a in rows) +
+                t * sum(c.slices) * 2 * 2)
+        assert c.floor_bytes() == want, c.name
+    ev = bench.evaluate(cases[0], {"layer": {"gpu_us": 7.5}, "two-calls": {"gpu_us": 13.0}})
+    assert ev["met"] is True and ev["target"] == "layer <= 8 us"
 
 
 def test_shrink_floor():
@@ -273,3 +295,30 @@ def test_bench_run_times_every_new_provider(tmp_path):
     assert all("error" not in r and r["gpu_us"] > 0 for r in got["results"]), got["results"]
     assert len(got["cases"]) == 4 and all(e.get("met") is not None for e in got["cases"] if "target" in e)
     assert all(e["ratio"] > 0 for e in got["cases"] if "ratio_of" in e)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("provider", bench.SUITES["layer"])
+@pytest.mark.parametrize("ranks", [None, [4, 16, 8]])
+def test_layer_providers_compute_the_delta(provider, ranks):
+    case = bench.Case("small layer", "chunked:9,5:30", 64, 16, 3, "fp16", True, op="layer", slices=(64, 32),
+                      ranks=ranks, main="layer")
+    sets, meta = bench.make_sets(torch, case, 1, device="cuda")
+    plan = sgmv.batch_plan(*meta, len(case.lens), case.tokens, case.adapters)
+    fns = bench._launchers(torch, provider, case, sets, meta, plan)
+    x, a, b, out = sets[1]
+    before = out.clone()
+    fns[1]()
+    want, written = before.double().clone(), torch.zeros(out.shape[0], dtype=torch.bool)
+    for st, n, i in zip(case.starts, case.lens, case.idx):
+        if i < 0:
+            continue
+        r, rows, col = case.rank_of(i), slice(st, st + n), 0
+        written[rows] = True
+        for k, h in enumerate(case.slices):
+            y = bench.SHRINK_SCALING * x[rows].double() @ a[k][i, :r].double().T
+            want[rows, col:col + h] += y @ b[k][i, :, :r].double().T
+            col += h
+    assert torch.equal(out[~written], before[~written])
+    err = (out[written].double() - want[written]).abs() - 1e-2 * (1 + want[written].abs())
+    assert err.max() <= 0, f"{provider}: off by {err.max():.3g} beyond tolerance"

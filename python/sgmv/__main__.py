@@ -217,6 +217,39 @@ def cmd_check(args):
                 failed = True
                 _row(str(case), name, result=f"FAILED: {type(e).__name__}: {e}")
         compare(str(case), outputs)
+    # The layer call (sgmv.Layer, sgmv.Step): four layers, segments and per-token mappings.
+    for case in [testing.LAYER_CASES[i] for i in (0, 2, 9, 10)]:
+        if device == "cpu" and case.dtype == "bf16":
+            _row(f"layer {case}", "jit", result="not checked (bf16 on the interpreter)")
+            continue
+        layer_paths = [("reference", lambda step: None, reference.layer_apply),
+                       ("jit", jit.step_plan, jit.layer_apply)]
+        if device == "cuda":
+            layer_paths.append(("aot", lambda step: step.plan(),
+                                lambda layer, x, out, step, add_inputs: layer(x, out, step, add_inputs=add_inputs)))
+        outputs = {}
+        for name, plan, apply in layer_paths:
+            layer, step, x, out, buf, rows = testing.build_layer(case, device)
+            before = buf.clone()
+            pad = (buf.shape[1] - out.shape[1]) // 2
+            exp, written, slack = testing.expected_layer(case, layer, x, before[:, pad:pad + out.shape[1]], rows)
+            t0 = time.perf_counter()
+            try:
+                plan(step)
+                apply(layer, x, out, step, add_inputs=case.add_inputs)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                err = testing.check((x, None, out), before, buf, exp, written, name, slack)
+                outputs[name] = buf
+                _row(f"layer {case}", name, f"{err:.2f}", f"{dt * 1e3:.2f}ms", "ok")
+            except testing.CheckFailed as e:
+                failed = True
+                _row(f"layer {case}", name, result=f"FAILED: {e}")
+            except Exception as e:
+                failed = True
+                _row(f"layer {case}", name, result=f"FAILED: {type(e).__name__}: {e}")
+        compare(f"layer {case}", outputs)
     if failed:
         print("check: FAILED")
         return FAILED
@@ -256,7 +289,8 @@ def main(argv=None):
     from . import bench  # the suites' names (bench imports neither torch nor the library at import)
     b.add_argument("--suite", nargs="+", default=None, choices=[*bench.SUITES, "all"],
                    help="suites to run (default all): expand, shrink (LoRA A), qkv (fused slices against "
-                        "three calls), ranks (per-adapter ranks against padding)")
+                        "three calls), ranks (per-adapter ranks against padding), layer (the whole delta of a layer "
+                        "in one call against shrink then expand)")
     b.add_argument("--providers", nargs="*", default=None, help="a subset of the suites' providers: " +
                    "; ".join(f"{k}: {' '.join(v)}" for k, v in bench.SUITES.items()))
     b.add_argument("--cases", nargs="*", default=None, help="only cases whose name contains one of these")

@@ -6,8 +6,9 @@ must move (inputs, the distinct adapters' weights, output rows read when add_inp
 written) over the device-to-device copy bandwidth measured in the same run.
 
 Suites: `expand` (the serving batches of the performance issue), `shrink` (LoRA A, bf16 in,
-fp32 out), `qkv` (one fused three-slice expand against three calls) and `ranks` (adapters of
-ranks 8/16/64 stored padded to 64: lora_ranks against reading the padding). The last three run
+fp32 out), `qkv` (one fused three-slice expand against three calls), `ranks` (adapters of
+ranks 8/16/64 stored padded to 64: lora_ranks against reading the padding) and `layer` (the
+whole delta of a layer, sgmv.Layer, against sgmv_shrink then sgmv_expand). The last four run
 on the expand suite's batches: same segments, same adapters.
 """
 import json
@@ -65,6 +66,9 @@ QKV_LAYOUTS = ("decode 256x1", "decode 512x1", "spec 64x4", "mixed 512+192x1", "
 QKV_SLICES = (4096, 1024, 1024)
 RANKS_LAYOUTS = ("decode 256x1", "decode 512x1", "mixed 512+192x1")
 MIXED_RANKS = (8, 16, 64)  # adapter a has rank MIXED_RANKS[a % 3], stored padded to the largest
+LAYER_LAYOUTS = ("decode 256x1", "decode 512x1", "spec 64x4", "mixed 2048+64x1", "mixed 512+192x1",
+                 "skewed 4000+8x10", "prefill 8x1024", "prefill 4x2048")
+LAYER_SHAPES = {"qkv": (4096, 1024, 1024), "gate/up": (14336, 14336)}  # output columns per slice, hidden 4096
 
 # Each suite's providers; in `qkv` and `ranks` the first over the second is the reported ratio.
 SUITES = {
@@ -72,6 +76,7 @@ SUITES = {
     "shrink": ("plan", "aot", "jit-plan", "torch"),
     "qkv": ("fused", "three-calls"),
     "ranks": ("ranks", "padded"),
+    "layer": ("layer", "two-calls"),
 }
 
 
@@ -104,11 +109,11 @@ class Case:
     evaluate(); ratio: the two providers whose GPU times are compared."""
 
     def __init__(self, name, layout, hidden, rank, adapters, dtype, add, op="expand", slices=None, ranks=None,
-                 seed=None, target=None, ratio=None):
+                 seed=None, target=None, ratio=None, main="plan"):
         rng = random.Random(name if seed is None else seed)
         self.name, self.hidden, self.rank, self.adapters, self.dtype, self.add = name, hidden, rank, adapters, dtype, add
         self.op, self.slices, self.ranks = op, tuple(slices or (hidden,)), ranks
-        self.target, self.ratio = target, ratio
+        self.target, self.ratio, self.main = target, ratio, main
         self.lens = segment_lengths(layout, rng)
         # Adapters drawn zipf-distributed; batches of 32 or more segments have 1/16 of them at -1.
         self.idx = rng.choices(range(adapters), weights=[1 / (a + 1) for a in range(adapters)], k=len(self.lens))
@@ -129,6 +134,11 @@ class Case:
         for n, i in zip(self.lens, self.idx):
             if i >= 0:
                 rows[i] = rows.get(i, 0) + n
+        if self.op == "layer":  # x in, each adapter's A and B once, out read and written; y stays on chip
+            x = sum(rows.values()) * self.hidden * 2
+            w = sum(self.rank_of(a) * (len(self.slices) * self.hidden + sum(self.slices)) * 2 for a in rows)
+            out = sum(rows.values()) * sum(self.slices) * 2 * 2
+            return x + w + out
         if self.op == "shrink":
             x = sum(rows.values()) * self.hidden * 2
             w = sum(self.rank_of(a) * self.hidden * 2 for a in rows)
@@ -145,8 +155,8 @@ def _on_layout(prefix, op, hidden, rank, **kw):
     seed, layout, adapters = LAYOUTS[prefix]
     h = "+".join(map(str, kw.get("slices") or (hidden,)))
     r = "/".join(map(str, MIXED_RANKS)) + f" pad {rank}" if kw.get("ranks") else rank
-    name = f"{'qkv' if kw.get('slices') else op} {prefix} N{h} r{r}, {adapters}"
-    return Case(name, layout, hidden, rank, adapters, "bf16", op == "expand", op=op, seed=seed, **kw)
+    name = f"{'qkv' if kw.get('slices') and op != 'layer' else op} {prefix} N{h} r{r}, {adapters}"
+    return Case(name, layout, hidden, rank, adapters, "bf16", op != "shrink", op=op, seed=seed, **kw)
 
 
 def suite_cases(suite):
@@ -175,10 +185,27 @@ def suite_cases(suite):
                 target = ("ratio", 0.6) if (op, prefix) == ("expand", "decode 256x1") else None
                 cases.append(_on_layout(prefix, op, 4096, max(MIXED_RANKS), ranks=ranks, target=target,
                                         ratio=SUITES["ranks"]))
+    if suite == "layer":
+        for shape, outs in LAYER_SHAPES.items():
+            for prefix in LAYER_LAYOUTS:
+                c = _on_layout(prefix, "layer", 4096, 16, slices=outs, ratio=SUITES["layer"], main="layer")
+                c.name = f"{shape} " + c.name
+                c.target = ("ratio", 0.75)
+                if (shape, prefix) == ("qkv", "decode 256x1"):
+                    c.target = ("gpu_us", 8)
+                elif c.tokens >= 4096:
+                    c.target = ("pct_floor", 85)
+                cases.append(c)
+        for prefix in ("decode 256x1", "mixed 512+192x1"):
+            ranks = [MIXED_RANKS[a % 3] for a in range(LAYOUTS[prefix][2])]
+            c = _on_layout(prefix, "layer", 4096, max(MIXED_RANKS), slices=LAYER_SHAPES["qkv"], ranks=ranks,
+                           ratio=SUITES["layer"], main="layer")
+            c.name = "qkv " + c.name
+            cases.append(c)
     return cases
 
 
-TARGET_TEXT = {"pct_floor": "plan >= {}% of floor", "gpu_us": "plan <= {} us", "ratio": "{} <= {}"}
+TARGET_TEXT = {"pct_floor": "{} >= {}% of floor", "gpu_us": "{} <= {} us", "ratio": "{} <= {}"}
 
 
 def evaluate(case, by_provider):
@@ -191,9 +218,9 @@ def evaluate(case, by_provider):
         ev["ratio"] = num / den if num and den else None
     if case.target:
         what, limit = case.target
-        value = ev["ratio"] if what == "ratio" else by_provider.get("plan", {}).get(what)
+        value = ev["ratio"] if what == "ratio" else by_provider.get(case.main, {}).get(what)
         ev["what"] = what
-        ev["target"] = TARGET_TEXT[what].format(*([ev["ratio_of"]] if what == "ratio" else []), limit)
+        ev["target"] = TARGET_TEXT[what].format(ev["ratio_of"] if what == "ratio" else case.main, limit)
         ev["value"] = value
         ev["met"] = None if value is None else (value >= limit if what == "pct_floor" else value <= limit)
     return ev
@@ -264,7 +291,22 @@ def host_call_us(torch, calls=2000, reps=3):
     out = torch.randn(4, 64, dtype=torch.bfloat16, device="cuda")
     meta = [torch.tensor(v, dtype=torch.int32, device="cuda") for v in ([0, 1, 2, 3], [1] * 4, [0, 1, 0, 1])]
     plan = binding.batch_plan(*meta, 4, 4, 2)
-    ways = {"sgmv.sgmv_expand": lambda: binding.sgmv_expand(x, w, out, *meta, 4, 1, True),
+    a = torch.randn(2, 16, 64, dtype=torch.bfloat16, device="cuda")
+    xl, y = torch.randn(4, 64, dtype=torch.bfloat16, device="cuda"), torch.empty(4, 16, dtype=torch.bfloat16,
+                                                                                  device="cuda")
+    layer = binding.Layer(a, w)
+    scratch = torch.empty(binding.step_scratch_bytes(4, 4, 16), dtype=torch.uint8, device="cuda")
+    step = binding.Step(*meta, 4, 1, total_tokens=4, num_loras=2, scratch=scratch)
+    op_args = (xl, out, [a], [w], *meta, None, 4, 1, 4, 2, scratch)
+    torch.ops.sgmv.layer(*op_args)
+    ways = {"sgmv.Layer call (shrink + expand)": lambda: layer(xl, out, step),
+            "torch.ops.sgmv.layer": lambda: torch.ops.sgmv.layer(*op_args),
+            "sgmv.Step (describe + plan)": lambda: binding.Step(*meta, 4, 1, total_tokens=4, num_loras=2,
+                                                                scratch=scratch),
+            "sgmv.sgmv_shrink + sgmv_expand, plan": lambda: (
+                binding.sgmv_shrink(xl, a, y, *meta, 4, 1, batch_plan=plan),
+                binding.sgmv_expand(y, w, out, *meta, 4, 1, True, batch_plan=plan)),
+            "sgmv.sgmv_expand": lambda: binding.sgmv_expand(x, w, out, *meta, 4, 1, True),
             "sgmv.sgmv_expand, plan": lambda: binding.sgmv_expand(x, w, out, *meta, 4, 1, True, batch_plan=plan),
             "torch.ops.sgmv.expand": lambda: torch.ops.sgmv.expand(x, w, out, *meta, 4, 1, True),
             "sgmv.batch_plan": lambda: binding.batch_plan(*meta, 4, 4, 2, out=plan)}
@@ -279,7 +321,39 @@ def host_call_us(torch, calls=2000, reps=3):
             best = min(best, (time.perf_counter() - t0) / calls)
             torch.cuda.synchronize()
         got[name] = best * 1e6
+    c = _c_layer_host()
+    if c:
+        got.update({"C sgmv_layer_apply": c["layer_apply_us"], "C sgmv_step_plan": c["step_plan_us"],
+                    "C sgmv_shrink + sgmv_expand": c["shrink_expand_us"]})
     return got
+
+
+def _c_tool(name):
+    """benchmarks/c/<name>.c compiled here against the loaded library (None without its source or gcc)."""
+    from . import capi
+    src = Path(os.path.abspath(__file__)).parent / "bench_c" / f"{name}.c"
+    if not src.exists():  # a source checkout
+        src = Path(os.path.abspath(__file__)).parent.parent.parent / "benchmarks" / "c" / f"{name}.c"
+    if not src.exists() or not shutil.which("gcc"):
+        return None
+    import triton.backends.nvidia as nv
+    exe = Path(tempfile.gettempdir()) / f"sgmv_{name}_{os.getpid()}"
+    if not exe.exists():
+        lib = capi.library_path()
+        subprocess.run(["gcc", "-std=c99", "-O2", "-D_POSIX_C_SOURCE=199309L", "-I", str(capi.INCLUDE_DIR),
+                        "-I", str(Path(nv.__file__).parent / "include"), str(src), "-L", str(lib.parent),
+                        f"-l:{lib.name}", f"-Wl,-rpath,{lib.parent}", "-lcuda", "-o", str(exe)], check=True)
+    return exe
+
+
+def _c_layer_host():
+    exe = _c_tool("layer_host")
+    if exe is None:
+        return None
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    if r.returncode:
+        raise RuntimeError(r.stderr.strip())
+    return json.loads(r.stdout)
 
 
 def make_sets(torch, case, l2_bytes, device="cuda"):
@@ -292,6 +366,20 @@ def make_sets(torch, case, l2_bytes, device="cuda"):
     meta = [torch.tensor(v, dtype=torch.int32, device=device) for v in (case.starts, case.lens, case.idx)]
     sets = []
     for _ in range(n):
+        if case.op == "layer":  # x, A and B stacks per slice, out
+            x = torch.randn(case.tokens, case.hidden, dtype=dt, device=device)
+            a = tuple(torch.randn(case.adapters, case.rank, case.hidden, dtype=dt, device=device) * 0.05
+                      for _ in case.slices)
+            b = tuple(torch.randn(case.adapters, h, case.rank, dtype=dt, device=device) * 0.1 for h in case.slices)
+            out = torch.randn(case.tokens, sum(case.slices), dtype=dt, device=device)
+            for r_ in range(len(case.ranks or ())):
+                r = case.ranks[r_]
+                for w in a:
+                    w[r_, r:].zero_()
+                for w in b:
+                    w[r_, :, r:].zero_()
+            sets.append((x, a, b, out))
+            continue
         if case.op == "shrink":  # fp32 output, as LoRAX and vLLM keep it between shrink and expand
             x = torch.randn(case.tokens, case.hidden, dtype=dt, device=device)
             ws = [torch.randn(case.adapters, case.rank, case.hidden, dtype=dt, device=device) * 0.1]
@@ -309,19 +397,9 @@ def make_sets(torch, case, l2_bytes, device="cuda"):
 
 def _c_bench(case, nsets, plan):
     """(gpu_us, host_us) from benchmarks/c/bench.c, compiled here against the installed library."""
-    from . import capi
-    src = Path(os.path.abspath(__file__)).parent / "bench_c" / "bench.c"
-    if not src.exists():  # a source checkout
-        src = Path(os.path.abspath(__file__)).parent.parent.parent / "benchmarks" / "c" / "bench.c"
-    if not src.exists() or not shutil.which("gcc"):
+    exe = _c_tool("bench")
+    if exe is None:
         return None
-    import triton.backends.nvidia as nv
-    exe = Path(tempfile.gettempdir()) / f"sgmv_bench_c_{os.getpid()}"
-    if not exe.exists():
-        lib = capi.library_path()
-        subprocess.run(["gcc", "-std=c99", "-O2", "-D_POSIX_C_SOURCE=199309L", "-I", str(capi.INCLUDE_DIR),
-                        "-I", str(Path(nv.__file__).parent / "include"), str(src), "-L", str(lib.parent),
-                        f"-l:{lib.name}", f"-Wl,-rpath,{lib.parent}", "-lcuda", "-o", str(exe)], check=True)
     r = subprocess.run([str(exe), str(case.hidden), str(case.rank), str(case.adapters),
                         "1" if case.dtype == "bf16" else "0", str(int(case.add)), str(nsets),
                         ",".join(map(str, case.lens)), ",".join(map(str, case.idx)), str(int(plan))],
@@ -339,6 +417,8 @@ def _launchers(torch, provider, case, sets, meta, plan):
         return [lambda: binding.batch_plan(*meta, batches, case.tokens, case.adapters, out=plan)]
     if provider == "torch":
         return _torch_launchers(torch, case, sets)
+    if case.op == "layer":
+        return _layer_launchers(torch, provider, case, sets, meta, plan)
     kw = {} if provider == "aot" else {"batch_plan": plan}
     if provider == "ranks":
         kw["lora_ranks"] = torch.tensor(case.ranks, dtype=torch.int32, device=meta[0].device)
@@ -352,6 +432,29 @@ def _launchers(torch, provider, case, sets, meta, plan):
         return [lambda v=_slice_views(case, s): [fn(*a, *meta, batches, max_len, case.add, **kw) for a in v]
                 for s in sets]
     return [lambda s=s: fn(*s, *meta, batches, max_len, case.add, **kw) for s in sets]
+
+
+def _layer_launchers(torch, provider, case, sets, meta, plan):
+    """The whole delta of a layer: one sgmv.Layer call (the step described and planned once,
+    outside the timing, as once per step), or sgmv_shrink into an fp32 intermediate (as LoRAX and
+    vLLM keep it) then sgmv_expand, both with the plan."""
+    from . import binding
+    batches, max_len = len(case.lens), max(case.lens)
+    ranks = None if case.ranks is None else torch.tensor(case.ranks, dtype=torch.int32, device=meta[0].device)
+    cols = len(case.slices) * case.rank
+    if provider == "layer":
+        step = binding.Step(*meta, batches, max_len, total_tokens=case.tokens, num_loras=case.adapters,
+                            max_columns=cols)
+        layers = [binding.Layer(a, b, lora_ranks=ranks, scaling=SHRINK_SCALING) for _, a, b, _ in sets]
+        return [lambda lay=lay, s=s: lay(s[0], s[3], step) for lay, s in zip(layers, sets)]
+    y = torch.empty(case.tokens, cols, dtype=torch.float32, device=meta[0].device)
+    ws = binding.new_workspace(y, case.tokens, cols)
+
+    def two(x, a, b, out):
+        binding.sgmv_shrink(x, a, y, *meta, batches, max_len, SHRINK_SCALING, lora_ranks=ranks, batch_plan=plan,
+                            workspace=ws)
+        binding.sgmv_expand(y, b, out, *meta, batches, max_len, True, plan, lora_ranks=ranks)
+    return [lambda s=s: two(*s) for s in sets]
 
 
 def _slice_views(case, s):
@@ -407,6 +510,9 @@ SUITE_TITLES = {
            "against three on column views",
     "ranks": "Adapters of ranks " + "/".join(map(str, MIXED_RANKS)) + " stored padded to 64 (hidden 4096, bf16): "
              "lora_ranks against the same call reading the padding; floor at each adapter's rank",
+    "layer": "The whole LoRA delta of a layer (hidden 4096, bf16, add_inputs): one sgmv.Layer call against "
+             "sgmv_shrink (fp32 out) then sgmv_expand, both with the plan; floor: x, each adapter's A and B, "
+             "out read and written (the intermediate never leaving the chip)",
 }
 
 
@@ -479,7 +585,7 @@ def run(out_dir, providers=None, cases=None, suites=None, progress=True):
     meta = dict(device=props.name, copy_bandwidth_tbps=bw / 1e12, l2_bytes=l2, torch=torch.__version__,
                 command="sgmv bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "sgmv bench",
                 suites=suites)
-    host = host_call_us(torch) if "expand" in suites else {}
+    host = host_call_us(torch) if "expand" in suites or "layer" in suites else {}
     (out_dir / "results.json").write_text(json.dumps(dict(meta=meta, results=results, host_call_us=host,
                                                           cases=evaluations), indent=1))
     tables = []

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from . import capi
+from . import binding, capi
 
 RANKS = (1, 7, 8, 16, 24, 64, 128, 256)
 HIDDENS = (1, 64, 4096, 4097)
@@ -512,3 +512,124 @@ def jit_matches_build():
 def bitwise_equal(a, b):
     """True when two tensors of one shape and dtype hold the same bits (NaNs included)."""
     return a.shape == b.shape and a.dtype == b.dtype and bool((_bits(a) == _bits(b)).all())
+
+
+# ---- the layer call (sgmv.Layer, sgmv.Step) --------------------------------------------------------
+# The intermediate is kept in the weights' dtype (as the library documents), so the float64
+# expectation allows one rounding of each intermediate element (`slack`).
+
+_LAYER_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# One rounding of an intermediate element to the weights' dtype: at most an ulp, <= 2^-mantissa * |v|
+# (plus the smallest subnormal step for fp16).
+ULP = {torch.float16: (2.0 ** -10, 2.0 ** -24), torch.bfloat16: (2.0 ** -7, 0.0)}
+
+
+@dataclasses.dataclass
+class LayerCase:
+    name: str
+    hidden: int
+    rank: int
+    outs: tuple  # output columns of each slice
+    lens: list
+    idx: list
+    num_loras: int
+    dtype: str = "fp16"
+    fp32_out: bool = False
+    meta: torch.dtype = torch.int32
+    per_token: bool = False
+    ranks: list = None
+    scales: bool = False
+    add_inputs: bool = True
+    scaling: float = 0.5
+    out_slice: bool = False
+    seed: int = 0
+
+    def __str__(self):
+        return f"{self.name}-{self.dtype}{'-tokens' if self.per_token else ''}"
+
+
+LAYER_CASES = [
+    LayerCase("decode-qkv", 64, 16, (64, 32, 32), [1] * 12, [0, 1, 2, 3, -1, 1, 0, 2, 3, 3, 1, 0], 4, seed=1),
+    LayerCase("spec-gateup", 96, 8, (128, 128), [4, 4, 4, 4], [1, 0, 1, 2], 3, scales=True, seed=2),
+    LayerCase("mixed-ranks", 64, 16, (64,), [37, 1, 1, 1, 3], [0, 1, 2, 1, 0], 3, ranks=[16, 5, 0], scales=True,
+              meta=torch.int64, seed=3),
+    LayerCase("prefill-one", 128, 32, (96,), [70], [1], 2, add_inputs=False, out_slice=True, seed=4),
+    LayerCase("split-k-few-rows", 2048, 16, (64, 64), [2, 1], [1, 0], 2, fp32_out=True, seed=5),
+    LayerCase("skips", 64, 16, (64,), [3, 0, 4, 2], [-1, 0, 7, 1], 2, add_inputs=False, seed=6),
+]
+LAYER_CASES += [dataclasses.replace(c, per_token=True, seed=c.seed + 50) for c in LAYER_CASES]
+GPU_LAYER_CASES = [
+    LayerCase("decode-256-qkv", 4096, 16, (4096, 1024, 1024), [1] * 256, [i % 4 for i in range(256)], 4, seed=7),
+    LayerCase("mixed-2048+64", 4096, 16, (4096,), [2048] + [1] * 64, [0] + [1 + i % 7 for i in range(64)], 8,
+              seed=8),
+    LayerCase("prefill-gateup", 4096, 16, (14336, 14336), [512, 512], [0, 1], 2, seed=9),
+    LayerCase("ranks-8-16-64", 4096, 64, (4096,), [1] * 64, [i % 3 for i in range(64)], 3, ranks=[8, 16, 64],
+              scales=True, seed=10),
+]
+GPU_LAYER_CASES = [dataclasses.replace(c, dtype=d, per_token=p) for c in GPU_LAYER_CASES for d in ("fp16", "bf16")
+                   for p in (False, True)]
+
+
+def build_layer(case, device):
+    """Fresh tensors: (layer, step, x, out view, whole buffer, rows' adapters)."""
+    g = torch.Generator().manual_seed(case.seed * 7919 + 11)
+    wd = _LAYER_DTYPES[case.dtype]
+    L, R, H, T = case.num_loras, case.rank, case.hidden, sum(case.lens)
+    a = [(torch.randn(L, R, H, generator=g) / H ** 0.5).to(wd).to(device) for _ in case.outs]
+    b = [(torch.randn(L, n, R, generator=g) / R ** 0.5).to(wd).to(device) for n in case.outs]
+    x = torch.randn(T, H, generator=g).to(wd).to(device)
+    od = torch.float32 if case.fp32_out else wd
+    pad = 5 if case.out_slice else 0
+    cols = sum(case.outs)
+    buf = (torch.randn(T, cols + 2 * pad, generator=g) if case.add_inputs else
+           torch.full((T, cols + 2 * pad), float("nan"))).to(od).to(device)
+    out = buf[:, pad:pad + cols]
+    ranks = None if case.ranks is None else torch.tensor(case.ranks, dtype=torch.int32, device=device)
+    scales = (torch.rand(L, generator=g) + 0.5).to(device) if case.scales else None
+    layer = binding.Layer(tuple(a) if len(a) > 1 else a[0], tuple(b) if len(b) > 1 else b[0], lora_ranks=ranks,
+                       lora_scales=scales, scaling=case.scaling, allow_cpu=device == "cpu")
+    starts = [sum(case.lens[:i]) for i in range(len(case.lens))]
+    rows = []
+    for n, i in zip(case.lens, case.idx):
+        rows += [i] * n
+    if case.per_token:
+        meta = dict(token_lora_mapping=torch.tensor(rows, dtype=case.meta, device=device))
+    else:
+        meta = dict(seq_start=torch.tensor(starts, dtype=case.meta, device=device),
+                    seq_len=torch.tensor(case.lens, dtype=case.meta, device=device),
+                    lora_indices=torch.tensor(case.idx, dtype=case.meta, device=device),
+                    max_seq_length=max(case.lens), total_tokens=T)
+    step = binding.Step(**meta, num_loras=L, plan=False, max_columns=len(case.outs) * R, allow_cpu=device == "cpu",
+                     scratch=None if device != "cpu" else torch.empty(
+                         binding.step_scratch_bytes(T if case.per_token else len(case.lens), T, len(case.outs) * R),
+                         dtype=torch.uint8))
+    return layer, step, x, out, buf, rows
+
+
+def expected_layer(case, layer, x, out, rows):
+    """(float64 result, rows written, slack) from the layer's own tensors."""
+    e = out.detach().cpu().double().clone()
+    written = torch.zeros(out.shape[0], dtype=torch.bool)
+    slack = torch.zeros(out.shape, dtype=torch.float64)
+    rel, absolute = ULP[layer.dtype]
+    xs = x.cpu().double()
+    scales = layer.lora_scales.double().tolist() if layer.lora_scales is not None else [1.0] * case.num_loras
+    scaling = torch.tensor(case.scaling, dtype=torch.float32).double().item()
+    for m, i in enumerate(rows):
+        if not 0 <= i < case.num_loras:
+            continue
+        r = case.rank if case.ranks is None else min(case.ranks[i], case.rank)
+        if r <= 0:
+            continue
+        written[m] = True
+        col = 0
+        for s, n in enumerate(case.outs):
+            a, b = layer.lora_a[s][i, :r].cpu().double(), layer.lora_b[s][i, :, :r].cpu().double()
+            scale = scaling * scales[i]
+            y = scale * (xs[m] @ a.T)
+            y_err = _SHRINK_SLACK * abs(scale) * (xs[m].abs() @ a.abs().T) + rel * y.abs() + absolute
+            prior = e[m, col:col + n] if case.add_inputs else 0
+            e[m, col:col + n] = prior + y @ b.T
+            slack[m, col:col + n] = y_err @ b.abs().T
+            col += n
+    return e, written, slack
