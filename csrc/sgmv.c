@@ -504,26 +504,25 @@ SGMV_API sgmv_status_t sgmv_layer_apply(const sgmv_layer_t *layer, const sgmv_st
                                         const sgmv_tensor_t *inputs, const sgmv_tensor_t *output, int32_t add_inputs,
                                         sgmv_stream_t stream) {
   sgmv_call_t c[2];
-  sgmv_launch_t l;
+  sgmv_launch_t l[2];
   int status = sgmv_layer_calls(layer, step, inputs, output, add_inputs, stream, c);
-  for (int i = 0; i < 2 && !status; i++) status = sgmv_decide(&c[i], any_arch(), NULL, &l);
-  if (status || l.config.noop) return (sgmv_status_t)status;
+  if (status || !c[0].total_tokens || !c[0].batches) return (sgmv_status_t)status;
   const sgmv_driver_t *cu = sgmv_driver(&status);
   if (!cu) return (sgmv_status_t)status;
   kernel_params_t p;
   void *scratch = NULL, *profile_scratch = NULL;
   void *params[] = {SGMV_KERNEL_PARAMS(ADDR) & scratch, &profile_scratch};
-  /* The shrink, then the expand that reads its intermediate, in stream order, in one context entry. */
+  /* Both planned at the stream's arch before the first launch (a failure launches nothing), then
+   * the shrink and the expand that reads its intermediate, in stream order, in one context entry. */
   int pushed, arch = 0;
   CUdevice dev = 0;
   status = enter_context(cu, stream, &pushed, &dev, &arch);
-  for (int i = 0; i < 2 && !status; i++) {
-    status = sgmv_decide(&c[i], arch, NULL, &l);
-    for (int step = 0; !status && step < l.config.steps; step++) {
-      fill_call(&c[i], &l, step, &p);
-      status = launch(cu, &l, dev, params, stream);
+  for (int i = 0; i < 2 && !status; i++) status = sgmv_decide(&c[i], arch, NULL, &l[i]);
+  for (int i = 0; i < 2 && !status; i++)
+    for (int step = 0; !status && step < l[i].config.steps; step++) {
+      fill_call(&c[i], &l[i], step, &p);
+      status = launch(cu, &l[i], dev, params, stream);
     }
-  }
   if (pushed) {
     CUcontext popped;
     cu->cuCtxPopCurrent(&popped);

@@ -206,6 +206,8 @@ def _buffer(ctype):
 
 
 def _count(value, name):
+    if type(value) is int:
+        return value
     if type(value) is bool or not hasattr(value, "__index__"):
         raise _type_error(f"{name} must be an int, got {type(value).__name__}")
     return value.__index__()
@@ -447,6 +449,7 @@ _STEP_META_AT = [_offset("sgmv_step_args_t", f) for f in ("seq_start", "seq_len"
 _STEP_TAIL = _struct("sgmv_step_args_t", ("batches", "max_seq_length", "total_tokens", "num_loras", "scratch",
                                           "scratch_bytes"), _offset("sgmv_step_args_t", "batches"))
 _STEP_TAIL_AT = _offset("sgmv_step_args_t", "batches")
+_STEP_NAMES = ("seq_start", "seq_len", "lora_indices", "token_lora_mapping")
 _DEFAULT_COLUMNS = 3 * 256  # the widest layer: SGMV_MAX_SLICES slices of rank 256
 
 
@@ -463,14 +466,17 @@ def step_scratch_bytes(max_batches, max_tokens, max_columns=_DEFAULT_COLUMNS):
 
 
 def _scratch_ref(scratch):
-    (ptr, dt, ndim, *rest), device = describe(scratch, "scratch")
-    if ndim != 1 or (rest[0] > 1 and rest[4] != 1):
-        raise _invalid("scratch must be a contiguous 1-D array (see sgmv.step_scratch_bytes)")
-    size = {_INT32: 4, _FLOAT32: 4, _DTYPE_NAMES["int64"]: 8}.get(dt)
-    if size is None:
-        torch = sys.modules.get("torch")
-        size = scratch.element_size() if torch is not None and isinstance(scratch, torch.Tensor) else 1
-    return ptr, rest[0] * size, device
+    """(address, bytes, device) of a step's scratch array (contiguous, any dtype)."""
+    try:  # torch
+        ptr, nbytes, device, dense = scratch.data_ptr(), scratch.nbytes, scratch.get_device(), scratch.is_contiguous()
+    except AttributeError:
+        (ptr, dt, ndim, *rest), device = describe(scratch, "scratch")
+        cai = scratch.__cuda_array_interface__
+        nbytes = rest[0] * _ITEMSIZE.get(cai["typestr"], 1) if ndim == 1 else 0
+        dense = ndim == 1 and (rest[0] <= 1 or rest[4] == 1)
+    if not dense:
+        raise _invalid("scratch must be a contiguous array (see sgmv.step_scratch_bytes)")
+    return ptr, nbytes, device
 
 
 class Step:
@@ -497,18 +503,20 @@ class Step:
         buf, mem = _buffer("sgmv_step_args_t")
         per_token = token_lora_mapping is not None
         meta = (None, None, None, token_lora_mapping) if per_token else (seq_start, seq_len, lora_indices, None)
-        names = ("seq_start", "seq_len", "lora_indices", "token_lora_mapping")
-        if not per_token and any(m is None for m in meta[:3]):
-            raise _type_error("sgmv.Step needs seq_start, seq_len and lora_indices, or token_lora_mapping")
-        if per_token and any(m is not None for m in (seq_start, seq_len, lora_indices)):
+        if per_token and not (seq_start is None and seq_len is None and lora_indices is None):
             raise _invalid("token_lora_mapping replaces seq_start, seq_len and lora_indices: pass one or the other")
-        devices = []
-        for at, m, name in zip(_STEP_META_AT, meta, names):
-            d = _pack_optional(mem, at, m, name)
-            if d is not None:
-                devices.append(d)
+        if not per_token and (seq_start is None or seq_len is None or lora_indices is None):
+            raise _type_error("sgmv.Step needs seq_start, seq_len and lora_indices, or token_lora_mapping")
+        devices, n = [], 0
+        for at, m, name in zip(_STEP_META_AT, meta, _STEP_NAMES):
+            if m is None:
+                _TENSOR.pack_into(mem, at, *_NO_TENSOR)
+                continue
+            fields, d = describe(m, name)
+            _TENSOR.pack_into(mem, at, *fields)
+            devices.append(d)
+            n = n or (fields[3] if fields[2] else 0)  # the first array's length: the default batches
         first = meta[3] if per_token else meta[0]
-        n = _shape(first)[0] if len(_shape(first)) else 0
         if total_tokens is None:
             if not per_token:
                 raise _type_error("sgmv.Step with segments needs total_tokens (the rows of the step)")
@@ -525,8 +533,10 @@ class Step:
             scratch = torch.empty(size, dtype=torch.uint8, device=first.device)
         ptr, nbytes, d = _scratch_ref(scratch)
         devices.append(d)
-        self.device = _one_device(devices, names[3:] + ("scratch",) if per_token else names[:3] + ("scratch",),
-                                  allow_cpu)
+        self.device = d
+        if devices.count(d) != len(devices) or (d < 0 and not allow_cpu):
+            _one_device(devices, _STEP_NAMES[3:] + ("scratch",) if per_token else _STEP_NAMES[:3] + ("scratch",),
+                        allow_cpu)
         _STEP_TAIL.pack_into(mem, _STEP_TAIL_AT, batches, max_seq_length, total_tokens,
                              _count(num_loras, "num_loras"), ptr, nbytes)
         h = capi.ffi.new("sgmv_step_t **")
@@ -541,7 +551,7 @@ class Step:
     def plan(self, *, stream=None):
         """Builds the step's batch plan from its metadata (two small launches on `stream`)."""
         s = current_stream(self.device, self.scratch) if stream is None else stream_handle(stream)
-        status = _lib.sgmv_step_plan(self._h, s)
+        status = _lib.sgmv_step_plan(self._h, _streams.get(s) or _stream_ptr(s))
         if status:
             capi.check(status)
         return self
@@ -608,10 +618,20 @@ class Layer:
         _TENSOR.pack_into(mem, 0, *xf)
         _TENSOR.pack_into(mem, _SIZEOF_TENSOR, *of)
         s = current_stream(od, out) if stream is None else stream_handle(stream)
-        status = _lib.sgmv_layer_apply(self._h, step._h, t[0], t[2], add_inputs, s)
+        status = _lib.sgmv_layer_apply(self._h, step._h, t[0], t[2], add_inputs, _streams.get(s) or _stream_ptr(s))
         if status:
             capi.check(status)
         return out
+
+
+_streams = {}  # stream handle -> sgmv_stream_t cdata (a cast costs more than the lookup)
+
+
+def _stream_ptr(handle):
+    p = capi.ffi.cast("sgmv_stream_t", handle)
+    if len(_streams) < 1024:
+        _streams[handle] = p
+    return p
 
 
 def _thread_tensors():
