@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))  # no
 import sgmv  # noqa: E402
 import sgmv.reference  # noqa: E402
 from sgmv import binding, capi  # noqa: E402
-from sgmv.testing import CORRUPT, LoraCase, CheckFailed, build_lora, check, expected_lora  # noqa: E402
+from sgmv.testing import (CORRUPT, CheckFailed, LayerCase, LoraCase, build_layer, build_lora, check,  # noqa: E402
+                          expected_layer, expected_lora)
 
 I32, I64 = torch.int32, torch.int64
 ARCH = 90  # the H200's cubin family: the planner's choices asserted below are sm_90's
@@ -171,6 +172,20 @@ SPECS = [
     E("e-plan-zero-batches", 16, [64], [], [], 2, "fp16", I32, total_tokens=8, max_seq_length=0, plan="build"),
     E("e-plan-300-segments", 8, [64], [1] * 300, [i % 4 - 1 for i in range(300)], 3, "fp16", I64, plan="build",
       jit=True),
+]
+
+
+# ---- the layer call (sgmv.Layer, sgmv.Step): the step's plan (segments or a per-token mapping),
+# then the shrink into the step's scratch and the expand from it ----
+LAYER_SPECS = [
+    LayerCase("l-decode-qkv-tokens", 256, 16, (256, 64, 64), DECODE, DECODE_IDX, 4, per_token=True, seed=61),
+    LayerCase("l-decode-qkv-segments", 256, 16, (256, 64, 64), DECODE, DECODE_IDX, 4, dtype="bf16", meta=I64,
+              seed=62),
+    LayerCase("l-split-k-ranks-scales", 2048, 16, (128, 128), [2, 1, 3], [1, 0, 2], 3, ranks=[16, 5, 0],
+              scales=True, fp32_out=True, seed=63),
+    LayerCase("l-prefill-tokens-column-slice", 256, 32, (192,), [150, 2], [1, 0], 2, per_token=True,
+              add_inputs=False, out_slice=True, dtype="bf16", seed=64),
+    LayerCase("l-skewed-tokens-int64", 128, 64, (128,), SKEWED, SKEWED_IDX, 3, per_token=True, meta=I64, seed=65),
 ]
 
 
@@ -350,6 +365,45 @@ class Runner:
             self.failures.append(f"{what}: {type(e).__name__}: {e}")
             traceback.print_exc()
 
+    def run_layer(self, case, jit):
+        """One layer case: the step's plan, then the layer call (AOT, JIT, or the reference when dry)."""
+        what = f"{'jit' if jit else 'aot'} {case} ({str(case.meta)[6:]})"
+        try:
+            layer, step, x, out, buf, rows = build_layer(case, self.device)
+            before = buf.clone()
+            pad = (buf.shape[1] - out.shape[1]) // 2
+            exp, written, slack = expected_layer(case, layer, x, before[:, pad:pad + out.shape[1]], rows)
+            plan = capi.ffi.new("sgmv_launches_t *")
+            plan.struct_size = capi.ffi.sizeof("sgmv_launches_t")
+            capi.check(capi.lib.sgmv_step_plan_launches(step._h, ARCH, plan))
+            pair = capi.ffi.new("sgmv_tensor_t[2]")
+            for i, t in enumerate((x, out)):
+                fields, _ = binding.describe(t, "t")
+                binding._TENSOR.pack_into(capi.ffi.buffer(pair), i * binding._SIZEOF_TENSOR, *fields)
+            calls = capi.ffi.new("sgmv_launches_t *")
+            calls.struct_size = capi.ffi.sizeof("sgmv_launches_t")
+            capi.check(capi.lib.sgmv_layer_apply_launches(layer._h, step._h, pair, pair + 1, int(case.add_inputs),
+                                                          ARCH, calls))
+            if self.dry:
+                sgmv.reference.layer_apply(layer, x, out, step, add_inputs=case.add_inputs)
+            elif jit:
+                sgmv.jit.step_plan(step)
+                sgmv.jit.layer_apply(layer, x, out, step, add_inputs=case.add_inputs)
+            else:
+                step.plan()
+                layer(x, out, step, add_inputs=case.add_inputs)
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            self.calls += 2
+            self.launches += plan.num_launches + calls.num_launches
+            for d in (plan, calls):
+                self.variants.update(capi.ffi.string(d.launches[i].variant).decode() for i in range(d.num_launches))
+            self.paths.add("layer:" + ("per-token" if case.per_token else "segments"))
+            check((x, None, out), before, buf, exp, written, what, slack)
+        except Exception as e:
+            self.failures.append(f"{what}: {type(e).__name__}: {e}")
+            traceback.print_exc()
+
     def _expect(self, spec, cfg, names, what):
         if cfg.noop:
             if spec.expect:
@@ -391,6 +445,9 @@ def main(argv=None):
         for s in specs:
             print(f"{s.name:40s} {s.case.op:6s} plan={s.plan} ws={s.workspace} verify={s.verify} sets={s.sets} "
                   f"jit={s.jit} expect={s.expect}")
+        for c in LAYER_SPECS:
+            print(f"{c.name:40s} layer  per_token={c.per_token} slices={len(c.outs)} ranks={c.ranks is not None} "
+                  f"scales={c.scales} dtype={c.dtype}")
         return 0
     device = "cpu" if opts.dry else "cuda"
     if not opts.dry:
@@ -404,11 +461,18 @@ def main(argv=None):
         r.run(spec, jit=False)
         if not opts.dry and (opts.jit == "all" or (opts.jit == "some" and spec.jit)):
             r.run(spec, jit=True)
+    for case in LAYER_SPECS if opts.set != "quick" else LAYER_SPECS[:1]:
+        if opts.dry and case.dtype == "bf16":
+            case = dataclasses.replace(case, dtype="fp16")  # the reference runs either; keep the CPU run quick
+        r.run_layer(case, jit=False)
+        if not opts.dry and opts.jit != "none":
+            r.run_layer(case, jit=True)
     if opts.set == "full":  # the full list runs every tile of the table (a variant name holds its tile)
         missing = [t for t in sm90_tiles() if not any(f"_{t}_" in v for v in r.variants)]
         if missing:
             r.failures.append(f"coverage: no case runs the sm_{ARCH} tiles {missing}")
-    summary = dict(set=opts.set, jit=opts.jit, dry=opts.dry, cases=len(specs), calls=r.calls, launches=r.launches,
+    cases = len(specs) + (len(LAYER_SPECS) if opts.set != "quick" else 1)
+    summary = dict(set=opts.set, jit=opts.jit, dry=opts.dry, cases=cases, calls=r.calls, launches=r.launches,
                    failures=len(r.failures), paths=sorted(r.paths), variants=len(r.variants),
                    variant_names=sorted(r.variants), wall_s=round(time.time() - t0, 1))
     for f in r.failures:

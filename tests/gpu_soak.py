@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""A soak of libsgmv on a GPU: randomized calls (expand and shrink, fp16/bf16, decode/prefill/mixed
-layouts, plan or not, 1 to 3 slices, per-adapter ranks and scales, split-K, int32/int64 metadata,
-torch ops) from several host threads sharing 2 CUDA streams, with bad arguments mixed in (each must
+"""A soak of libsgmv on a GPU: randomized calls (expand, shrink and the layer call with segments or a
+per-token mapping, fp16/bf16, decode/prefill/mixed layouts, plan or not, 1 to 3 slices, per-adapter
+ranks and scales, split-K, int32/int64 metadata, torch ops) from several host threads sharing 2 CUDA streams, with bad arguments mixed in (each must
 raise sgmv.SgmvError, ValueError or TypeError), 1 call in --sample checked against float64 (the
 buffer reset, the call, a stream sync), and CUDA graphs (plan + shrink + expand) replayed from the
 main thread with the metadata changed in place in between, checked each time. Host RSS and GPU
@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))  # noqa: E402
 import sgmv  # noqa: E402
 import sgmv.reference  # noqa: E402
-from sgmv.testing import LoraCase, build_lora, check, expected_lora  # noqa: E402
+from sgmv.testing import LayerCase, LoraCase, build_layer, build_lora, check, expected_layer, expected_lora  # noqa: E402
 
 LAYOUTS = {"decode": lambda r: [1] * r.randint(1, 24), "prefill": lambda r: [r.randint(8, 40) for _ in range(r.randint(1, 3))],
            "mixed": lambda r: [r.randint(5, 30)] + [1] * r.randint(1, 12)}
@@ -63,7 +63,7 @@ class Problem:
     """One call's tensors, made once: the call is re-run many times, sampled runs start from `before`."""
 
     def __init__(self, rng, device, seed):
-        op = rng.choice(("expand", "shrink"))
+        op = rng.choice(("expand", "shrink", "layer"))
         layout = rng.choice(list(LAYOUTS))
         lens = LAYOUTS[layout](rng)
         L = rng.randint(1, 4)
@@ -75,6 +75,24 @@ class Problem:
         ranks = [rng.choice((rank, max(1, rank // 2), 0)) for _ in range(L)] if rng.random() < 0.3 else None
         if ranks:
             ranks[0] = rank
+        self.op = op
+        if op == "layer":  # the layer call: a Step (segments or per-token) and a Layer of 1 to 3 slices
+            c = LayerCase("soak-layer", rng.choice((64, 256, 1024)), rank, tuple(rng.choice((64, 128, 96))
+                                                                               for _ in range(slices)),
+                          lens, idx, L, dtype=wd, fp32_out=rng.random() < 0.3,
+                          meta=rng.choice((torch.int32, torch.int64)), per_token=rng.random() < 0.5, ranks=ranks,
+                          scales=rng.random() < 0.3, add_inputs=rng.random() < 0.7, out_slice=rng.random() < 0.3,
+                          seed=seed)
+            if device == "cpu" and wd == "bf16":
+                c.dtype = "fp16"
+            self.case = c
+            self.layer, self.step, self.x, self.out, self.buf, rows = build_layer(c, device)
+            self.before = self.buf.clone()
+            pad = (self.buf.shape[1] - self.out.shape[1]) // 2
+            self.exp, self.written, self.slack = expected_layer(c, self.layer, self.x,
+                                                                self.before[:, pad:pad + self.out.shape[1]], rows)
+            self.args = (self.x, None, self.out)
+            return
         if op == "expand":
             hiddens = [rng.choice((64, 128, 96, 40)) for _ in range(slices)]
             dt = rng.choice((wd, f"fp32in-{wd}", f"{wd}-fp32out"))
@@ -111,6 +129,10 @@ class Soak:
                 self.failures.append(msg)
 
     def call(self, p, rng, plan):
+        if p.op == "layer":
+            if self.dry:
+                return sgmv.reference.layer_apply(p.layer, p.x, p.out, p.step, add_inputs=p.case.add_inputs)
+            return p.layer(p.x, p.out, p.step, add_inputs=p.case.add_inputs)
         kw = dict(p.kw)
         if plan is not None:
             kw["batch_plan"] = plan
@@ -130,6 +152,20 @@ class Soak:
 
     def bad_call(self, p, rng):
         """A call outside the contract: it must raise one of the documented errors, launching nothing."""
+        if p.op == "layer":
+            fn = sgmv.reference.layer_apply if self.dry else (lambda lay, *a, **k: lay(*a, **k))
+            bads = [lambda: fn(p.layer, p.x[:, :1], p.out, p.step),          # wrong inputs width
+                    lambda: fn(p.layer, p.x, p.out[:, :1], p.step),          # wrong output width
+                    lambda: fn(p.layer, p.x.float(), p.out, p.step)]         # inputs not the weights' dtype
+            i = rng.randrange(len(bads))
+            try:
+                bads[i]()
+            except (sgmv.SgmvError, ValueError, TypeError, RuntimeError):
+                with self.lock:
+                    self.n["refusals"] += 1
+                return
+            self.fail(f"bad layer argument {i} was accepted")
+            return
         x, w, out, st, ln, ix, b, ms, last = p.args
         fn = getattr(sgmv.reference if self.dry else sgmv, f"sgmv_{p.op}")
         bads = [
@@ -180,7 +216,13 @@ class Soak:
                         self.bad_call(p, rng)
                         continue
                     plan = None
-                    if rng.random() < 0.4:
+                    if p.op == "layer":
+                        if rng.random() < 0.2 or not getattr(p, "planned", False):  # the step's plan, on this stream
+                            if not self.dry:
+                                p.step.plan()
+                            p.planned = True
+                            plans += 1
+                    elif rng.random() < 0.4:
                         plan = p.plan
                         if rng.random() < 0.2 or not getattr(p, "planned", False):
                             if self.dry:
@@ -197,7 +239,8 @@ class Soak:
                     if sample:
                         if stream is not None:
                             stream.synchronize()
-                        check(p.args, p.before, p.buf, p.exp, p.written, f"thread {k} call {i} {p.op} {p.case.dtypes}",
+                        dt = getattr(p.case, "dtypes", None) or p.case.dtype
+                        check(p.args, p.before, p.buf, p.exp, p.written, f"thread {k} call {i} {p.op} {dt}",
                               p.slack)
                         checked += 1
                 except Exception as e:
