@@ -90,20 +90,16 @@ def compile_variant(v):
     else:
         tile = V.TILES[v["tile"]]
         constexprs = {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k,
-                      "PATH": path_value(mod, v["path"]), "EVEN_K": v["even_k"], "SHRINK": v["op"] == "shrink"}
+                      "PATH": path_value(mod, v["path"]), "EVEN_K": v["even_k"], "SHRINK": v["op"] == "shrink",
+                      "ALIGNED": v["aligned"]}
         options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages}
         if v["aligned"]:
             # What the planner checks before it picks an aligned variant (csrc/planner.c, is_aligned):
-            # pointers aligned to ALIGN_BYTES, sizes multiples of it in their tensor's elements.
+            # data pointers aligned to ALIGN_BYTES (the sizes and strides: the kernel's ALIGNED). The
+            # JIT specialises the same pointers on 16-byte alignment, and nothing else.
             names = list(kernel.arg_names)
-            for a in ("x_ptr", "w_ptr", "w1_ptr", "w2_ptr", "out_ptr", "work_ptr"):
-                attrs[(names.index(a),)] = [["tt.divisibility", V.ALIGN_BYTES]]
-            elems = {t: V.ALIGN_BYTES // V.DTYPE_BYTES[v[t]] for t in ("x", "w", "out")}
-            for t, args in (("out", ("N", "N1", "N2", "out_slice_step", "out_stride_m")), ("x", ("x_slice_step", "x_stride_m")),
-                            ("w", ("w_stride_l", "w_stride_n", "w1_stride_l", "w1_stride_n", "w2_stride_l",
-                                   "w2_stride_n"))):
-                for a in args:
-                    attrs[(names.index(a),)] = [["tt.divisibility", elems[t]]]
+            for a in mod.ALIGNED_POINTERS:
+                attrs[(names.index(a),)] = [["tt.divisibility", mod.ALIGN_BYTES.value]]
     signature = {n: pointer_type(t, v) if t[0] == "*" else t for n, t in params}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -144,7 +140,7 @@ def rules_header(mod):
           d("PLAN_HEADER", mod.PLAN_HEADER.value), d("PLAN_ALIGN", mod.PLAN_ALIGN.value),
           d("PLAN_TABLE", mod.PLAN_TABLE.value), d("MAX_SPLIT", mod.MAX_SPLIT.value),
           "/* what aligned variants assume (bytes), expand's narrowest column tile */",
-          d("ALIGN_BYTES", V.ALIGN_BYTES), d("MIN_EXPAND_BLOCK_N", V.MIN_EXPAND_BLOCK_N),
+          d("ALIGN_BYTES", mod.ALIGN_BYTES.value), d("MIN_EXPAND_BLOCK_N", V.MIN_EXPAND_BLOCK_N),
           "/* the served dtypes: X(op, inputs, weights, output) */"]
     rows = [f"X(SGMV_OP_{op.upper()}, {C_DTYPE[x]}, {C_DTYPE[w]}, {C_DTYPE[o]})"
             for op in V.OPS for x, w, o in V.DTYPES[op]]

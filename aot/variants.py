@@ -34,11 +34,6 @@ ARCHS = tuple(RULES["expand"])
 DTYPES = {"expand": [(i, w, o) for w in ("fp16", "bf16") for i in (w, "fp32") for o in (w, "fp32")],
           "shrink": [(w, w, o) for w in ("fp16", "bf16") for o in (w, "fp32")]}
 
-DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
-# What the aligned variants assume, in bytes: every data pointer (and the workspace) aligned to
-# it, and every column count, column offset and row stride a multiple of it in bytes, i.e. of
-# ALIGN_BYTES / element size elements of its tensor ("unaligned" serves the rest).
-ALIGN_BYTES = 16
 # Expand's narrowest column tile: 65535 column tiles of it bound hidden (CUDA's grid limit).
 MIN_EXPAND_BLOCK_N = 64
 

@@ -687,6 +687,7 @@ int sgmv_decide(const sgmv_call_t *a, int arch, const sgmv_launch_config_t *want
     short_path = !grouped && want->path == SGMV_PATH_SHORT && a->op == SGMV_OP_EXPAND;
   }
   c->tile = t->name;
+  c->aligned = is_aligned(a); /* the table picks the unaligned tile exactly when not */
   c->block_m = t->block_m, c->block_n = t->block_n, c->block_k = t->block_k;
   c->num_warps = t->num_warps, c->num_stages = t->num_stages;
   /* Per-adapter ranks end expand's K early, anywhere. */

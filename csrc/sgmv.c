@@ -308,7 +308,7 @@ static int describe_constexpr(sgmv_kernel_launch_t *out, const char *name, const
       {"BLOCK_K", offsetof(sgmv_launch_config_t, block_k)}, {"PATH", offsetof(sgmv_launch_config_t, path)},
       {"EVEN_K", offsetof(sgmv_launch_config_t, even_k)},   {"SHRINK", offsetof(sgmv_launch_config_t, op)},
       {"SEGS", offsetof(sgmv_launch_config_t, block_b)},    {"SCAN", offsetof(sgmv_launch_config_t, scan)},
-      {"ROWS", offsetof(sgmv_launch_config_t, rows)},
+      {"ROWS", offsetof(sgmv_launch_config_t, rows)},       {"ALIGNED", offsetof(sgmv_launch_config_t, aligned)},
   };
   for (size_t i = 0; i < sizeof fields / sizeof *fields; i++)
     if (!strcmp(fields[i].name, name)) {

@@ -45,6 +45,11 @@ PATH_ROWS, PATH_SHORT, PATH_GROUPED = tl.constexpr(0), tl.constexpr(1), tl.const
 PLAN_HEADER = tl.constexpr(4)  # [0] slots used, [1] batches, [2] capacity, [3] 0
 PLAN_ALIGN = tl.constexpr(64)
 PLAN_TABLE = tl.constexpr(4)  # words per segment of the construction table: key, length, ahead, grows
+# What the aligned variants assume, in bytes (csrc/planner.c checks it, is_aligned): every data
+# pointer (and the workspace) aligned to it, and every column count, column offset and row stride
+# a multiple of it in bytes, i.e. of ALIGN_BYTES / element size elements of its tensor (the
+# "unaligned" tile serves the rest). It makes loads and stores along columns 16 bytes wide.
+ALIGN_BYTES = tl.constexpr(16)
 # Most programs a split of K uses (aot/tiles.json's split rule stays within it): step 1 adds
 # the partial sums of a tile in a loop unrolled this far.
 MAX_SPLIT = tl.constexpr(8)
@@ -73,9 +78,19 @@ SIGNATURES = {
 }
 
 
-# K and the flags are not specialised when they are 1: the AOT variants serve every value with
-# one code path, and the JIT must run the same code to give the same bits.
-@triton.jit(do_not_specialize=["K", "has_ranks", "has_scales", "per_token", "step"])
+# The data pointers an aligned variant assumes ALIGN_BYTES-aligned (aot/generate.py tells the
+# compiler). The JIT specialises on nothing else the AOT build does not: no integer (Triton would
+# on 1 and on multiples of 16) and no other pointer (on 16-byte alignment); what an aligned
+# variant knows of its sizes and strides, ALIGNED states in the kernel itself. So the JIT compiles
+# one kernel per variant, the AOT build's code, however the shapes vary.
+ALIGNED_POINTERS = ("x_ptr", "w_ptr", "w1_ptr", "w2_ptr", "out_ptr", "work_ptr")
+
+
+def _unspecialised(kernel):
+    return [name for name in SIGNATURES[kernel] if name not in ALIGNED_POINTERS]
+
+
+@triton.jit(do_not_specialize=_unspecialised("sgmv_kernel"))
 def sgmv_kernel(
     x_ptr,  # (total_tokens, K per slice) rows, unit stride along K
     w_ptr,  # slice 0: (num_loras, N, K), unit stride along K
@@ -122,7 +137,20 @@ def sgmv_kernel(
     PATH: tl.constexpr,  # PATH_*
     EVEN_K: tl.constexpr,
     SHRINK: tl.constexpr,  # shrink: a per-adapter rank limits each slice's columns, scales, split K
+    ALIGNED: tl.constexpr,  # every size and stride a multiple of 16 bytes of its tensor's elements (the planner checks)
 ):
+    if ALIGNED:
+        # (v // E) * E == v here; it tells the compiler that v is a multiple of E (a hint on an
+        # argument would not reach it), so that accesses along columns are 16 bytes wide.
+        EX: tl.constexpr = ALIGN_BYTES * 8 // x_ptr.dtype.element_ty.primitive_bitwidth
+        EW: tl.constexpr = ALIGN_BYTES * 8 // w_ptr.dtype.element_ty.primitive_bitwidth
+        EO: tl.constexpr = ALIGN_BYTES * 8 // out_ptr.dtype.element_ty.primitive_bitwidth
+        N, N1, N2 = N // EO * EO, N1 // EO * EO, N2 // EO * EO
+        out_slice_step, out_stride_m = out_slice_step // EO * EO, out_stride_m // EO * EO
+        x_slice_step, x_stride_m = x_slice_step // EX * EX, x_stride_m // EX * EX
+        w_stride_l, w_stride_n = w_stride_l // EW * EW, w_stride_n // EW * EW
+        w1_stride_l, w1_stride_n = w1_stride_l // EW * EW, w1_stride_n // EW * EW
+        w2_stride_l, w2_stride_n = w2_stride_l // EW * EW, w2_stride_n // EW * EW
     pid_g = tl.program_id(0).to(tl.int64)
     # The column tile's slice and its weights, columns and inputs.
     pid_n = tl.program_id(1)
@@ -228,7 +256,7 @@ def sgmv_kernel(
                   BLOCK_K, EVEN_K, SHRINK)
 
 
-@triton.jit(do_not_specialize=["batches", "total_tokens", "per_token", "plan_capacity", "step"])
+@triton.jit(do_not_specialize=_unspecialised("sgmv_plan_kernel"))
 def sgmv_plan_kernel(
     plan_ptr,  # int32: header, plan_capacity row slots, an adapter per PLAN_ALIGN slots, 4 x batches
     seq_start_ptr,

@@ -198,3 +198,22 @@ def test_int64_metadata_outside_int32_is_skipped_by_kernel_and_reference(field):
     for out in outs:
         assert torch.equal(out[:2], torch.full((2, 64), 7.0, dtype=torch.float16))  # skipped: untouched
         torch.testing.assert_close(out[2:].double(), want, atol=2e-2, rtol=1e-2)
+
+
+def test_jit_specialises_only_the_aligned_pointers():
+    """The JIT compiles the AOT build's code: Triton specialises none of the kernels' integers (on 1
+    or on multiples of 16) and no pointer but those an aligned variant assumes aligned, so that a
+    new parameter cannot bring shape-dependent specialisation (a compile per shape) back. Read
+    from the compiled-mode decorators, in a process without TRITON_INTERPRET."""
+    import os
+    import subprocess
+    import sys
+    src = Path(__file__).resolve().parent.parent / "kernels" / "sgmv.py"
+    code = ("import importlib.util, json, sys; s = importlib.util.spec_from_file_location('k', sys.argv[1]); "
+            "k = importlib.util.module_from_spec(s); s.loader.exec_module(k); print(json.dumps({n: [p.name for p in "
+            "getattr(k, n).params if not p.is_constexpr and not p.do_not_specialize] for n in k.SIGNATURES})); "
+            "print(json.dumps(list(k.ALIGNED_POINTERS)))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code, str(src)], capture_output=True, text=True, env=env, check=True)
+    specialised, aligned = (json.loads(line) for line in out.stdout.splitlines())
+    assert specialised == {"sgmv_kernel": aligned, "sgmv_plan_kernel": []}

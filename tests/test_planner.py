@@ -475,3 +475,4 @@ def test_alignment_is_per_element_size(dtype, stride, aligned):
     status, c, msg = config(args(output_dtype=S["SGMV_DTYPE_" + dtype], output_row_stride=stride))
     assert status == 0, msg
     assert (ffi.string(c.tile).decode() != "unaligned") == aligned
+    assert c.aligned == aligned  # the kernel's ALIGNED constexpr: what the aligned tiles assume

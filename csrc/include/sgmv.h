@@ -331,6 +331,7 @@ typedef struct {
   int64_t x_slice_step;          /* inputs elements between fused slices (expand with slices) */
   /* ---- end of version 0.3 ---- */
   int32_t per_token;             /* 1: the metadata is a per-row adapter array (a step's token mapping) */
+  int32_t aligned;               /* 1: sizes, strides and pointers 16 bytes aligned (the ALIGNED constexpr) */
 } sgmv_launch_config_t;
 
 /* The launch sgmv_expand would make on a GPU of cubin family cubin_arch (80, 90, 100, 120),
