@@ -234,8 +234,9 @@ static int check_call(const char *fn, const sgmv_call_t *c) {
     return INVALID("%s: args->max_seq_length must be >= 0, got %lld", fn, (long long)c->max_seq_length);
   int expand = c->op == SGMV_OP_EXPAND;
   int64_t rank = expand ? c->K : c->w[0].rows;
+  const char *x_cols = !expand ? "hidden" : c->num_slices > 1 ? "num_slices * rank" : "rank";
   int status_x = check_view(fn, "inputs", c->total_tokens, expand ? c->num_slices : 1, expand ? rank : c->K,
-                            c->x_stride, c->x_slice_step, expand ? (c->num_slices > 1 ? "num_slices * rank" : "rank") : "hidden");
+                            c->x_stride, c->x_slice_step, x_cols);
   if (status_x) return status_x;
   if (expand) { /* slices of different widths, side by side */
     if (c->total_tokens > 1 && c->out_stride < c->out_cols)
