@@ -760,7 +760,7 @@ SGMV_API sgmv_status_t sgmv_shrink_config(const sgmv_shrink_args_t *args, int cu
 
 /* ---- the batch plan ------------------------------------------------------------------------ */
 
-int sgmv_decide_batch_plan(const sgmv_batch_plan_args_t *a, int arch, sgmv_launch_t *out) {
+int sgmv_decide_batch_plan(const sgmv_batch_plan_args_t *a, int per_token, int arch, sgmv_launch_t *out) {
   if (!a) return INVALID("sgmv_batch_plan_build: args is NULL");
   if (a->struct_size != sizeof *a)
     return INVALID("sgmv_batch_plan_build: args->struct_size is %zu, expected %zu: initialise it with "
@@ -784,6 +784,7 @@ int sgmv_decide_batch_plan(const sgmv_batch_plan_args_t *a, int arch, sgmv_launc
   c->kernel = "sgmv_plan_kernel";
   c->split = 1;
   c->meta_shift = a->seq_start.dtype == SGMV_DTYPE_INT64;
+  c->per_token = per_token != 0;
   c->plan_capacity = plan_capacity(a->plan_bytes, a->batches);
   /* Always launched, even for an empty batch: the plan must say it holds no rows. Two launches
    * (steps); programs of SEGS segments each, and enough per segment group to split long
@@ -805,7 +806,7 @@ SGMV_API sgmv_status_t sgmv_batch_plan_config(const sgmv_batch_plan_args_t *args
                                               sgmv_launch_config_t *config) {
   sgmv_launch_t launch;
   if (!config) return (sgmv_status_t)INVALID("sgmv_batch_plan_config: config is NULL");
-  int status = sgmv_decide_batch_plan(args, cubin_arch, &launch);
+  int status = sgmv_decide_batch_plan(args, 0, cubin_arch, &launch);
   if (!status) copy_config(config, &launch.config);
   return (sgmv_status_t)status;
 }
@@ -1033,8 +1034,7 @@ int sgmv_layer_calls(const sgmv_layer_t *l, const sgmv_step_t *st, const sgmv_te
   return status;
 }
 
-int sgmv_decide_step_plan(const sgmv_step_t *st, sgmv_stream_t stream, int arch, sgmv_batch_plan_args_t *p,
-                          sgmv_launch_t *out) {
+int sgmv_step_plan_args(const sgmv_step_t *st, sgmv_stream_t stream, sgmv_batch_plan_args_t *p, int *per_token) {
   if (!st) return INVALID("sgmv_step_plan: step is NULL");
   memset(p, 0, sizeof *p);
   p->struct_size = sizeof *p;
@@ -1045,7 +1045,6 @@ int sgmv_decide_step_plan(const sgmv_step_t *st, sgmv_stream_t stream, int arch,
   sgmv_tensor_t *t[3] = {&p->seq_start, &p->seq_len, &p->lora_indices};
   for (int i = 0; i < 3; i++) *t[i] = (sgmv_tensor_t){m[i], st->metadata_dtype, 1, {st->batches, 0, 0, 0}, {1, 0, 0, 0}};
   p->batches = st->batches, p->total_tokens = st->total_tokens, p->num_loras = st->num_loras, p->stream = stream;
-  int status = sgmv_decide_batch_plan(p, arch, out);
-  out->config.per_token = st->per_token;
-  return status;
+  *per_token = st->per_token;
+  return SGMV_SUCCESS;
 }

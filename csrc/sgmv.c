@@ -265,8 +265,14 @@ static void fill_call(const void *args, const sgmv_launch_t *l, int step, void *
   p->out_stride_m = a->out_stride;
 }
 
+/* A plan build: its arguments, and whether the metadata is a token mapping (a step's). */
+typedef struct {
+  const sgmv_batch_plan_args_t *args;
+  int per_token;
+} plan_call_t;
+
 static void fill_plan(const void *args, const sgmv_launch_t *l, int step, void *params) {
-  const sgmv_batch_plan_args_t *a = args;
+  const sgmv_batch_plan_args_t *a = ((const plan_call_t *)args)->args;
   plan_params_t *p = params;
   p->plan_ptr = a->plan, p->seq_start_ptr = a->seq_start.data, p->seq_len_ptr = a->seq_len.data;
   p->lora_idx_ptr = a->lora_indices.data, p->batches = (int32_t)a->batches, p->num_loras = (int32_t)a->num_loras;
@@ -402,20 +408,27 @@ SGMV_API sgmv_status_t sgmv_shrink_launches(const sgmv_shrink_args_t *args, int 
   return call_launches(shrink_call, args, cubin_arch, want, out, "sgmv_shrink_launches");
 }
 
-SGMV_API sgmv_status_t sgmv_batch_plan_launches(const sgmv_batch_plan_args_t *args, int cubin_arch,
-                                                sgmv_launches_t *out) {
+static sgmv_status_t plan_launches(plan_call_t c, int cubin_arch, sgmv_launches_t *out, const char *fn) {
   sgmv_launch_t l;
   plan_params_t p;
-  int status = start_description(out, "sgmv_batch_plan_launches");
-  if (!status) status = sgmv_decide_batch_plan(args, cubin_arch, &l);
-  if (!status) status = describe(args, &l, &plan_kernel, &p, out);
+  int status = start_description(out, fn);
+  if (!status) status = sgmv_decide_batch_plan(c.args, c.per_token, cubin_arch, &l);
+  if (!status) status = describe(&c, &l, &plan_kernel, &p, out);
   return (sgmv_status_t)status;
+}
+
+SGMV_API sgmv_status_t sgmv_batch_plan_launches(const sgmv_batch_plan_args_t *args, int cubin_arch,
+                                                sgmv_launches_t *out) {
+  return plan_launches((plan_call_t){args, 0}, cubin_arch, out, "sgmv_batch_plan_launches");
 }
 
 /* ---- the entry points' launches ------------------------------------------------------------ */
 
 static int decide_call(const void *a, int arch, sgmv_launch_t *l) { return sgmv_decide(a, arch, NULL, l); }
-static int decide_plan(const void *a, int arch, sgmv_launch_t *l) { return sgmv_decide_batch_plan(a, arch, l); }
+static int decide_plan(const void *c, int arch, sgmv_launch_t *l) {
+  const plan_call_t *p = c;
+  return sgmv_decide_batch_plan(p->args, p->per_token, arch, l);
+}
 
 /* Checks the call and plans it for the build's first arch before the driver is touched, then
  * plans it again for the stream's device and launches. */
@@ -455,49 +468,38 @@ SGMV_API sgmv_status_t sgmv_shrink_tensors(const sgmv_shrink_tensors_t *tensors)
   return status ? status : sgmv_shrink(&a);
 }
 
-SGMV_API sgmv_status_t sgmv_batch_plan_build(const sgmv_batch_plan_args_t *a) {
+/* Checks and plans the build for the build's first arch before the driver is touched, then plans it
+ * again for the stream's device and launches (sgmv_batch_plan_build, sgmv_step_plan). */
+static sgmv_status_t launch_plan(plan_call_t c) {
   sgmv_launch_t l;
-  int status = sgmv_decide_batch_plan(a, any_arch(), &l);
+  int status = decide_plan(&c, any_arch(), &l);
   if (status) return (sgmv_status_t)status;
   const sgmv_driver_t *cu = sgmv_driver(&status);
   if (!cu) return (sgmv_status_t)status;
   plan_params_t p;
   void *scratch = NULL, *profile_scratch = NULL;
   void *params[] = {SGMV_PLAN_KERNEL_PARAMS(ADDR) & scratch, &profile_scratch};
-  return (sgmv_status_t)enter_and_launch(cu, a->stream, decide_plan, a, &l, &plan_kernel, &p, params);
+  return (sgmv_status_t)enter_and_launch(cu, c.args->stream, decide_plan, &c, &l, &plan_kernel, &p, params);
+}
+
+SGMV_API sgmv_status_t sgmv_batch_plan_build(const sgmv_batch_plan_args_t *a) {
+  return launch_plan((plan_call_t){a, 0}); /* (sgmv_decide_batch_plan refuses a NULL a) */
 }
 
 /* ---- the layer call ------------------------------------------------------------------------ */
 
-static int decide_step_plan(const void *a, int arch, sgmv_launch_t *l) {
-  const sgmv_batch_plan_args_t *p = a;
-  int per_token = l->config.per_token; /* set before entering (sgmv_decide_step_plan), kept */
-  int status = sgmv_decide_batch_plan(p, arch, l);
-  l->config.per_token = per_token;
-  return status;
-}
-
 SGMV_API sgmv_status_t sgmv_step_plan(const sgmv_step_t *step, sgmv_stream_t stream) {
   sgmv_batch_plan_args_t a;
-  sgmv_launch_t l;
-  int status = sgmv_decide_step_plan(step, stream, any_arch(), &a, &l);
-  if (status) return (sgmv_status_t)status;
-  const sgmv_driver_t *cu = sgmv_driver(&status);
-  if (!cu) return (sgmv_status_t)status;
-  plan_params_t p;
-  void *scratch = NULL, *profile_scratch = NULL;
-  void *params[] = {SGMV_PLAN_KERNEL_PARAMS(ADDR) & scratch, &profile_scratch};
-  return (sgmv_status_t)enter_and_launch(cu, stream, decide_step_plan, &a, &l, &plan_kernel, &p, params);
+  plan_call_t c = {&a, 0};
+  int status = sgmv_step_plan_args(step, stream, &a, &c.per_token);
+  return status ? (sgmv_status_t)status : launch_plan(c);
 }
 
 SGMV_API sgmv_status_t sgmv_step_plan_launches(const sgmv_step_t *step, int cubin_arch, sgmv_launches_t *out) {
   sgmv_batch_plan_args_t a;
-  sgmv_launch_t l;
-  plan_params_t p;
-  int status = start_description(out, "sgmv_step_plan_launches");
-  if (!status) status = sgmv_decide_step_plan(step, NULL, cubin_arch, &a, &l);
-  if (!status) status = describe(&a, &l, &plan_kernel, &p, out);
-  return (sgmv_status_t)status;
+  plan_call_t c = {&a, 0};
+  int status = sgmv_step_plan_args(step, NULL, &a, &c.per_token);
+  return status ? (sgmv_status_t)status : plan_launches(c, cubin_arch, out, "sgmv_step_plan_launches");
 }
 
 SGMV_API sgmv_status_t sgmv_layer_apply(const sgmv_layer_t *layer, const sgmv_step_t *step,

@@ -123,13 +123,13 @@ int sgmv_expand_call(const sgmv_expand_args_t *args, sgmv_call_t *call);
 int sgmv_shrink_call(const sgmv_shrink_args_t *args, sgmv_call_t *call);
 /* want: a tile to plan with instead of the rules' (a tuner's), or NULL. */
 int sgmv_decide(const sgmv_call_t *call, int arch, const sgmv_launch_config_t *want, sgmv_launch_t *out);
-int sgmv_decide_batch_plan(const sgmv_batch_plan_args_t *a, int arch, sgmv_launch_t *out);
+/* per_token: the metadata is one adapter per row (a step's token mapping; lora_indices holds it). */
+int sgmv_decide_batch_plan(const sgmv_batch_plan_args_t *a, int per_token, int arch, sgmv_launch_t *out);
 
-/* The layer call (sgmv_layer_apply): the shrink and the expand it makes, checked; and a step's
- * plan build as batch plan arguments (per_token set in the launch by sgmv_decide_step_plan). */
+/* The layer call (sgmv_layer_apply): the shrink and the expand it makes, checked. */
 int sgmv_layer_calls(const sgmv_layer_t *layer, const sgmv_step_t *step, const sgmv_tensor_t *inputs,
                      const sgmv_tensor_t *output, int add_inputs, sgmv_stream_t stream, sgmv_call_t calls[2]);
-int sgmv_decide_step_plan(const sgmv_step_t *step, sgmv_stream_t stream, int arch, sgmv_batch_plan_args_t *args,
-                          sgmv_launch_t *out);
+/* A step's plan build as batch plan arguments; *per_token says whether its metadata is a token mapping. */
+int sgmv_step_plan_args(const sgmv_step_t *step, sgmv_stream_t stream, sgmv_batch_plan_args_t *args, int *per_token);
 
 #endif
