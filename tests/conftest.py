@@ -13,6 +13,11 @@ if not HAS_GPU:
 
 DEVICE = "cuda" if HAS_GPU else "cpu"
 
+# Under pytest-xdist each worker is a process: torch's default of one CPU thread per core in each
+# of them oversubscribes the cores many times over (the float64 expectations run on the CPU).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def pytest_report_header(config):
     from sgmv.testing import triton_versions, jit_matches_build
