@@ -51,6 +51,7 @@ static void load_driver(void) {
   LOAD(cuKernelSetAttribute);
   LOAD(cuKernelGetFunction);
   LOAD(cuLaunchKernel);
+  LOAD(cuLaunchKernelEx);
 #undef LOAD
   int version = 0;
   driver.cuDriverGetVersion(&version);

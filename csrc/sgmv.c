@@ -200,6 +200,13 @@ static int launch(const sgmv_driver_t *cu, const sgmv_launch_t *l, CUdevice dev,
   int status = kernel_function(cu, v, dev, &func);
   if (status) return status;
   const uint32_t *g = l->config.grid;
+  if (l->programmatic) {
+    CUlaunchAttribute attr = {.id = CU_LAUNCH_ATTR_PROGRAMMATIC};
+    attr.value.programmatic_stream_serialization_allowed = 1;
+    CUlaunchConfig config = {g[0], g[1], g[2], 32u * v->num_warps, 1, 1, (unsigned)v->shared, (CUstream)stream, &attr, 1};
+    CUresult res = cu->cuLaunchKernelEx(&config, func, params, NULL);
+    return res ? sgmv_cuda_error(cu, res, "cuLaunchKernelEx") : SGMV_SUCCESS;
+  }
   CUresult res = cu->cuLaunchKernel(func, g[0], g[1], g[2], 32u * v->num_warps, 1, 1, v->shared, (CUstream)stream,
                                     params, NULL);
   return res ? sgmv_cuda_error(cu, res, "cuLaunchKernel") : SGMV_SUCCESS;
@@ -315,6 +322,7 @@ static int describe_constexpr(sgmv_kernel_launch_t *out, const char *name, const
       {"EVEN_K", offsetof(sgmv_launch_config_t, even_k)},   {"SHRINK", offsetof(sgmv_launch_config_t, op)},
       {"SEGS", offsetof(sgmv_launch_config_t, block_b)},    {"SCAN", offsetof(sgmv_launch_config_t, scan)},
       {"ROWS", offsetof(sgmv_launch_config_t, rows)},       {"ALIGNED", offsetof(sgmv_launch_config_t, aligned)},
+      {"GDC", offsetof(sgmv_launch_config_t, gdc)},
   };
   for (size_t i = 0; i < sizeof fields / sizeof *fields; i++)
     if (!strcmp(fields[i].name, name)) {
@@ -368,6 +376,7 @@ static int describe(const void *args, const sgmv_launch_t *l, const kernel_t *k,
     d->variant = v && strcmp(l->config.tile, "requested") ? v->name : "";
     memcpy(d->grid, l->config.grid, sizeof d->grid);
     d->num_warps = l->config.num_warps, d->num_stages = l->config.num_stages;
+    d->programmatic = l->programmatic;
     status = k->describe(args, l, p, d);
   }
   return status;
@@ -502,6 +511,17 @@ SGMV_API sgmv_status_t sgmv_step_plan_launches(const sgmv_step_t *step, int cubi
   return status ? (sgmv_status_t)status : plan_launches(c, cubin_arch, out, "sgmv_step_plan_launches");
 }
 
+/* The layer call's two launches on arch: the shrink into the step's scratch, then the expand that
+ * reads it. Where the cubins use grid dependency control the expand is launched programmatically:
+ * it starts while the shrink runs and loads its plan, weights and old output (nothing the shrink
+ * writes) before it waits for the shrink's results. */
+static int layer_launches(const sgmv_call_t c[2], int arch, sgmv_launch_t l[2]) {
+  int status = SGMV_SUCCESS;
+  for (int i = 0; i < 2 && !status; i++) status = sgmv_decide(&c[i], arch, NULL, &l[i]);
+  if (!status) l[1].programmatic = l[1].config.gdc;
+  return status;
+}
+
 SGMV_API sgmv_status_t sgmv_layer_apply(const sgmv_layer_t *layer, const sgmv_step_t *step,
                                         const sgmv_tensor_t *inputs, const sgmv_tensor_t *output, int32_t add_inputs,
                                         sgmv_stream_t stream) {
@@ -515,11 +535,11 @@ SGMV_API sgmv_status_t sgmv_layer_apply(const sgmv_layer_t *layer, const sgmv_st
   void *scratch = NULL, *profile_scratch = NULL;
   void *params[] = {SGMV_KERNEL_PARAMS(ADDR) & scratch, &profile_scratch};
   /* Both planned at the stream's arch before the first launch (a failure launches nothing), then
-   * the shrink and the expand that reads its intermediate, in stream order, in one context entry. */
+   * launched in stream order in one context entry. */
   int pushed, arch = 0;
   CUdevice dev = 0;
   status = enter_context(cu, stream, &pushed, &dev, &arch);
-  for (int i = 0; i < 2 && !status; i++) status = sgmv_decide(&c[i], arch, NULL, &l[i]);
+  if (!status) status = layer_launches(c, arch, l);
   for (int i = 0; i < 2 && !status; i++)
     for (int step = 0; !status && step < l[i].config.steps; step++) {
       fill_call(&c[i], &l[i], step, &p);
@@ -536,13 +556,11 @@ SGMV_API sgmv_status_t sgmv_layer_apply_launches(const sgmv_layer_t *layer, cons
                                                  const sgmv_tensor_t *inputs, const sgmv_tensor_t *output,
                                                  int32_t add_inputs, int cubin_arch, sgmv_launches_t *out) {
   sgmv_call_t c[2];
-  sgmv_launch_t l;
+  sgmv_launch_t l[2];
   kernel_params_t p;
   int status = start_description(out, "sgmv_layer_apply_launches");
   if (!status) status = sgmv_layer_calls(layer, step, inputs, output, add_inputs, NULL, c);
-  for (int i = 0; i < 2 && !status; i++) {
-    status = sgmv_decide(&c[i], cubin_arch, NULL, &l);
-    if (!status) status = describe(&c[i], &l, &call_kernel, &p, out);
-  }
+  if (!status) status = layer_launches(c, cubin_arch, l);
+  for (int i = 0; i < 2 && !status; i++) status = describe(&c[i], &l[i], &call_kernel, &p, out);
   return (sgmv_status_t)status;
 }

@@ -88,6 +88,7 @@ extern const int sgmv_num_variants_total;
 typedef struct {
   sgmv_launch_config_t config;
   sgmv_variant_key_t key;
+  int programmatic; /* launched with programmatic stream serialization (sgmv_kernel_launch_t.programmatic) */
 } sgmv_launch_t;
 
 /* One call of sgmv_kernel, expand or shrink, checked: what the planner decides from and the

@@ -50,6 +50,13 @@ PLAN_TABLE = tl.constexpr(4)  # words per segment of the construction table: key
 # a multiple of it in bytes, i.e. of ALIGN_BYTES / element size elements of its tensor (the
 # "unaligned" tile serves the rest). It makes loads and stores along columns 16 bytes wide.
 ALIGN_BYTES = tl.constexpr(16)
+# From this arch on the kernels use grid dependency control (griddepcontrol, Hopper's programmatic
+# dependent launch): the GDC constexpr is 1 for cubins of this arch and newer (the AOT build and
+# csrc/planner.c both read it from here). A kernel then lets the next launch of its stream start
+# early, and expand waits for the launch before it only where it reads that launch's output (the
+# inputs): its plan, metadata, weights and output's old values load first. Without programmatic
+# stream serialization at launch (every launch but the layer call's expand) both are no-ops.
+GDC_MIN_ARCH = tl.constexpr(90)
 # Most programs a split of K uses (aot/tiles.json's split rule stays within it): step 1 adds
 # the partial sums of a tile in a loop unrolled this far.
 MAX_SPLIT = tl.constexpr(8)
@@ -138,6 +145,7 @@ def sgmv_kernel(
     EVEN_K: tl.constexpr,
     SHRINK: tl.constexpr,  # shrink: a per-adapter rank limits each slice's columns, scales, split K
     ALIGNED: tl.constexpr,  # every size and stride a multiple of 16 bytes of its tensor's elements (the planner checks)
+    GDC: tl.constexpr,  # grid dependency control (arch >= GDC_MIN_ARCH)
 ):
     if ALIGNED:
         # (v // E) * E == v here; it tells the compiler that v is a multiple of E (a hint on an
@@ -151,6 +159,8 @@ def sgmv_kernel(
         w_stride_l, w_stride_n = w_stride_l // EW * EW, w_stride_n // EW * EW
         w1_stride_l, w1_stride_n = w1_stride_l // EW * EW, w1_stride_n // EW * EW
         w2_stride_l, w2_stride_n = w2_stride_l // EW * EW, w2_stride_n // EW * EW
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
     pid_g = tl.program_id(0).to(tl.int64)
     # The column tile's slice and its weights, columns and inputs.
     pid_n = tl.program_id(1)
@@ -188,7 +198,7 @@ def sgmv_kernel(
                 _tile(x_base, w_base + lora * stride_l, out_base, work_base, lora, rows, m_mask, x_stride_m,
                       out_stride_m, work_stride_m, w_cols, offs_n, n_mask, offs_k, K, k_split, step, total_tokens,
                       ranks_ptr, has_ranks, scales_ptr, has_scales, scaling, add_inputs, BLOCK_M, BLOCK_N,
-                      BLOCK_K, EVEN_K, SHRINK)
+                      BLOCK_K, EVEN_K, SHRINK, GDC)
     elif PATH == PATH_SHORT:
         # The BLOCK_M rows of a tile are BLOCK_M segments, row j of each. Program z takes the
         # adapters a with a % num_programs(2) == z, one pass per adapter present, so an adapter's
@@ -201,6 +211,8 @@ def sgmv_kernel(
         if has_ranks != 0:
             ranks = tl.minimum(tl.load(ranks_ptr + loras, mask=valid, other=0), K)
         mine = valid & (ranks > 0) & (loras % tl.num_programs(2) == tl.program_id(2))
+        if GDC:
+            tl.extra.cuda.gdc_wait()
         for j in range(0, tl.max(tl.where(mine, ends - starts, 0), axis=0)):
             offs_m = starts + j
             m_mask = mine & (offs_m < ends)
@@ -212,7 +224,7 @@ def sgmv_kernel(
                 adapter = tl.min(tl.where(todo, loras, num_loras), axis=0)
                 k_end = tl.max(tl.where(todo & (loras == adapter), ranks, 0), axis=0)
                 acc = _accumulate(acc, x_base, w_base + adapter * stride_l, offs_m, todo & (loras == adapter),
-                                  x_stride_m, w_cols, n_mask, offs_k, 0, k_end, BLOCK_K, EVEN_K)
+                                  x_stride_m, w_cols, n_mask, offs_k, 0, k_end, BLOCK_K, EVEN_K, False)
                 todo = todo & (loras != adapter)
             _store(acc, prior, out_ptrs, out_mask, add_inputs)
     elif flat == 0:  # PATH_ROWS by segment: program (g, n, z) covers segment g's row tiles z, z + num_programs(2), ...
@@ -224,7 +236,7 @@ def sgmv_kernel(
                 _tile(x_base, w_base + lora * stride_l, out_base, work_base, lora, offs_m, offs_m < end, x_stride_m,
                       out_stride_m, work_stride_m, w_cols, offs_n, n_mask, offs_k, K, k_split, step, total_tokens,
                       ranks_ptr, has_ranks, scales_ptr, has_scales, scaling, add_inputs, BLOCK_M, BLOCK_N,
-                      BLOCK_K, EVEN_K, SHRINK)
+                      BLOCK_K, EVEN_K, SHRINK, GDC)
     else:  # PATH_ROWS, flat
         # Program g computes the g-th row tile of the list of all segments' row tiles, found by a
         # prefix sum over the segments, _SEARCH at a time; programs past the last tile idle.
@@ -253,7 +265,7 @@ def sgmv_kernel(
             _tile(x_base, w_base + lora * stride_l, out_base, work_base, lora, offs_m, offs_m < end, x_stride_m,
                   out_stride_m, work_stride_m, w_cols, offs_n, n_mask, offs_k, K, k_split, step, total_tokens,
                   ranks_ptr, has_ranks, scales_ptr, has_scales, scaling, add_inputs, BLOCK_M, BLOCK_N,
-                  BLOCK_K, EVEN_K, SHRINK)
+                  BLOCK_K, EVEN_K, SHRINK, GDC)
 
 
 @triton.jit(do_not_specialize=_unspecialised("sgmv_plan_kernel"))
@@ -360,7 +372,7 @@ def _round_up(n):
 def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m, out_stride_m, work_stride_m, w_cols,
           offs_n, n_mask, offs_k, K, k_split, step, total_tokens, ranks_ptr, has_ranks, scales_ptr, has_scales,
           scaling, add_inputs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-          EVEN_K: tl.constexpr, SHRINK: tl.constexpr):
+          EVEN_K: tl.constexpr, SHRINK: tl.constexpr, GDC: tl.constexpr):
     """Rows offs_m (where m_mask) of adapter `lora`, whose weights are at w_base. Per-adapter
     values are scalars chosen in branches; vector masks are never (a mask that passes through a
     branch loses what the compiler knows of it, and with it 16-byte accesses)."""
@@ -383,12 +395,12 @@ def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m,
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             if k_split >= K:
                 acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, w_mask, offs_k, 0, K,
-                                  BLOCK_K, EVEN_K)
+                                  BLOCK_K, EVEN_K, False)
                 tl.store(out_ptrs, (acc * scale).to(out_ptrs.dtype.element_ty), mask=out_mask)
             elif step == 0:
                 k_lo = tl.multiple_of(z * k_split, BLOCK_K)  # the planner makes k_split a multiple of BLOCK_K
                 acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, w_mask, offs_k, k_lo,
-                                  tl.minimum(k_lo + k_split, K), BLOCK_K, EVEN_K)
+                                  tl.minimum(k_lo + k_split, K), BLOCK_K, EVEN_K, False)
                 tl.store(partial + z * plane, acc, mask=part_mask)
             elif z == 0:  # step 1: the partial sums in order of z (independent loads, issued together)
                 for j in tl.static_range(MAX_SPLIT):
@@ -401,7 +413,7 @@ def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m,
             k_end = tl.minimum(tl.load(ranks_ptr + lora), K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, 0, k_end,
-                          BLOCK_K, EVEN_K)
+                          BLOCK_K, EVEN_K, GDC)
         _store(acc, prior, out_ptrs, tl.where(k_end > 0, out_mask, False), add_inputs)
 
 
@@ -447,11 +459,22 @@ def _load_prior(out_ptr, offs_m, m_mask, offs_n, n_mask, out_stride_m, add_input
 
 @triton.jit
 def _accumulate(acc, x_ptr, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, k_lo, k_hi,
-                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, WAIT: tl.constexpr):
     """acc += x[offs_m, k_lo:k_hi] @ w_base[cols, k_lo:k_hi]^T over the rows in m_mask (others add
-    zero). EVEN_K: k_hi - k_lo is a multiple of BLOCK_K."""
+    zero). EVEN_K: k_hi - k_lo is a multiple of BLOCK_K. WAIT: x is the previous launch's output
+    (griddepcontrol.wait): the first block of weights is loaded before the wait, x after it."""
     x_rows = x_ptr + offs_m[:, None] * x_stride_m
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    k_first = k_lo
+    if WAIT:
+        some = k_lo < k_hi  # (EVEN_K's masks have no bound along K)
+        w = tl.load(w_base + w_cols + k_lo, mask=_k_mask(n_mask[None, :], offs_k[:, None], k_hi - k_lo, some, EVEN_K),
+                    other=0.0)
+        tl.extra.cuda.gdc_wait()
+        x = tl.load(x_rows + (k_lo + offs_k)[None, :], mask=_k_mask(m_mask[:, None], offs_k[None, :], k_hi - k_lo,
+                                                                     some, EVEN_K), other=0.0)
+        acc += tl.dot(x.to(w.dtype), w)
+        k_first = k_lo + BLOCK_K
+    for k0 in range(k_first, k_hi, BLOCK_K):
         if EVEN_K:
             x_mask = m_mask[:, None]
             w_mask = n_mask[None, :]
@@ -463,6 +486,14 @@ def _accumulate(acc, x_ptr, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, 
         # fp32 inputs are rounded to the weight dtype first, as LoRAX does.
         acc += tl.dot(x.to(w.dtype), w)
     return acc
+
+
+@triton.jit
+def _k_mask(mask, offs_k, k_left, some, EVEN_K: tl.constexpr):
+    """A block's load mask: mask, and offsets along K below k_left unless EVEN_K, where `some`."""
+    if not EVEN_K:
+        mask = mask & (offs_k < k_left)
+    return tl.where(some, mask, False)
 
 
 @triton.jit

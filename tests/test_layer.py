@@ -205,20 +205,28 @@ def test_layer_call_refuses_bad_tensors_and_changes_nothing():
         assert bitwise_equal(oo, before)
 
 
-def test_layer_call_describes_two_launches_per_call():
-    """The C description: the shrink (one launch, or two with split-K), then the expand."""
+def _constexpr(launch, name):
+    return [a.value for a in launch.args[0:launch.num_args] if sgmv.capi.ffi.string(a.name) == name.encode()]
+
+
+@pytest.mark.parametrize("arch", [int(a) for a in sgmv.capi.ffi.string(sgmv.capi.lib.sgmv_archs()).decode().split(",")])
+def test_layer_call_describes_two_launches_per_call(arch):
+    """The C description: the shrink (one launch, or two with split-K), then the expand. From
+    sm_90 on (kernels.GDC_MIN_ARCH) the cubins use grid dependency control and the expand alone is a
+    programmatic launch: it starts while the shrink runs and waits in the kernel for its output."""
     layer, step, *_ = _layer_and_step("cpu")
     x, out = torch.randn(6, 64).half(), torch.randn(6, 96).half()
     pair = sgmv.capi.ffi.new("sgmv_tensor_t[2]")
     for i, t in enumerate((x, out)):
         fields, _ = sgmv.binding.describe(t, "t")
         sgmv.binding._TENSOR.pack_into(sgmv.capi.ffi.buffer(pair), i * sgmv.binding._SIZEOF_TENSOR, *fields)
-    d = sgmv.jit._launches(sgmv.capi.lib.sgmv_layer_apply_launches, layer._h, step._h, pair, pair + 1, 1, 90)
-    shrink = [a.value for a in d.launches[0].args[0:d.launches[0].num_args] if
-              sgmv.capi.ffi.string(a.name) == b"SHRINK"]
-    assert d.num_launches in (2, 3) and shrink == [1]
-    last = d.launches[d.num_launches - 1]
-    assert [a.value for a in last.args[0:last.num_args] if sgmv.capi.ffi.string(a.name) == b"SHRINK"] == [0]
+    d = sgmv.jit._launches(sgmv.capi.lib.sgmv_layer_apply_launches, layer._h, step._h, pair, pair + 1, 1, arch)
+    launches = list(d.launches[0:d.num_launches])
+    assert d.num_launches in (2, 3) and _constexpr(launches[0], "SHRINK") == [1]
+    assert _constexpr(launches[-1], "SHRINK") == [0]
+    gdc = int(arch >= sgmv.jit.kernels.GDC_MIN_ARCH)
+    assert [_constexpr(ln, "GDC") for ln in launches] == [[gdc]] * d.num_launches
+    assert [ln.programmatic for ln in launches] == [0] * (d.num_launches - 1) + [gdc]
 
 
 # ---- on the GPU ---------------------------------------------------------------------------------

@@ -476,3 +476,17 @@ def test_alignment_is_per_element_size(dtype, stride, aligned):
     assert status == 0, msg
     assert (ffi.string(c.tile).decode() != "unaligned") == aligned
     assert c.aligned == aligned  # the kernel's ALIGNED constexpr: what the aligned tiles assume
+
+
+@pytest.mark.parametrize("arch", [int(a) for a in ffi.string(L.sgmv_archs()).decode().split(",")])
+def test_grid_dependency_control_from_the_kernel_s_first_arch(arch):
+    """The GDC constexpr is 1 exactly from kernels.GDC_MIN_ARCH on (one source: the planner reads
+    it from sgmv_rules.h, the AOT build from the kernel); a plain call is never a programmatic launch."""
+    status, c, msg = config(args(), arch)
+    assert status == 0, msg
+    assert c.gdc == int(arch >= KERNELS.GDC_MIN_ARCH)
+    assert shrink_config(shrink(), arch).gdc == c.gdc
+    d = ffi.new("sgmv_launches_t *")
+    d.struct_size = ffi.sizeof("sgmv_launches_t")
+    assert L.sgmv_expand_launches(args(), arch, ffi.NULL, d) == 0
+    assert d.num_launches == 1 and d.launches[0].programmatic == 0

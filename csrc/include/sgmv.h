@@ -21,10 +21,10 @@
 #include <stdint.h>
 
 #define SGMV_VERSION_MAJOR 0
-#define SGMV_VERSION_MINOR 4
+#define SGMV_VERSION_MINOR 5
 #define SGMV_VERSION_PATCH 0
 /* MAJOR * 10000 + MINOR * 100 + PATCH, as returned by sgmv_version(). */
-#define SGMV_VERSION 400
+#define SGMV_VERSION 500
 
 #if defined(_WIN32)
 #define SGMV_API
@@ -332,6 +332,8 @@ typedef struct {
   /* ---- end of version 0.3 ---- */
   int32_t per_token;             /* 1: the metadata is a per-row adapter array (a step's token mapping) */
   int32_t aligned;               /* 1: sizes, strides and pointers 16 bytes aligned (the ALIGNED constexpr) */
+  /* ---- end of version 0.4 ---- */
+  int32_t gdc;                   /* 1: the cubin uses grid dependency control (sm_90 and newer; the GDC constexpr) */
 } sgmv_launch_config_t;
 
 /* The launch sgmv_expand would make on a GPU of cubin family cubin_arch (80, 90, 100, 120),
@@ -376,6 +378,10 @@ typedef struct {
   int32_t num_warps, num_stages;
   int32_t num_args;
   sgmv_kernel_arg_t args[SGMV_MAX_KERNEL_ARGS];
+  /* 1: launched with programmatic stream serialization (CUDA's programmatic dependent launch): it
+   * may start while the launch before it in the list runs, and waits for that launch's results
+   * in the kernel (the layer call's expand on sm_90 and newer). */
+  int32_t programmatic;
 } sgmv_kernel_launch_t;
 
 typedef struct {

@@ -100,8 +100,11 @@ def _run(launches, tensors, device):
                     kw[name] = t
                 else:
                     kw[name] = a.fvalue if a.kind == _FLOAT else a.value
+            if INTERPRETED and "GDC" in kw:
+                kw["GDC"] = 0  # the interpreter runs no PTX; grid dependency control only orders launches
             kernel = getattr(kernels, _ffi.string(d.kernel).decode())
-            kernel[tuple(d.grid)](**kw, num_warps=d.num_warps, num_stages=d.num_stages)
+            kernel[tuple(d.grid)](**kw, num_warps=d.num_warps, num_stages=d.num_stages,
+                                  launch_pdl=bool(d.programmatic))
 
 
 def _inside(tensors, address, dtype):

@@ -77,7 +77,7 @@ static pthread_once_t env_once = PTHREAD_ONCE_INIT;
 
 static int default_error(const char *name) {
   if (!strcmp(name, "cuLibraryLoadData")) return INVALID_IMAGE;
-  if (!strcmp(name, "cuLaunchKernel")) return LAUNCH_FAILED;
+  if (!strncmp(name, "cuLaunchKernel", 14)) return LAUNCH_FAILED;
   if (!strncmp(name, "cuCtx", 5) || !strcmp(name, "cuStreamGetCtx")) return INVALID_CONTEXT;
   if (!strcmp(name, "cuLibraryGetKernel")) return NOT_FOUND;
   if (!strncmp(name, "cuKernel", 8) || !strcmp(name, "cuLibraryUnload")) return INVALID_HANDLE;
@@ -183,7 +183,7 @@ static int num_libraries, num_kernels, live_libraries;
 static struct {
   unsigned grid[3], block[3], shared;
   void *stream;
-  int has_params, has_extra;
+  int has_params, has_extra, programmatic;
 } last_launch;
 
 /* ---- the driver API ------------------------------------------------------------------------ */
@@ -396,9 +396,8 @@ API CUresult cuKernelGetFunction(fake_function **func, fake_kernel *kernel) {
   return OK;
 }
 
-API CUresult cuLaunchKernel(fake_function *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                            unsigned bz, unsigned shared, void *stream, void **params, void **extra) {
-  ENTER();
+static CUresult launch(fake_function *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                       unsigned shared, void *stream, void **params, void **extra, int programmatic) {
   if (!f || f->magic != FUNC_MAGIC || !valid_kernel(f->kernel)) return INVALID_HANDLE;
   if (!*current()) return INVALID_CONTEXT;
   if (!gx || !gy || !gz || gy > 65535 || gz > 65535 || !bx || !by || !bz || bx * by * bz > 1024 ||
@@ -413,8 +412,44 @@ API CUresult cuLaunchKernel(fake_function *f, unsigned gx, unsigned gy, unsigned
   last_launch.stream = stream;
   last_launch.has_params = params != NULL;
   last_launch.has_extra = extra != NULL;
+  last_launch.programmatic = programmatic;
   pthread_mutex_unlock(&lock);
   return OK;
+}
+
+API CUresult cuLaunchKernel(fake_function *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                            unsigned bz, unsigned shared, void *stream, void **params, void **extra) {
+  ENTER();
+  return launch(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra, 0);
+}
+
+/* cuda.h's CUlaunchConfig and CUlaunchAttribute; attribute 6: programmatic stream serialization,
+ * which only sm_90 and newer accept. */
+typedef struct {
+  int id;
+  char pad[4];
+  union {
+    char bytes[64];
+    int value;
+  } value;
+} fake_launch_attribute;
+typedef struct {
+  unsigned gx, gy, gz, bx, by, bz, shared;
+  void *stream;
+  fake_launch_attribute *attrs;
+  unsigned num_attrs;
+} fake_launch_config;
+
+API CUresult cuLaunchKernelEx(const fake_launch_config *c, fake_function *f, void **params, void **extra) {
+  ENTER();
+  if (!c || (c->num_attrs && !c->attrs)) return INVALID_VALUE;
+  int programmatic = 0;
+  for (unsigned i = 0; i < c->num_attrs; i++) {
+    if (c->attrs[i].id != 6) return INVALID_VALUE;
+    programmatic = c->attrs[i].value.value != 0;
+  }
+  if (programmatic && env_int("FAKE_CUDA_CC", 90) < 90) return INVALID_VALUE;
+  return launch(f, c->gx, c->gy, c->gz, c->bx, c->by, c->bz, c->shared, c->stream, params, extra, programmatic);
 }
 
 API CUresult cuMemsetD32Async(uint64_t ptr, unsigned value, size_t n, void *stream) {
@@ -461,14 +496,16 @@ API void fake_cuda_context_stack(int out[3]) {
   out[0] = pushes, out[1] = pops, out[2] = ctx_depth;
 }
 
-/* The last launch: grid x, y, z, block x, y, z, shared bytes, params given, extra given; its stream. */
-API void *fake_cuda_last_launch(unsigned out[9]) {
+/* The last launch: grid x, y, z, block x, y, z, shared bytes, params given, extra given,
+ * programmatic stream serialization; its stream. */
+API void *fake_cuda_last_launch(unsigned out[10]) {
   pthread_mutex_lock(&lock);
   memcpy(out, last_launch.grid, sizeof last_launch.grid);
   memcpy(out + 3, last_launch.block, sizeof last_launch.block);
   out[6] = last_launch.shared;
   out[7] = (unsigned)last_launch.has_params;
   out[8] = (unsigned)last_launch.has_extra;
+  out[9] = (unsigned)last_launch.programmatic;
   void *stream = last_launch.stream;
   pthread_mutex_unlock(&lock);
   return stream;

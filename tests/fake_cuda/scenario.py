@@ -48,7 +48,7 @@ ffi = capi.ffi
 DRIVER_CALLS = ("cuInit", "cuDriverGetVersion", "cuDeviceGetAttribute", "cuCtxGetCurrent", "cuCtxPushCurrent",
                 "cuCtxPopCurrent", "cuCtxGetDevice", "cuCtxGetId", "cuStreamGetCtx", "cuLibraryLoadData",
                 "cuLibraryGetKernel", "cuLibraryUnload", "cuKernelSetAttribute", "cuKernelGetFunction",
-                "cuLaunchKernel", "cuMemsetD32Async")
+                "cuLaunchKernel", "cuLaunchKernelEx", "cuMemsetD32Async")
 
 # Arguments that pass validation: 10 tokens of fp16, rank 16, hidden 64, two adapters, two segments.
 VALID = dict(inputs=0x10000, inputs_dtype="SGMV_DTYPE_FLOAT16", inputs_row_stride=16, weights=0x20000,
@@ -151,12 +151,14 @@ def layer_call(fake, tokens=10, stream=0, fail_after_plan=None):
     io = ffi.new("sgmv_tensor_t[2]")
     fill("sgmv_tensor_t", tensor(0x10000, f16, tokens, 64), io[0])
     fill("sgmv_tensor_t", tensor(0x90000, f16, tokens, 128), io[1])
-    before = fake.fake_cuda_calls(b"cuLaunchKernel")
+    launches = lambda: [fake.fake_cuda_calls(n) for n in (b"cuLaunchKernel", b"cuLaunchKernelEx")]  # noqa: E731
+    before = launches()
     status = status or capi.lib.sgmv_layer_apply(layer[0], step[0], io, io + 1, 1, ffi.cast("sgmv_stream_t", stream))
-    applied = fake.fake_cuda_calls(b"cuLaunchKernel") - before
+    plain, programmatic = (a - b for a, b in zip(launches(), before))
     capi.lib.sgmv_step_destroy(step[0])
     capi.lib.sgmv_layer_destroy(layer[0])
-    return status, dict(plan_launches=planned_launches, apply_launches=applied)
+    return status, dict(plan_launches=planned_launches, apply_launches=plain + programmatic,
+                        programmatic_launches=programmatic)
 
 
 def planned(config_fn, args):
@@ -169,7 +171,7 @@ def planned(config_fn, args):
 
 
 def fake_counters(fake):
-    last = (ctypes.c_uint * 9)()
+    last = (ctypes.c_uint * 10)()
     stream = fake.fake_cuda_last_launch(last)
     ctx = (ctypes.c_int * 3)()
     fake.fake_cuda_context_stack(ctx)
@@ -179,7 +181,7 @@ def fake_counters(fake):
         live_libraries=fake.fake_cuda_live_libraries(),
         context_pushes=ctx[0], context_pops=ctx[1], context_depth=ctx[2],
         last_launch=dict(grid=list(last[0:3]), block=list(last[3:6]), shared=last[6], params=bool(last[7]),
-                         extra=bool(last[8]), stream=stream or 0))
+                         extra=bool(last[8]), programmatic=bool(last[9]), stream=stream or 0))
 
 
 def main(steps):
