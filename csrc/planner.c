@@ -579,12 +579,14 @@ SGMV_API sgmv_status_t sgmv_shrink_args_from_tensors(const sgmv_shrink_tensors_t
 
 /* Aligned variants assume SGMV_ALIGN_BYTES-aligned base pointers, and every column count,
  * column offset and row stride a multiple of SGMV_ALIGN_BYTES in bytes of its tensor's elements:
- * that lets them use 16-byte loads and stores (aot/generate.py gives the compiler these). */
+ * that lets them use 16-byte loads and stores (aot/generate.py gives the compiler these). K is
+ * a multiple of it in weight elements: a per-adapter rank's last group is read whole. */
 static int is_aligned(const sgmv_call_t *c) {
   int64_t ex = SGMV_ALIGN_BYTES / dtype_size(c->x_dtype), ew = SGMV_ALIGN_BYTES / dtype_size(c->w_dtype);
   int64_t eo = SGMV_ALIGN_BYTES / dtype_size(c->out_dtype);
   uintptr_t ptrs = (uintptr_t)c->x | (uintptr_t)c->out;
-  int ok = (c->x_stride | c->x_slice_step) % ex == 0 && (c->out_stride | c->out_slice_step) % eo == 0;
+  int ok = (c->x_stride | c->x_slice_step) % ex == 0 && (c->out_stride | c->out_slice_step) % eo == 0 &&
+           c->K % ew == 0;
   for (int s = 0; s < c->num_slices; s++) {
     ptrs |= (uintptr_t)c->w[s].weights;
     ok = ok && c->w[s].rows % eo == 0 && (c->w[s].lora_stride | c->w[s].row_stride) % ew == 0;

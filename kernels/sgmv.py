@@ -147,13 +147,15 @@ def sgmv_kernel(
     ALIGNED: tl.constexpr,  # every size and stride a multiple of 16 bytes of its tensor's elements (the planner checks)
     GDC: tl.constexpr,  # grid dependency control (arch >= GDC_MIN_ARCH)
 ):
+    # Elements of 16 bytes of the weights: K (a multiple of it where ALIGNED) is read in whole groups.
+    EW: tl.constexpr = ALIGN_BYTES * 8 // w_ptr.dtype.element_ty.primitive_bitwidth
+    VEC: tl.constexpr = 1 + (EW - 1) * ALIGNED
     if ALIGNED:
         # (v // E) * E == v here; it tells the compiler that v is a multiple of E (a hint on an
         # argument would not reach it), so that accesses along columns are 16 bytes wide.
         EX: tl.constexpr = ALIGN_BYTES * 8 // x_ptr.dtype.element_ty.primitive_bitwidth
-        EW: tl.constexpr = ALIGN_BYTES * 8 // w_ptr.dtype.element_ty.primitive_bitwidth
         EO: tl.constexpr = ALIGN_BYTES * 8 // out_ptr.dtype.element_ty.primitive_bitwidth
-        N, N1, N2 = N // EO * EO, N1 // EO * EO, N2 // EO * EO
+        N, N1, N2, K = N // EO * EO, N1 // EO * EO, N2 // EO * EO, K // EW * EW
         out_slice_step, out_stride_m = out_slice_step // EO * EO, out_stride_m // EO * EO
         x_slice_step, x_stride_m = x_slice_step // EX * EX, x_stride_m // EX * EX
         w_stride_l, w_stride_n = w_stride_l // EW * EW, w_stride_n // EW * EW
@@ -198,7 +200,7 @@ def sgmv_kernel(
                 _tile(x_base, w_base + lora * stride_l, out_base, work_base, lora, rows, m_mask, x_stride_m,
                       out_stride_m, work_stride_m, w_cols, offs_n, n_mask, offs_k, K, k_split, step, total_tokens,
                       ranks_ptr, has_ranks, scales_ptr, has_scales, scaling, add_inputs, BLOCK_M, BLOCK_N,
-                      BLOCK_K, EVEN_K, SHRINK, GDC)
+                      BLOCK_K, EVEN_K, SHRINK, GDC, VEC)
     elif PATH == PATH_SHORT:
         # The BLOCK_M rows of a tile are BLOCK_M segments, row j of each. Program z takes the
         # adapters a with a % num_programs(2) == z, one pass per adapter present, so an adapter's
@@ -224,7 +226,7 @@ def sgmv_kernel(
                 adapter = tl.min(tl.where(todo, loras, num_loras), axis=0)
                 k_end = tl.max(tl.where(todo & (loras == adapter), ranks, 0), axis=0)
                 acc = _accumulate(acc, x_base, w_base + adapter * stride_l, offs_m, todo & (loras == adapter),
-                                  x_stride_m, w_cols, n_mask, offs_k, 0, k_end, BLOCK_K, EVEN_K, False)
+                                  x_stride_m, w_cols, n_mask, offs_k, 0, k_end, BLOCK_K, EVEN_K, False, VEC)
                 todo = todo & (loras != adapter)
             _store(acc, prior, out_ptrs, out_mask, add_inputs)
     elif flat == 0:  # PATH_ROWS by segment: program (g, n, z) covers segment g's row tiles z, z + num_programs(2), ...
@@ -236,7 +238,7 @@ def sgmv_kernel(
                 _tile(x_base, w_base + lora * stride_l, out_base, work_base, lora, offs_m, offs_m < end, x_stride_m,
                       out_stride_m, work_stride_m, w_cols, offs_n, n_mask, offs_k, K, k_split, step, total_tokens,
                       ranks_ptr, has_ranks, scales_ptr, has_scales, scaling, add_inputs, BLOCK_M, BLOCK_N,
-                      BLOCK_K, EVEN_K, SHRINK, GDC)
+                      BLOCK_K, EVEN_K, SHRINK, GDC, VEC)
     else:  # PATH_ROWS, flat
         # Program g computes the g-th row tile of the list of all segments' row tiles, found by a
         # prefix sum over the segments, _SEARCH at a time; programs past the last tile idle.
@@ -265,7 +267,7 @@ def sgmv_kernel(
             _tile(x_base, w_base + lora * stride_l, out_base, work_base, lora, offs_m, offs_m < end, x_stride_m,
                   out_stride_m, work_stride_m, w_cols, offs_n, n_mask, offs_k, K, k_split, step, total_tokens,
                   ranks_ptr, has_ranks, scales_ptr, has_scales, scaling, add_inputs, BLOCK_M, BLOCK_N,
-                  BLOCK_K, EVEN_K, SHRINK, GDC)
+                  BLOCK_K, EVEN_K, SHRINK, GDC, VEC)
 
 
 @triton.jit(do_not_specialize=_unspecialised("sgmv_plan_kernel"))
@@ -372,7 +374,7 @@ def _round_up(n):
 def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m, out_stride_m, work_stride_m, w_cols,
           offs_n, n_mask, offs_k, K, k_split, step, total_tokens, ranks_ptr, has_ranks, scales_ptr, has_scales,
           scaling, add_inputs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-          EVEN_K: tl.constexpr, SHRINK: tl.constexpr, GDC: tl.constexpr):
+          EVEN_K: tl.constexpr, SHRINK: tl.constexpr, GDC: tl.constexpr, VEC: tl.constexpr):
     """Rows offs_m (where m_mask) of adapter `lora`, whose weights are at w_base. Per-adapter
     values are scalars chosen in branches; vector masks are never (a mask that passes through a
     branch loses what the compiler knows of it, and with it 16-byte accesses)."""
@@ -395,12 +397,12 @@ def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m,
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             if k_split >= K:
                 acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, w_mask, offs_k, 0, K,
-                                  BLOCK_K, EVEN_K, False)
+                                  BLOCK_K, EVEN_K, False, VEC)
                 tl.store(out_ptrs, (acc * scale).to(out_ptrs.dtype.element_ty), mask=out_mask)
             elif step == 0:
                 k_lo = tl.multiple_of(z * k_split, BLOCK_K)  # the planner makes k_split a multiple of BLOCK_K
                 acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, w_mask, offs_k, k_lo,
-                                  tl.minimum(k_lo + k_split, K), BLOCK_K, EVEN_K, False)
+                                  tl.minimum(k_lo + k_split, K), BLOCK_K, EVEN_K, False, VEC)
                 tl.store(partial + z * plane, acc, mask=part_mask)
             elif z == 0:  # step 1: the partial sums in order of z (independent loads, issued together)
                 for j in tl.static_range(MAX_SPLIT):
@@ -413,7 +415,7 @@ def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m,
             k_end = tl.minimum(tl.load(ranks_ptr + lora), K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, 0, k_end,
-                          BLOCK_K, EVEN_K, GDC)
+                          BLOCK_K, EVEN_K, GDC, VEC)
         _store(acc, prior, out_ptrs, tl.where(k_end > 0, out_mask, False), add_inputs)
 
 
@@ -459,41 +461,44 @@ def _load_prior(out_ptr, offs_m, m_mask, offs_n, n_mask, out_stride_m, add_input
 
 @triton.jit
 def _accumulate(acc, x_ptr, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, k_lo, k_hi,
-                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, WAIT: tl.constexpr):
+                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, WAIT: tl.constexpr, VEC: tl.constexpr):
     """acc += x[offs_m, k_lo:k_hi] @ w_base[cols, k_lo:k_hi]^T over the rows in m_mask (others add
-    zero). EVEN_K: k_hi - k_lo is a multiple of BLOCK_K. WAIT: x is the previous launch's output
-    (griddepcontrol.wait): the first block of weights is loaded before the wait, x after it."""
+    zero). EVEN_K: k_hi - k_lo is a multiple of BLOCK_K. VEC: see _load_k. WAIT: x is the previous
+    launch's output (griddepcontrol.wait): the first block of weights is loaded before the wait, x
+    after it."""
     x_rows = x_ptr + offs_m[:, None] * x_stride_m
     k_first = k_lo
     if WAIT:
         some = k_lo < k_hi  # (EVEN_K's masks have no bound along K)
-        w = tl.load(w_base + w_cols + k_lo, mask=_k_mask(n_mask[None, :], offs_k[:, None], k_hi - k_lo, some, EVEN_K),
-                    other=0.0)
+        w = _load_k(w_base + w_cols + k_lo, tl.where(some, n_mask[None, :], False), offs_k[:, None], k_hi - k_lo,
+                    EVEN_K, VEC)
         tl.extra.cuda.gdc_wait()
-        x = tl.load(x_rows + (k_lo + offs_k)[None, :], mask=_k_mask(m_mask[:, None], offs_k[None, :], k_hi - k_lo,
-                                                                     some, EVEN_K), other=0.0)
+        x = _load_k(x_rows + (k_lo + offs_k)[None, :], tl.where(some, m_mask[:, None], False), offs_k[None, :],
+                    k_hi - k_lo, EVEN_K, VEC)
         acc += tl.dot(x.to(w.dtype), w)
         k_first = k_lo + BLOCK_K
     for k0 in range(k_first, k_hi, BLOCK_K):
-        if EVEN_K:
-            x_mask = m_mask[:, None]
-            w_mask = n_mask[None, :]
-        else:
-            x_mask = m_mask[:, None] & (offs_k[None, :] < k_hi - k0)
-            w_mask = n_mask[None, :] & (offs_k[:, None] < k_hi - k0)
-        x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=x_mask, other=0.0)
-        w = tl.load(w_base + w_cols + k0, mask=w_mask, other=0.0)
+        x = _load_k(x_rows + (k0 + offs_k)[None, :], m_mask[:, None], offs_k[None, :], k_hi - k0, EVEN_K, VEC)
+        w = _load_k(w_base + w_cols + k0, n_mask[None, :], offs_k[:, None], k_hi - k0, EVEN_K, VEC)
         # fp32 inputs are rounded to the weight dtype first, as LoRAX does.
         acc += tl.dot(x.to(w.dtype), w)
     return acc
 
 
 @triton.jit
-def _k_mask(mask, offs_k, k_left, some, EVEN_K: tl.constexpr):
-    """A block's load mask: mask, and offsets along K below k_left unless EVEN_K, where `some`."""
-    if not EVEN_K:
-        mask = mask & (offs_k < k_left)
-    return tl.where(some, mask, False)
+def _load_k(ptrs, mask, offs_k, k_left, EVEN_K: tl.constexpr, VEC: tl.constexpr):
+    """A block of x or w along K, where mask and (unless EVEN_K) offs_k < k_left. With VEC > 1
+    (aligned variants: K a multiple of VEC, and the block's start too) the columns up to k_left
+    rounded up to VEC are loaded, still inside K, in whole 16-byte groups, then those past k_left
+    zeroed: a per-adapter rank ends K anywhere without narrowing the loads."""
+    if EVEN_K:
+        v = tl.load(ptrs, mask=mask, other=0.0)
+    elif VEC == 1:
+        v = tl.load(ptrs, mask=mask & (offs_k < k_left), other=0.0)
+    else:
+        v = tl.load(ptrs, mask=mask & (offs_k < (k_left + VEC - 1) // VEC * VEC), other=0.0)
+        v = tl.where(offs_k < k_left, v, tl.zeros_like(v))
+    return v
 
 
 @triton.jit

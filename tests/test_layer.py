@@ -224,7 +224,7 @@ def test_layer_call_describes_two_launches_per_call(arch):
     launches = list(d.launches[0:d.num_launches])
     assert d.num_launches in (2, 3) and _constexpr(launches[0], "SHRINK") == [1]
     assert _constexpr(launches[-1], "SHRINK") == [0]
-    gdc = int(arch >= sgmv.jit.kernels.GDC_MIN_ARCH)
+    gdc = int(arch >= sgmv.jit.kernels.GDC_MIN_ARCH.value)
     assert [_constexpr(ln, "GDC") for ln in launches] == [[gdc]] * d.num_launches
     assert [ln.programmatic for ln in launches] == [0] * (d.num_launches - 1) + [gdc]
 

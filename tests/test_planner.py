@@ -484,7 +484,7 @@ def test_grid_dependency_control_from_the_kernel_s_first_arch(arch):
     it from sgmv_rules.h, the AOT build from the kernel); a plain call is never a programmatic launch."""
     status, c, msg = config(args(), arch)
     assert status == 0, msg
-    assert c.gdc == int(arch >= KERNELS.GDC_MIN_ARCH)
+    assert c.gdc == int(arch >= KERNELS.GDC_MIN_ARCH.value)
     assert shrink_config(shrink(), arch).gdc == c.gdc
     d = ffi.new("sgmv_launches_t *")
     d.struct_size = ffi.sizeof("sgmv_launches_t")
