@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU proof of issue 18 in one command: sanitizers (tests/gpu_sanitizers.sh), the pointer checks
-# (tests/test_gpu_pointers.py) and the soak (tests/gpu_soak.py); writes OUT_DIR/gpu-proof.md (copy it
-# to benchmarks/results/gpu-proof.md) and OUT_DIR/gpu-proof-logs.tar.gz (every log: 2 files, so that
-# a device call's 8-file limit on what comes back holds).
+# The GPU proof of issue 18 in one command: sanitizers (tests/gpu_sanitizers.sh) beside the whole GPU
+# suite (tests/gpu_suite.sh, its shards within SGMV_SUITE_SECONDS, default 330), the pointer checks
+# (tests/test_gpu_pointers.py), then the soak alone (tests/gpu_soak.py: it measures the device's
+# memory in use); writes OUT_DIR/gpu-proof.md (copy it to benchmarks/results/gpu-proof.md) and
+# OUT_DIR/gpu-proof-logs.tar.gz (every log: 2 files, so that a device call's 8-file limit on what
+# comes back holds).
 # usage: tests/gpu_proof.sh OUT_DIR      env: SGMV_LIBRARY, PYTHONPATH (python/ and cffi), as for the tests
-#   SGMV_PROOF_QUICK=1: smoke (quick cases under memcheck only, 2000 soak calls): about 2 minutes
-#   full: about 6 to 8 minutes on the H200 (sanitizers 3-5, pointers < 1, soak 1-3)
+#   SGMV_PROOF_QUICK=1: smoke (quick cases under memcheck only, 2000 soak calls, no suite)
+#   full: about 8 to 9 minutes on the H200 (suite and sanitizers side by side 5-6, soak 1-3)
 set -u
 out=${1:?usage: tests/gpu_proof.sh OUT_DIR}
 mkdir -p "$out"
@@ -25,15 +27,20 @@ tests/gpu_sanitizers.sh "$logs" >"$logs/sanitizers.out" 2>&1 &
 san=$!
 $py -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_pointers.py >"$logs/pointers.log" 2>&1
 rc_ptr=$?
+rc_suite=0
+if [ "$quick" != 1 ]; then
+  SGMV_SUITE_SECONDS=${SGMV_SUITE_SECONDS:-330} tests/gpu_suite.sh "$logs/suite" >"$logs/suite.out" 2>&1
+  rc_suite=$?
+fi
 wait $san
 rc_san=$?
 $py tests/gpu_soak.py --calls "$calls" ${SOAK_ARGS:-} --json "$logs/soak.json" >"$logs/soak.log" 2>&1
 rc_soak=$?
 cat "$logs/sanitizers.out"
 
-$py - "$logs" "$out/gpu-proof.md" "$rc_san" "$rc_ptr" "$rc_soak" "$quick" "$(( $(date +%s) - t0 ))" <<'PY'
+$py - "$logs" "$out/gpu-proof.md" "$rc_san" "$rc_ptr" "$rc_soak" "$quick" "$(( $(date +%s) - t0 ))" "$rc_suite" <<'PY'
 import json, os, platform, re, subprocess, sys
-logs, md, rc_san, rc_ptr, rc_soak, quick, wall = sys.argv[1:]
+logs, md, rc_san, rc_ptr, rc_soak, quick, wall, rc_suite = sys.argv[1:]
 def sh(cmd):
     try:
         return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=30).stdout.strip()
@@ -61,6 +68,13 @@ lines += ["", paths, f"Exit status of gpu_sanitizers.sh: {rc_san}.", "", "## Poi
 p = open(os.path.join(logs, "pointers.log")).read() if os.path.exists(os.path.join(logs, "pointers.log")) else ""
 m = re.findall(r"^=*\s*(.*(?:passed|failed|error|skipped).*?)\s*=*$", p, re.M)
 lines += [f"pytest exit {rc_ptr}: {m[-1] if m else 'no summary'}", ""]
+if quick != "1":
+    lines += ["## The GPU suite (tests/gpu_suite.sh, beside the sanitizers)", "",
+              "| shard | exit | summary | s |", "|---|---|---|---|"]
+    tsv = os.path.join(logs, "suite", "suite.tsv")
+    rows = open(tsv).read().splitlines()[1:] if os.path.exists(tsv) else ["(no result: see suite.out)\t\t\t"]
+    lines += ["| " + " | ".join(r.split("\t")) + " |" for r in rows]
+    lines += ["", f"Exit status of gpu_suite.sh: {rc_suite}.", ""]
 lines += ["## Soak (tests/gpu_soak.py)", ""]
 sj = os.path.join(logs, "soak.json")
 if os.path.exists(sj):
@@ -77,11 +91,11 @@ if os.path.exists(sj):
         lines.append("\nLeaks: " + "; ".join(s["leaks"]))
 else:
     lines.append(f"exit {rc_soak}: no summary (see soak.log in the logs)")
-ok = rc_san == "0" and rc_ptr == "0" and rc_soak == "0"
+ok = rc_san == "0" and rc_ptr == "0" and rc_soak == "0" and rc_suite == "0"
 lines += ["", f"**{'All passed' if ok else 'FAILED'}.**", ""]
 open(md, "w").write("\n".join(lines))
 print("\n".join(lines))
 PY
 tar -czf "$out/gpu-proof-logs.tar.gz" -C "$logs" .
 echo "gpu_proof: $out/gpu-proof.md, logs $out/gpu-proof-logs.tar.gz ($(( $(date +%s) - t0 )) s)"
-[ "$rc_san" = 0 ] && [ "$rc_ptr" = 0 ] && [ "$rc_soak" = 0 ]
+[ "$rc_san" = 0 ] && [ "$rc_ptr" = 0 ] && [ "$rc_soak" = 0 ] && [ "$rc_suite" = 0 ]
