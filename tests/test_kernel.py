@@ -218,3 +218,37 @@ def test_jit_specialises_only_the_aligned_pointers():
     out = subprocess.run([sys.executable, "-c", code, str(src)], capture_output=True, text=True, env=env, check=True)
     specialised, aligned = (json.loads(line) for line in out.stdout.splitlines())
     assert specialised == {"sgmv_kernel": aligned, "sgmv_plan_kernel": []}
+
+
+@pytest.mark.parametrize("plan", [False, True], ids=["rows", "plan"])
+def test_ranks_read_whole_groups_and_ignore_what_lies_past_them(plan):
+    """Per-adapter ranks that end inside a 16-byte group (3, 13) and on one (8, 16): the aligned
+    variants load the group whole, so the inputs' columns and the weights' padding past each rank
+    are filled with NaN and inf here; nothing of them may reach the result. Checked against float64."""
+    g = torch.Generator().manual_seed(301)
+    ranks = [3, 8, 13, 16]
+    T, K, N, L = 12, 16, 64, len(ranks)
+    x = torch.randn(T, K, generator=g).half()
+    w = torch.randn(L, N, K, generator=g).half()
+    seq_start, seq_len, idx = [0, 3, 6, 9], [3, 3, 3, 3], [2, 0, 3, 1]
+    for s, n, i in zip(seq_start, seq_len, idx):
+        x[s:s + n, ranks[i]:] = float("nan")
+        w[i, :, ranks[i]:] = float("inf")
+    base = torch.randn(T, N, generator=g).half()
+    want = base.double().clone()
+    for s, n, i in zip(seq_start, seq_len, idx):
+        r = ranks[i]
+        want[s:s + n] += x[s:s + n, :r].double() @ w[i, :, :r].double().T
+    meta = [torch.tensor(v, dtype=torch.int32, device=DEVICE) for v in (seq_start, seq_len, idx)]
+    r = torch.tensor(ranks, dtype=torch.int32, device=DEVICE)
+    out = base.to(DEVICE)
+    batch_plan = sgmv.jit.batch_plan(*meta, L, T, L) if plan else None
+    sgmv.jit.sgmv_expand(x.to(DEVICE), w.to(DEVICE), out, *meta, L, 3, True, batch_plan, lora_ranks=r)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.cpu().double(), want, atol=2e-2, rtol=1e-2)
+    tensors, _ = sgmv.binding.expand_tensors(x, w, out, *meta, L, 3, True, 0, batch_plan, r, allow_cpu=DEVICE == "cpu")
+    args = sgmv.capi.ffi.new("sgmv_expand_args_t *")
+    sgmv.capi.check(sgmv.capi.lib.sgmv_expand_args_from_tensors(tensors, args))
+    d = sgmv.jit._launches(sgmv.capi.lib.sgmv_expand_launches, args, 90, sgmv.capi.ffi.NULL)
+    ran = sgmv.capi.ffi.string(d.launches[d.num_launches - 1].variant).decode()
+    assert "unaligned" not in ran and "_k0_" in ran, ran  # an aligned variant, K ended by the ranks
