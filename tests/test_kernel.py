@@ -252,3 +252,17 @@ def test_ranks_read_whole_groups_and_ignore_what_lies_past_them(plan):
     d = sgmv.jit._launches(sgmv.capi.lib.sgmv_expand_launches, args, 90, sgmv.capi.ffi.NULL)
     ran = sgmv.capi.ffi.string(d.launches[d.num_launches - 1].variant).decode()
     assert "unaligned" not in ran and "_k0_" in ran, ran  # an aligned variant, K ended by the ranks
+
+
+@pytest.mark.parametrize("op", ["expand", "shrink"])
+def test_reference_refuses_what_the_library_refuses(op):
+    """The reference holds the library's whole contract (its dtype matrix too): fp32 weights are
+    served by neither op, fp32 inputs not by shrink; the output is untouched."""
+    x = torch.randn(4, 64 if op == "shrink" else 16)
+    w = torch.randn(2, 16, 64) if op == "shrink" else torch.randn(2, 64, 16)
+    out = torch.full((4, 16 if op == "shrink" else 64), 3.0)
+    meta = [torch.tensor(v, dtype=torch.int32) for v in ([0, 2], [2, 2], [0, 1])]
+    fn = getattr(sgmv.reference, f"sgmv_{op}")
+    with pytest.raises(sgmv.SgmvError, match="unsupported dtypes"):
+        fn(x, w, out, *meta, 2, 2)
+    assert (out == 3.0).all()

@@ -20,6 +20,13 @@ def _segments(a, seq_start, seq_len, lora_indices, ranks, rank):
             yield slice(start, end), idx, r
 
 
+def _check(config_fn, args):
+    """The library's whole check of the call (dtype matrix, pointers, ranges), without a launch."""
+    c = capi.ffi.new("sgmv_launch_config_t *")
+    c.struct_size = capi.ffi.sizeof("sgmv_launch_config_t")
+    capi.check(config_fn(args, int(capi.ffi.string(capi.lib.sgmv_archs()).decode().split(",")[0]), c))
+
+
 def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
                 batches, max_seq_length, add_inputs=False, batch_plan=None, *, lora_ranks=None):
     """Same contract as sgmv.sgmv_expand, on any device; batch_plan changes nothing here."""
@@ -28,6 +35,7 @@ def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_
                                         allow_cpu=True)
     a = capi.ffi.new("sgmv_expand_args_t *")
     capi.check(capi.lib.sgmv_expand_args_from_tensors(tensors, a))
+    _check(capi.lib.sgmv_expand_config, a)
     stacks = [w.reshape(a.num_loras, w.shape[-2], a.rank) for w in binding._slices(lora_b_weights, "weights")]
     for rows, idx, r in _segments(a, b_seq_start_loc, seq_len_tensor, lora_indices_tensor, lora_ranks, a.rank):
         col = 0
@@ -52,6 +60,7 @@ def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_
                                         lora_scales, None, None, 0, allow_cpu=True)
     a = capi.ffi.new("sgmv_shrink_args_t *")
     capi.check(capi.lib.sgmv_shrink_args_from_tensors(tensors, a))
+    _check(capi.lib.sgmv_shrink_config, a)
     stacks = [w.reshape(a.num_loras, a.rank, a.hidden) for w in binding._slices(lora_a_weights, "weights")]
     scales = None if lora_scales is None else lora_scales.tolist()
     for rows, idx, r in _segments(a, b_seq_start_loc, seq_len_tensor, lora_indices_tensor, lora_ranks, a.rank):
