@@ -71,6 +71,7 @@ static void load_driver(void) {
              res == CUDA_ERROR_NO_DEVICE_ ? ": no CUDA device" : "");
     return;
   }
+  driver.version = version;
   driver_status = SGMV_SUCCESS;
 }
 

@@ -63,7 +63,12 @@ typedef struct {
   CUresult (*cuLaunchKernel)(CUfunction, unsigned int, unsigned int, unsigned int, unsigned int, unsigned int,
                              unsigned int, unsigned int, CUstream, void **, void **);
   CUresult (*cuLaunchKernelEx)(const CUlaunchConfig *, CUfunction, void **, void **);
+  int version; /* cuDriverGetVersion's */
 } sgmv_driver_t;
+
+/* The oldest driver whose stream capture keeps a programmatic launch's dependency (CUDA 12.3); an
+ * older one gets plain launches (stream order gives the same result). */
+#define SGMV_PROGRAMMATIC_MIN_DRIVER 12030
 
 /* The loaded driver, or NULL with the status and message set (sgmv_set_error). Thread-safe. */
 const sgmv_driver_t *sgmv_driver(int *status);

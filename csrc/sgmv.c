@@ -200,7 +200,7 @@ static int launch(const sgmv_driver_t *cu, const sgmv_launch_t *l, CUdevice dev,
   int status = kernel_function(cu, v, dev, &func);
   if (status) return status;
   const uint32_t *g = l->config.grid;
-  if (l->programmatic) {
+  if (l->programmatic && cu->version >= SGMV_PROGRAMMATIC_MIN_DRIVER) {
     CUlaunchAttribute attr = {.id = CU_LAUNCH_ATTR_PROGRAMMATIC};
     attr.value.programmatic_stream_serialization_allowed = 1;
     CUlaunchConfig config = {g[0], g[1], g[2], 32u * v->num_warps, 1, 1, (unsigned)v->shared, (CUstream)stream, &attr, 1};

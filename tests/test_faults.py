@@ -316,6 +316,14 @@ def test_layer_call_on_sm80_launches_plainly(fake):
     assert not r["last_launch"]["programmatic"]
 
 
+def test_layer_call_on_a_driver_before_12_3_launches_plainly(fake):
+    """Stream capture keeps a programmatic launch's dependency from CUDA 12.3 on: an older driver
+    gets two plain launches (the same result, by stream order)."""
+    (r,) = scenario(fake, [{"layer": {}}], FAKE_CUDA_VERSION="12020")
+    assert r["status"] == 0, r["error"]
+    assert r["apply_launches"] == 2 and r["programmatic_launches"] == 0, r
+
+
 def test_layer_call_expand_launch_failure(fake):
     """The expand's cuLaunchKernelEx failing: its status names it, the context is balanced, the next call works."""
     failed, after = scenario(fake, [{"layer": {"fail_after_plan": "cuLaunchKernelEx"}}, {"layer": {}}])
