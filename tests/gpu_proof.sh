@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU proof of issue 18 in one command: sanitizers (tests/gpu_sanitizers.sh) beside the whole GPU
-# suite (tests/gpu_suite.sh, its shards within SGMV_SUITE_SECONDS, default 330), the pointer checks
+# suite (tests/gpu_suite.sh, its shards within SGMV_SUITE_SECONDS, default 330, on SGMV_WORKERS, default
+# 12, xdist workers), the pointer checks
 # (tests/test_gpu_pointers.py), then the soak alone (tests/gpu_soak.py: it measures the device's
 # memory in use); writes OUT_DIR/gpu-proof.md (copy it to benchmarks/results/gpu-proof.md) and
 # OUT_DIR/gpu-proof-logs.tar.gz (every log: 2 files, so that a device call's 8-file limit on what
@@ -29,7 +30,7 @@ $py -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_pointers.py >"$logs/p
 rc_ptr=$?
 rc_suite=0
 if [ "$quick" != 1 ]; then
-  SGMV_SUITE_SECONDS=${SGMV_SUITE_SECONDS:-330} tests/gpu_suite.sh "$logs/suite" >"$logs/suite.out" 2>&1
+  SGMV_WORKERS=${SGMV_WORKERS:-12} SGMV_SUITE_SECONDS=${SGMV_SUITE_SECONDS:-330} tests/gpu_suite.sh "$logs/suite" >"$logs/suite.out" 2>&1
   rc_suite=$?
 fi
 wait $san
