@@ -8,7 +8,8 @@
 # comes back holds).
 # usage: tests/gpu_proof.sh OUT_DIR      env: SGMV_LIBRARY, PYTHONPATH (python/ and cffi), as for the tests
 #   SGMV_PROOF_QUICK=1: smoke (quick cases under memcheck only, 2000 soak calls, no suite)
-#   full: about 8 to 9 minutes on the H200 (suite and sanitizers side by side 5-6, soak 1-3)
+#   full: not yet timed on the H200 together; apart, the sanitizers took 46 s to 5 min there, the suite
+#   (before 0.4's one-compile-per-variant JIT) several 10-minute calls, the soak 6.5 s
 set -u
 out=${1:?usage: tests/gpu_proof.sh OUT_DIR}
 mkdir -p "$out"
