@@ -380,7 +380,8 @@ typedef struct {
   sgmv_kernel_arg_t args[SGMV_MAX_KERNEL_ARGS];
   /* 1: launched with programmatic stream serialization (CUDA's programmatic dependent launch): it
    * may start while the launch before it in the list runs, and waits for that launch's results
-   * in the kernel (the layer call's expand on sm_90 and newer). */
+   * in the kernel (the layer call's expand on sm_90 and newer; sgmv_layer_apply itself launches
+   * it so only with a CUDA 12.3 driver or newer, plainly before: the same result, by stream order). */
   int32_t programmatic;
 } sgmv_kernel_launch_t;
 
