@@ -324,7 +324,9 @@ def host_call_us(torch, calls=2000, reps=3):
     c = _c_layer_host()
     if c:
         got.update({"C sgmv_layer_apply": c["layer_apply_us"], "C sgmv_step_plan": c["step_plan_us"],
-                    "C sgmv_shrink + sgmv_expand": c["shrink_expand_us"]})
+                    "C sgmv_shrink + sgmv_expand": c["shrink_expand_us"],
+                    "C sgmv_layer_apply, best of 20 x 200 (queue never full)": c["layer_apply_200_us"],
+                    "C cuLaunchKernel of an empty kernel (the host's floor per launch)": c["empty_launch_us"]})
     return got
 
 
