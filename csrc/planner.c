@@ -195,19 +195,33 @@ static int check_dtypes(const char *fn, int op, int x, int w, int out, int meta)
   if (!is_meta(meta))
     return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE, "%s: args->metadata_dtype is %s: metadata are int32 or int64",
                           fn, dtype_name(meta));
+  /* What is served: with these weights, the (inputs, output) pairs; else the weights' dtypes. */
   char served[320] = "";
   size_t n = 0;
+  int known = 0;
   for (size_t i = 0; i < sizeof dtype_matrix / sizeof *dtype_matrix; i++) {
     const int *r = dtype_matrix[i];
     if (r[0] != op) continue;
     if (r[1] == x && r[2] == w && r[3] == out) return SGMV_SUCCESS;
-    if (n < sizeof served)
-      n += (size_t)snprintf(served + n, sizeof served - n, "%s(%s, %s, %s)", n ? ", " : "", dtype_name(r[1]),
-                            dtype_name(r[2]), dtype_name(r[3]));
+    known |= r[2] == w;
   }
+  for (size_t i = 0; i < sizeof dtype_matrix / sizeof *dtype_matrix; i++) {
+    const int *r = dtype_matrix[i];
+    int first = 1; /* a weights dtype listed once (the matrix lists each weights dtype's rows together) */
+    for (size_t j = 0; j < i && !known; j++) first &= !(dtype_matrix[j][0] == op && dtype_matrix[j][2] == r[2]);
+    if (r[0] != op || (known ? r[2] != w : !first) || n >= sizeof served) continue;
+    n += known ? (size_t)snprintf(served + n, sizeof served - n, "%s(%s, %s)", n ? ", " : "", dtype_name(r[1]),
+                                  dtype_name(r[3]))
+               : (size_t)snprintf(served + n, sizeof served - n, "%s%s", n ? ", " : "", dtype_name(r[2]));
+  }
+  if (known)
+    return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE,
+                          "%s: unsupported dtypes (args->inputs_dtype %s, args->weights_dtype %s, args->output_dtype "
+                          "%s): served with %s weights (inputs, output): %s",
+                          fn, dtype_name(x), dtype_name(w), dtype_name(out), dtype_name(w), served);
   return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE,
                         "%s: unsupported dtypes (args->inputs_dtype %s, args->weights_dtype %s, args->output_dtype %s): "
-                        "served (inputs, weights, output): %s",
+                        "served weights: %s",
                         fn, dtype_name(x), dtype_name(w), dtype_name(out), served);
 }
 

@@ -3,6 +3,11 @@
     expand: out[start_b + m, :] (+)= x[start_b + m, :K] @ W[idx_b, :, :K]^T      (N = hidden, K = rank)
     shrink: out[start_b + m, :]    = scale * x[start_b + m, :K] @ W[idx_b, :, :K]^T (N = rank, K = hidden)
 
+Weights are fp16, bf16 or fp8 e4m3 (FP8, from the weights' dtype): fp8 weights are converted to the
+inputs' dtype in the product and each output column's fp32 sum is multiplied by its scale (slice s's
+scales at ws{s}_ptr, per adapter and column through two runtime strides; column stride 0: one
+scale per adapter).
+
 Both are the same grouped GEMM with a small side (rank) and a large one (hidden); what differs is
 the SHRINK constexpr (which side a per-adapter rank limits, the scales, and the split of K over
 programs for shrink's few rows with a large hidden) and where each fused slice reads its inputs

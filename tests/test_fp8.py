@@ -116,6 +116,23 @@ def test_a_scale_moves_only_its_adapter_s_channel():
     assert torch.equal(doubled[rows, 5], 2 * base[rows, 5])
 
 
+@pytest.mark.parametrize("case", [SHRINK[2], EXPAND[1]], ids=str)
+def test_torch_op_bodies_forward_the_scales(case, monkeypatch):
+    """torch.ops.sgmv.shrink / expand's bodies hand weight_scales (a list, one per slice) to the
+    binding: here the binding's calls are the reference's, on the CPU."""
+    from sgmv import torch_ops
+    monkeypatch.setattr(sgmv.binding, f"sgmv_{case.op}", getattr(sgmv.reference, f"sgmv_{case.op}"))
+
+    def op(x, w, out, st, ln, ix, b, ms, last, lora_ranks=None, lora_scales=None, weight_scales=None, **_):
+        if case.op == "shrink":
+            torch_ops.shrink(x, w[0], out, st, ln, ix, b, ms, last, lora_ranks, lora_scales, None, None, list(w[1:]),
+                             list(weight_scales))
+        else:
+            torch_ops.expand(x, w[0], out, st, ln, ix, b, ms, last, None, lora_ranks, list(w[1:]), list(weight_scales))
+    op.__module__ = "torch_ops"
+    run(op, case, "cpu")
+
+
 # ---- the planner: fp8 rules, archs, dtypes --------------------------------------------------------
 
 def expand_args(**over):
@@ -433,6 +450,25 @@ def test_layer_aot_matches_jit_and_float64(case):
     jit = run_layer(case, sgmv.jit.step_plan, sgmv.jit.layer_apply)
     if jit_matches_build():
         assert bitwise_equal(aot, jit), f"{case}: AOT and JIT differ"
+
+
+@pytest.mark.gpu
+def test_torch_layer_op_is_the_layer_call():
+    """torch.ops.sgmv.layer with fp8 weights and their scales gives sgmv.Layer's bits."""
+    case = GPU_LAYER[0]
+    layer, step, x, out, buf, rows = build_layer(case, "cuda")
+    step.plan()
+    before = buf.clone()
+    layer(x, out, step)
+    want = buf.clone()
+    buf.copy_(before)
+    seq_start, seq_len, idx, mapping = step._keep
+    torch.ops.sgmv.layer(x, out, list(layer.lora_a), list(layer.lora_b), seq_start, seq_len, idx, mapping,
+                         step.batches, step.max_seq_length, step.total_tokens, step.num_loras, step.scratch, True,
+                         layer.scaling, layer.lora_ranks, layer.lora_scales, list(layer.lora_a_scales),
+                         list(layer.lora_b_scales))
+    torch.cuda.synchronize()
+    assert bitwise_equal(buf, want)
 
 
 @pytest.mark.gpu

@@ -8,7 +8,8 @@
  * added in fp32 and the sum is rounded once. Rows of skipped segments (idx_b == -1 or outside
  * [0, num_loras), or an adapter of rank 0 in lora_ranks), zero-length segments and rows past
  * total_tokens are left untouched. Both take up to SGMV_MAX_SLICES fused slices (QKV, gate/up)
- * and per-adapter ranks.
+ * and per-adapter ranks, and fp16, bf16 or fp8 e4m3 weights (fp8: float32 scales per adapter or
+ * per adapter and output channel, sgmv_scales_t, that multiply each output column's fp32 sum).
  *
  * This header needs no CUDA header and compiles as C99 and C++. It is also the source of the
  * Python binding's cffi declarations: keep it to declarations, enums with fixed values and
