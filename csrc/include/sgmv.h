@@ -479,7 +479,8 @@ SGMV_API void sgmv_layer_destroy(sgmv_layer_t *layer);
  * at least total_tokens entries; the three segment tensors' data NULL). 1-D, contiguous, device
  * memory, one integer dtype. The scratch buffer (device memory the caller owns, 16-byte
  * aligned) holds the step's batch plan, the intermediate (total_tokens, num_slices * rank) of
- * each layer call in the weights' dtype, and the shrink's split-K workspace. */
+ * each layer call in the weights' dtype (fp8 weights: the inputs', 16-bit too), and the shrink's
+ * split-K workspace. */
 typedef struct {
   size_t struct_size;
   sgmv_tensor_t seq_start, seq_len, lora_indices;

@@ -340,9 +340,9 @@ def make_lora_cases(gpu):
 # fp8 weights in `sgmv check`: a shrink with per-channel scales and fused slices, an expand with
 # per-adapter scales and ranks (tests/test_fp8.py has the suite).
 FP8_CHECK_CASES = [
-    LoraCase("fp8-qkv-channel", "shrink", 16, [96] * 3, [4, 1, 1, 6], [0, 1, 2, 1], 3, "fp8-fp16", torch.int32,
+    LoraCase("qkv-channel-scales", "shrink", 16, [96] * 3, [4, 1, 1, 6], [0, 1, 2, 1], 3, "fp8-fp16", torch.int32,
              scaling=0.5, weight_scales="channel", seed=501),
-    LoraCase("fp8-ranks-adapter", "expand", 32, [128, 64], [1, 1, 5, 1], [1, 0, 1, -1], 2, "fp8-fp16-fp32out",
+    LoraCase("ranks-adapter-scales", "expand", 32, [128, 64], [1, 1, 5, 1], [1, 0, 1, -1], 2, "fp8-fp16-fp32out",
              torch.int64, add_inputs=True, lora_ranks=[32, 9], weight_scales="adapter", seed=502),
 ]
 
