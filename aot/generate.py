@@ -22,7 +22,8 @@ KERNELS = HERE.parent / "kernels" / "sgmv.py"
 sys.path.insert(0, str(HERE))
 import variants as V  # noqa: E402
 
-C_DTYPE = {"fp16": "SGMV_DTYPE_FLOAT16", "bf16": "SGMV_DTYPE_BFLOAT16", "fp32": "SGMV_DTYPE_FLOAT32"}
+C_DTYPE = {"fp16": "SGMV_DTYPE_FLOAT16", "bf16": "SGMV_DTYPE_BFLOAT16", "fp32": "SGMV_DTYPE_FLOAT32",
+           V.FP8: "SGMV_DTYPE_FLOAT8_E4M3FN"}
 C_SCALAR = {"i32": "int32_t", "i64": "int64_t", "fp32": "float"}
 # A parameter's type as csrc/variant.h's sgmv_param_type_t names it (the launch description).
 C_TYPE = {"i32": "SGMV_PARAM_I32", "i64": "SGMV_PARAM_I64", "fp32": "SGMV_PARAM_FP32",
@@ -188,14 +189,17 @@ def main():
         c.append(f'  {{"{name}", {t.block_m}, {t.block_n}, {t.block_k}, {t.num_warps}, {t.num_stages}}},')
     c += ["};", "", "const sgmv_rule_t sgmv_rules[] = {"]
     opt = lambda v: -1 if v is None else v  # noqa: E731
-    rules = [(op, arch, r) for op in V.OPS for arch, rs in V.RULES[op].items() for r in rs]
-    for op, arch, (max_seq, max_rank, name, path) in rules:
+    # Each rule's fp8 field: 1 for the rules of fp8 weights (V.FP8_RULES, V.FP8_GROUPED_RULES).
+    rules = [(op, arch, fp8, r) for fp8, table in ((0, V.RULES), (1, V.FP8_RULES)) for op in V.OPS
+             for arch, rs in table[op].items() for r in rs]
+    for op, arch, fp8, (max_seq, max_rank, name, path) in rules:
         c.append(f"  {{{V.OPS.index(op)}, {arch}, {opt(max_seq)}, {opt(max_rank)}, {tile_names.index(name)}, "
-                 f"{int(path == 'short')}}},")
+                 f"{int(path == 'short')}, {fp8}}},")
     c += ["};", f"const int sgmv_num_rules = {len(rules)};", "", "const sgmv_grouped_rule_t sgmv_grouped_rules[] = {"]
-    rules = [(op, arch, r) for op in V.OPS for arch, rs in V.GROUPED_RULES[op].items() for r in rs]
-    for op, arch, (max_rows, max_rank, name) in rules:
-        c.append(f"  {{{V.OPS.index(op)}, {arch}, {opt(max_rows)}, {opt(max_rank)}, {tile_names.index(name)}}},")
+    rules = [(op, arch, fp8, r) for fp8, table in ((0, V.GROUPED_RULES), (1, V.FP8_GROUPED_RULES)) for op in V.OPS
+             for arch, rs in table[op].items() for r in rs]
+    for op, arch, fp8, (max_rows, max_rank, name) in rules:
+        c.append(f"  {{{V.OPS.index(op)}, {arch}, {opt(max_rows)}, {opt(max_rank)}, {tile_names.index(name)}, {fp8}}},")
     c += ["};", f"const int sgmv_num_grouped_rules = {len(rules)};", "",
           f"const sgmv_plan_size_t sgmv_plan_size = {{{V.PLAN_SIZE.segs}, {V.PLAN_SIZE.scan}, {V.PLAN_SIZE.rows}, "
           f"{V.PLAN_SIZE.num_warps}}};",

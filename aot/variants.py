@@ -21,18 +21,26 @@ def _rules(key):
     return {int(arch): [tuple(r) for r in rules] for arch, rules in _TABLE[key].items()}
 
 
-# Per op and arch, rules tried in order; None: any.
+# Per op and arch, rules tried in order; None: any. FP8_RULES and FP8_GROUPED_RULES replace them
+# for fp8 weights, and only the archs they list have fp8 variants (the planner refuses fp8 weights
+# elsewhere, from the generated rules).
 RULES = {"expand": _rules("rules"), "shrink": _rules("shrink_rules")}
 GROUPED_RULES = {"expand": _rules("grouped_rules"), "shrink": _rules("shrink_grouped_rules")}
+FP8_RULES = {"expand": _rules("fp8_rules"), "shrink": _rules("fp8_shrink_rules")}
+FP8_GROUPED_RULES = {"expand": _rules("fp8_grouped_rules"), "shrink": _rules("fp8_shrink_grouped_rules")}
 PLAN_SIZE = PlanSize(*_TABLE["plan"])
 SPLIT = Split(*_TABLE["split"])
 PLANNER = _TABLE["planner"]  # the planner's other tuning, by name (csrc/variant.h sgmv_tuning_t)
 ARCHS = tuple(RULES["expand"])
 
 # (inputs, weights, output): expand's inputs and output are the weight dtype or fp32; shrink's
-# inputs are the weight dtype.
-DTYPES = {"expand": [(i, w, o) for w in ("fp16", "bf16") for i in (w, "fp32") for o in (w, "fp32")],
-          "shrink": [(w, w, o) for w in ("fp16", "bf16") for o in (w, "fp32")]}
+# inputs are the weight dtype. fp8 (e4m3, Triton's fp8e4nv) weights take fp16 or bf16 inputs and
+# write the inputs' dtype or fp32.
+FP8 = "fp8e4nv"
+DTYPES = {"expand": [(i, w, o) for w in ("fp16", "bf16") for i in (w, "fp32") for o in (w, "fp32")] +
+          [(i, FP8, o) for i in ("fp16", "bf16") for o in (i, "fp32")],
+          "shrink": [(w, w, o) for w in ("fp16", "bf16") for o in (w, "fp32")] +
+          [(i, FP8, o) for i in ("fp16", "bf16") for o in (i, "fp32")]}
 
 # Expand's narrowest column tile: 65535 column tiles of it bound hidden (CUDA's grid limit).
 MIN_EXPAND_BLOCK_N = 64
@@ -51,16 +59,23 @@ def check(plan_align, max_split):
         raise ValueError(f"every block_m must divide the plan's alignment ({plan_align})")
     if "unaligned" not in TILES or any(set(rules[op]) != set(ARCHS) for rules in (RULES, GROUPED_RULES) for op in OPS):
         raise ValueError("every op and arch needs rules with and without a plan, and an 'unaligned' tile")
-    if any(r[3] == "short" for rules in RULES["shrink"].values() for r in rules):
+    fp8_archs = [set(rules[op]) for rules in (FP8_RULES, FP8_GROUPED_RULES) for op in OPS]
+    if any(a != fp8_archs[0] for a in fp8_archs) or not fp8_archs[0] <= set(ARCHS):
+        raise ValueError("fp8 rules must list the same archs, with and without a plan, for both ops, among ARCHS")
+    if any(r[3] == "short" for table in (RULES, FP8_RULES) for rules in table["shrink"].values() for r in rules):
         raise ValueError("shrink has no short path")
-    for rules in [r for op in OPS for table in (RULES, GROUPED_RULES) for r in table[op].values()]:
+    for rules in [r for op in OPS for table in (RULES, GROUPED_RULES, FP8_RULES, FP8_GROUPED_RULES)
+                  for r in table[op].values()]:
         if rules[-1][0] is not None or rules[-1][1] is not None:
             raise ValueError("every rule list must end with a catch-all")
 
 
-def tiles_for_arch(arch, op):
-    """(tile, path) pairs the rules of op on arch can select."""
-    pairs = [(r[2], r[3]) for r in RULES[op][arch]] + [(r[2], "grouped") for r in GROUPED_RULES[op][arch]]
+def tiles_for_arch(arch, op, fp8=False):
+    """(tile, path) pairs the rules of op on arch can select (for fp8 weights: the fp8 rules)."""
+    rules, grouped = (FP8_RULES, FP8_GROUPED_RULES) if fp8 else (RULES, GROUPED_RULES)
+    if arch not in rules[op]:
+        return []
+    pairs = [(r[2], r[3]) for r in rules[op][arch]] + [(r[2], "grouped") for r in grouped[op][arch]]
     return list(dict.fromkeys(pairs + [("unaligned", "rows"), ("unaligned", "grouped")]))
 
 
@@ -68,7 +83,8 @@ def variants():
     """Every specialisation the AOT build compiles, as dicts."""
     for arch in ARCHS:
         for op in OPS:
-            for (tile, path), (x, w, o), even_k in product(tiles_for_arch(arch, op), DTYPES[op], (False, True)):
-                yield dict(kernel="sgmv_kernel", op=op, arch=arch, tile=tile, path=path, x=x, w=w, out=o,
-                           even_k=even_k, aligned=tile != "unaligned")
+            for (x, w, o) in DTYPES[op]:
+                for (tile, path), even_k in product(tiles_for_arch(arch, op, w == FP8), (False, True)):
+                    yield dict(kernel="sgmv_kernel", op=op, arch=arch, tile=tile, path=path, x=x, w=w, out=o,
+                               even_k=even_k, aligned=tile != "unaligned")
         yield dict(kernel="sgmv_plan_kernel", arch=arch)

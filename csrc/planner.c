@@ -33,13 +33,46 @@ _Static_assert(SGMV_PATH_ROWS == SGMV_KERNEL_PATH_ROWS && SGMV_PATH_SHORT == SGM
 static int is_meta(int t) { return t == SGMV_DTYPE_INT32 || t == SGMV_DTYPE_INT64; }
 
 static const char *dtype_name(int t) {
-  static const char *names[] = {"float16", "bfloat16", "float32", "int32", "int64"};
-  return t >= 0 && t <= SGMV_DTYPE_INT64 ? names[t] : "unknown";
+  static const char *names[] = {"float16", "bfloat16", "float32", "int32", "int64", "float8_e4m3fn"};
+  return t >= 0 && t <= SGMV_DTYPE_FLOAT8_E4M3FN ? names[t] : "unknown";
 }
 
 static int dtype_size(int t) {
-  static const int sizes[] = {2, 2, 4, 4, 8};
-  return t >= 0 && t <= SGMV_DTYPE_INT64 ? sizes[t] : 1;
+  static const int sizes[] = {2, 2, 4, 4, 8, 1};
+  return t >= 0 && t <= SGMV_DTYPE_FLOAT8_E4M3FN ? sizes[t] : 1;
+}
+
+/* Weights of this dtype come with scales, and have rules (and variants) of their own. */
+static int is_fp8(int t) { return t == SGMV_DTYPE_FLOAT8_E4M3FN; }
+
+/* Whether the rules of op for weights of class fp8 cover arch (an arch without them has no variants). */
+static int has_rules(int op, int arch, int fp8) {
+  for (int i = 0; i < sgmv_num_rules; i++)
+    if (sgmv_rules[i].op == op && sgmv_rules[i].arch == arch && sgmv_rules[i].fp8 == fp8) return 1;
+  return 0;
+}
+
+/* The build's archs that have variants for op's weights of class fp8, as "90,100" ("none" if none). */
+static void archs_with_rules(int op, int fp8, char *list, size_t size) {
+  size_t n = 0;
+  list[0] = 0;
+  for (const char *p = sgmv_archs_list; *p;) {
+    int arch = atoi(p);
+    if (has_rules(op, arch, fp8) && n < size) n += (size_t)snprintf(list + n, size - n, "%s%d", n ? "," : "", arch);
+    while (*p && *p != ',') p++;
+    if (*p) p++;
+  }
+  if (!n) snprintf(list, size, "none");
+}
+
+int sgmv_first_arch(const sgmv_call_t *c) {
+  for (const char *p = sgmv_archs_list; *p;) {
+    int arch = atoi(p);
+    if (has_rules(c->op, arch, is_fp8(c->w_dtype))) return arch;
+    while (*p && *p != ',') p++;
+    if (*p) p++;
+  }
+  return atoi(sgmv_archs_list);
 }
 
 /* (op, inputs, weights, output) the variants serve: aot/variants.py DTYPES, generated. */
@@ -69,6 +102,8 @@ SGMV_API int sgmv_cubin_arch(int cc) {
 #define EXPAND_ARGS_V0_1 (offsetof(sgmv_expand_args_t, stream) + sizeof(sgmv_stream_t))
 #define EXPAND_TENSORS_V0_2 (offsetof(sgmv_expand_tensors_t, batch_plan_bytes) + sizeof(size_t))
 #define SHRINK_ARGS_V0_3 (offsetof(sgmv_shrink_args_t, stream) + sizeof(sgmv_stream_t))
+#define SHRINK_TENSORS_V0_3 (offsetof(sgmv_shrink_tensors_t, workspace_bytes) + sizeof(size_t))
+#define LAYER_ARGS_V0_4 (offsetof(sgmv_layer_args_t, scaling) + sizeof(float))
 
 SGMV_API void sgmv_expand_args_init(sgmv_expand_args_t *args) {
   if (!args) return;
@@ -160,19 +195,33 @@ static int check_dtypes(const char *fn, int op, int x, int w, int out, int meta)
   if (!is_meta(meta))
     return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE, "%s: args->metadata_dtype is %s: metadata are int32 or int64",
                           fn, dtype_name(meta));
+  /* What is served: with these weights, the (inputs, output) pairs; else the weights' dtypes. */
   char served[320] = "";
   size_t n = 0;
+  int known = 0;
   for (size_t i = 0; i < sizeof dtype_matrix / sizeof *dtype_matrix; i++) {
     const int *r = dtype_matrix[i];
     if (r[0] != op) continue;
     if (r[1] == x && r[2] == w && r[3] == out) return SGMV_SUCCESS;
-    if (n < sizeof served)
-      n += (size_t)snprintf(served + n, sizeof served - n, "%s(%s, %s, %s)", n ? ", " : "", dtype_name(r[1]),
-                            dtype_name(r[2]), dtype_name(r[3]));
+    known |= r[2] == w;
   }
+  for (size_t i = 0; i < sizeof dtype_matrix / sizeof *dtype_matrix; i++) {
+    const int *r = dtype_matrix[i];
+    int first = 1; /* a weights dtype listed once (the matrix lists each weights dtype's rows together) */
+    for (size_t j = 0; j < i && !known; j++) first &= !(dtype_matrix[j][0] == op && dtype_matrix[j][2] == r[2]);
+    if (r[0] != op || (known ? r[2] != w : !first) || n >= sizeof served) continue;
+    n += known ? (size_t)snprintf(served + n, sizeof served - n, "%s(%s, %s)", n ? ", " : "", dtype_name(r[1]),
+                                  dtype_name(r[3]))
+               : (size_t)snprintf(served + n, sizeof served - n, "%s%s", n ? ", " : "", dtype_name(r[2]));
+  }
+  if (known)
+    return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE,
+                          "%s: unsupported dtypes (args->inputs_dtype %s, args->weights_dtype %s, args->output_dtype "
+                          "%s): served with %s weights (inputs, output): %s",
+                          fn, dtype_name(x), dtype_name(w), dtype_name(out), dtype_name(w), served);
   return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE,
                         "%s: unsupported dtypes (args->inputs_dtype %s, args->weights_dtype %s, args->output_dtype %s): "
-                        "served (inputs, weights, output): %s",
+                        "served weights: %s",
                         fn, dtype_name(x), dtype_name(w), dtype_name(out), served);
 }
 
@@ -271,6 +320,27 @@ static int check_call(const char *fn, const sgmv_call_t *c) {
       return INVALID("%s: args->%s %lld is smaller than one adapter's extent %lld", fn, lora, (long long)w->lora_stride,
                      (long long)one_lora);
   }
+  /* fp8 weights: every slice's scales, within int64; other weights: none. */
+  for (int s = 0; s < c->num_slices; s++) {
+    const sgmv_scales_t *ws = &c->ws[s];
+    char name[40];
+    snprintf(name, sizeof name, "weight_scales[%d]", s);
+    if (!is_fp8(c->w_dtype) && ws->scales)
+      return INVALID("%s: args->%s.scales is set, but the weights are %s: scales are for %s weights only", fn, name,
+                     dtype_name(c->w_dtype), dtype_name(SGMV_DTYPE_FLOAT8_E4M3FN));
+    if (!is_fp8(c->w_dtype)) continue;
+    if (!ws->scales)
+      return INVALID("%s: args->%s.scales is NULL: %s weights need scales for every slice", fn, name,
+                     dtype_name(c->w_dtype));
+    if (ws->lora_stride < 0 || ws->channel_stride < 0)
+      return INVALID("%s: args->%s's strides must be >= 0, got %lld and %lld", fn, name, (long long)ws->lora_stride,
+                     (long long)ws->channel_stride);
+    if (!extent_fits(c->num_loras, 1, ws->lora_stride) || !extent_fits(c->w[s].rows, 1, ws->channel_stride) ||
+        (c->num_loras - 1) * ws->lora_stride > INT64_MAX - (c->w[s].rows - 1) * ws->channel_stride)
+      return INVALID("%s: args->%s's strides are so large that offsets overflow int64", fn, name);
+    int status_s = check_aligned(fn, name, ws->scales, 4, "its element size");
+    if (status_s) return status_s;
+  }
   /* Every pointer at a multiple of its element size; the workspace as the aligned variants assume. */
   char name[32];
   int misaligned = check_aligned(fn, "inputs", c->x, dtype_size(c->x_dtype), "its element size");
@@ -327,6 +397,7 @@ int sgmv_expand_call(const sgmv_expand_args_t *args, sgmv_call_t *c) {
   c->num_slices = a.num_slices > 1 ? a.num_slices : 1;
   c->w[0] = (sgmv_slice_t){a.weights, a.weights_lora_stride, a.weights_row_stride, a.hidden};
   for (int s = 1; s < c->num_slices; s++) c->w[s] = a.slices[s - 1];
+  for (int s = 0; s < c->num_slices; s++) c->ws[s] = a.weight_scales[s];
   for (int s = 0; s < c->num_slices; s++) {
     if (c->w[s].rows < 1 || c->w[s].rows > SGMV_MAX_HIDDEN)
       return s ? INVALID("%s: args->slices[%d].rows (hidden) must be in [1, %d], got %lld", fn, s - 1,
@@ -370,6 +441,7 @@ int sgmv_shrink_call(const sgmv_shrink_args_t *args, sgmv_call_t *c) {
                      (long long)c->w[s].rows, (long long)a.rank);
   }
   c->out_cols = c->num_slices * a.rank;
+  for (int s = 0; s < c->num_slices; s++) c->ws[s] = a.weight_scales[s];
   c->x = a.inputs, c->x_dtype = a.inputs_dtype, c->x_stride = a.inputs_row_stride, c->x_slice_step = 0;
   c->w_dtype = a.weights_dtype;
   c->out = a.output, c->out_dtype = a.output_dtype, c->out_stride = a.output_row_stride;
@@ -414,6 +486,39 @@ static int check_per_adapter(const char *fn, const char *name, const sgmv_tensor
   if (t->ndim != 1 || (t->shape[0] > 1 && t->strides[0] != 1) || t->shape[0] < num_loras)
     return INVALID("%s: tensors->%s must be a contiguous 1-D tensor of >= num_loras = %lld entries", fn, name,
                    (long long)num_loras);
+  return SGMV_SUCCESS;
+}
+
+/* fp8 weights' scales of one slice (data NULL: none): float32, (num_loras,) or (num_loras, 1) per
+ * adapter, (num_loras, rows) per adapter and output channel. */
+static int scales_tensor(const char *fn, const char *st, const char *name, const sgmv_tensor_t *t, int64_t loras,
+                         int64_t rows, sgmv_scales_t *out) {
+  memset(out, 0, sizeof *out);
+  if (!t->data) return SGMV_SUCCESS;
+  if ((int)t->dtype != SGMV_DTYPE_FLOAT32)
+    return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_DTYPE, "%s: %s->%s must be float32, got %s", fn, st, name,
+                          dtype_name(t->dtype));
+  int per_channel = t->ndim == 2 && t->shape[1] == rows && rows > 1;
+  if (!(t->ndim == 1 || (t->ndim == 2 && (t->shape[1] == 1 || t->shape[1] == rows))) || t->shape[0] != loras)
+    return INVALID("%s: %s->%s must be (num_loras,), (num_loras, 1) or (num_loras, %lld) with num_loras %lld, got "
+                   "%d-D (%lld, %lld)", fn, st, name, (long long)rows, (long long)loras, t->ndim, (long long)t->shape[0],
+                   (long long)(t->ndim > 1 ? t->shape[1] : 0));
+  *out = (sgmv_scales_t){t->data, t->shape[0] > 1 ? t->strides[0] : 0, per_channel ? t->strides[1] : 0};
+  return SGMV_SUCCESS;
+}
+
+/* Every slice's scales (rows[s]: its output channels), into out (unused slices: none). */
+static int scales_tensors(const char *fn, const char *st, const char *field, const sgmv_tensor_t t[SGMV_MAX_SLICES],
+                          int n, int64_t loras, const int64_t *rows, sgmv_scales_t out[SGMV_MAX_SLICES]) {
+  memset(out, 0, SGMV_MAX_SLICES * sizeof *out);
+  for (int s = 0; s < SGMV_MAX_SLICES; s++) {
+    char name[40];
+    snprintf(name, sizeof name, "%s[%d]", field, s);
+    if (s >= n && t[s].data)
+      return INVALID("%s: %s->%s is given, but the call has %d slice%s", fn, st, name, n, n > 1 ? "s" : "");
+    int status = s < n ? scales_tensor(fn, st, name, &t[s], loras, rows[s], &out[s]) : SGMV_SUCCESS;
+    if (status) return status;
+  }
   return SGMV_SUCCESS;
 }
 
@@ -505,7 +610,9 @@ SGMV_API sgmv_status_t sgmv_expand_args_from_tensors(const sgmv_expand_tensors_t
     return (sgmv_status_t)INVALID("%s: tensors->output must be (total_tokens, hidden) = (%lld, %lld), got (%lld, %lld)", fn,
                                   (long long)tokens, (long long)hidden, (long long)t.output.shape[0],
                                   (long long)t.output.shape[1]);
-  if ((status = check_per_adapter(fn, "lora_ranks", &t.lora_ranks, SGMV_DTYPE_INT32, loras)))
+  sgmv_scales_t scales[SGMV_MAX_SLICES];
+  if ((status = check_per_adapter(fn, "lora_ranks", &t.lora_ranks, SGMV_DTYPE_INT32, loras)) ||
+      (status = scales_tensors(fn, "tensors", "weight_scales", t.weight_scales, n, loras, rows, scales)))
     return (sgmv_status_t)status;
   memset(a, 0, sizeof *a);
   a->struct_size = sizeof *a;
@@ -522,6 +629,7 @@ SGMV_API sgmv_status_t sgmv_expand_args_from_tensors(const sgmv_expand_tensors_t
   a->num_slices = t.num_slices;
   for (int s = 1; s < n; s++) a->slices[s - 1] = slices[s];
   a->lora_ranks = t.lora_ranks.data;
+  memcpy(a->weight_scales, scales, sizeof scales);
   return SGMV_SUCCESS;
 }
 
@@ -529,7 +637,8 @@ SGMV_API sgmv_status_t sgmv_shrink_args_from_tensors(const sgmv_shrink_tensors_t
   const char *fn = "sgmv_shrink";
   sgmv_shrink_tensors_t t;
   if (!tensors || !a) return (sgmv_status_t)INVALID("%s: tensors or args is NULL", fn);
-  int status = read_struct(fn, "sgmv_shrink_tensors_t", tensors, tensors->struct_size, sizeof t, &t, sizeof t);
+  int status = read_struct(fn, "sgmv_shrink_tensors_t", tensors, tensors->struct_size, SHRINK_TENSORS_V0_3, &t,
+                           sizeof t);
   if (status) return (sgmv_status_t)status;
   const sgmv_tensor_t *all[6] = {&t.inputs, &t.weights, &t.output, &t.seq_start, &t.seq_len, &t.lora_indices};
   sgmv_slice_t slices[SGMV_MAX_SLICES];
@@ -555,8 +664,11 @@ SGMV_API sgmv_status_t sgmv_shrink_args_from_tensors(const sgmv_shrink_tensors_t
     return (sgmv_status_t)INVALID("%s: tensors->output must be (total_tokens, num_slices * rank) = (%lld, %lld), got (%lld, %lld)",
                                   fn, (long long)t.inputs.shape[0], (long long)(n * rank),
                                   (long long)t.output.shape[0], (long long)t.output.shape[1]);
+  const int64_t ranks[SGMV_MAX_SLICES] = {rank, rank, rank};
+  sgmv_scales_t scales[SGMV_MAX_SLICES];
   if ((status = check_per_adapter(fn, "lora_ranks", &t.lora_ranks, SGMV_DTYPE_INT32, loras)) ||
-      (status = check_per_adapter(fn, "lora_scales", &t.lora_scales, SGMV_DTYPE_FLOAT32, loras)))
+      (status = check_per_adapter(fn, "lora_scales", &t.lora_scales, SGMV_DTYPE_FLOAT32, loras)) ||
+      (status = scales_tensors(fn, "tensors", "weight_scales", t.weight_scales, n, loras, ranks, scales)))
     return (sgmv_status_t)status;
   sgmv_shrink_args_init(a);
   a->inputs = t.inputs.data, a->inputs_dtype = t.inputs.dtype, a->inputs_row_stride = t.inputs.strides[0];
@@ -572,6 +684,7 @@ SGMV_API sgmv_status_t sgmv_shrink_args_from_tensors(const sgmv_shrink_tensors_t
   a->lora_ranks = t.lora_ranks.data, a->lora_scales = t.lora_scales.data;
   a->batch_plan = t.batch_plan, a->batch_plan_bytes = t.batch_plan_bytes;
   a->workspace = t.workspace, a->workspace_bytes = t.workspace_bytes, a->stream = t.stream;
+  memcpy(a->weight_scales, scales, sizeof scales);
   return SGMV_SUCCESS;
 }
 
@@ -603,7 +716,7 @@ static int select_tile(const sgmv_call_t *c, int arch, int grouped, int *short_p
     int64_t rows = cdiv(c->total_tokens, min64(c->batches, c->num_loras));
     for (int i = 0; i < sgmv_num_grouped_rules; i++) {
       const sgmv_grouped_rule_t *r = &sgmv_grouped_rules[i];
-      if (r->op == c->op && r->arch == arch && (r->max_rows < 0 || rows <= r->max_rows) &&
+      if (r->op == c->op && r->arch == arch && r->fp8 == is_fp8(c->w_dtype) && (r->max_rows < 0 || rows <= r->max_rows) &&
           (r->max_rank < 0 || rank <= r->max_rank))
         return r->tile;
     }
@@ -611,7 +724,8 @@ static int select_tile(const sgmv_call_t *c, int arch, int grouped, int *short_p
   }
   for (int i = 0; i < sgmv_num_rules; i++) {
     const sgmv_rule_t *r = &sgmv_rules[i];
-    if (r->op == c->op && r->arch == arch && (r->max_seq < 0 || c->max_seq_length <= r->max_seq) &&
+    if (r->op == c->op && r->arch == arch && r->fp8 == is_fp8(c->w_dtype) &&
+        (r->max_seq < 0 || c->max_seq_length <= r->max_seq) &&
         (r->max_rank < 0 || rank <= r->max_rank)) {
       *short_path = r->short_path;
       return r->tile;
@@ -668,6 +782,12 @@ int sgmv_decide(const sgmv_call_t *a, int arch, const sgmv_launch_config_t *want
   if (c->noop) return SGMV_SUCCESS;
   int status = check_arch(fn, arch);
   if (status) return status;
+  if (!has_rules(a->op, arch, is_fp8(a->w_dtype))) {
+    char archs[64];
+    archs_with_rules(a->op, is_fp8(a->w_dtype), archs, sizeof archs);
+    return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_ARCH, "%s: this build has no %s-weight variants for sm_%d (it serves "
+                          "them on sm %s)", fn, dtype_name(a->w_dtype), arch, archs);
+  }
   /* With a plan, adapter-grouped tiles, except for long segments of one length (uniform
    * prefill), which tile densely by segment already and gain nothing from the plan's gather. */
   const sgmv_tuning_t *tune = &sgmv_tuning;
@@ -821,6 +941,7 @@ struct sgmv_layer {
   int num_slices, w_dtype;
   int64_t num_loras, rank, hidden;
   sgmv_slice_t a[SGMV_MAX_SLICES], b[SGMV_MAX_SLICES];
+  sgmv_scales_t as[SGMV_MAX_SLICES], bs[SGMV_MAX_SLICES]; /* fp8 weights' scales */
   const void *ranks, *scales;
   float scaling;
 };
@@ -851,6 +972,9 @@ SGMV_API size_t sgmv_step_scratch_bytes(int64_t max_batches, int64_t max_tokens,
   return scratch_bytes(max_batches, max_tokens, max_columns, &plan, &mid);
 }
 
+/* The dtype of a layer's activations and intermediate: the weights', or for fp8 weights the inputs'. */
+static int activation_dtype(int w_dtype, int x_dtype) { return is_fp8(w_dtype) ? x_dtype : w_dtype; }
+
 /* The layer's shrink (c[0]: inputs -> the step's intermediate, scaled) and expand (c[1]: the
  * intermediate -> output), before checks. Without a step: rows 0 (the weights' checks). */
 static void layer_calls(const sgmv_layer_t *l, const sgmv_step_t *st, const void *x, int x_dtype, int64_t x_stride,
@@ -860,6 +984,7 @@ static void layer_calls(const sgmv_layer_t *l, const sgmv_step_t *st, const void
   int64_t tokens = st ? st->total_tokens : 0, cols = n * l->rank;
   size_t mid = round_up((size_t)tokens * (size_t)cols * 2);
   char *y = st ? st->scratch + st->plan_bytes : NULL;
+  int mid_dtype = activation_dtype(l->w_dtype, x_dtype);
   memset(c, 0, 2 * sizeof *c);
   for (int i = 0; i < 2; i++) {
     c[i].num_slices = n, c[i].w_dtype = l->w_dtype, c[i].num_loras = l->num_loras, c[i].total_tokens = tokens;
@@ -869,14 +994,14 @@ static void layer_calls(const sgmv_layer_t *l, const sgmv_step_t *st, const void
       c[i].per_token = st->per_token, c[i].metadata_dtype = st->metadata_dtype, c[i].batches = st->batches;
       c[i].max_seq_length = st->max_seq_length, c[i].plan = st->scratch, c[i].plan_bytes = st->plan_bytes;
     }
-    for (int k = 0; k < n; k++) c[i].w[k] = i ? l->b[k] : l->a[k];
+    for (int k = 0; k < n; k++) c[i].w[k] = i ? l->b[k] : l->a[k], c[i].ws[k] = i ? l->bs[k] : l->as[k];
   }
   c[0].op = SGMV_OP_SHRINK, c[0].x = x, c[0].x_dtype = x_dtype, c[0].x_stride = x_stride, c[0].K = l->hidden;
-  c[0].out = y, c[0].out_dtype = l->w_dtype, c[0].out_stride = cols, c[0].out_cols = cols;
+  c[0].out = y, c[0].out_dtype = mid_dtype, c[0].out_stride = cols, c[0].out_cols = cols;
   c[0].out_slice_step = n > 1 ? l->rank : 0, c[0].scaling = l->scaling, c[0].scales = l->scales;
   if (st && st->scratch_bytes > st->plan_bytes + mid)
     c[0].work = y + mid, c[0].work_bytes = st->scratch_bytes - st->plan_bytes - mid;
-  c[1].op = SGMV_OP_EXPAND, c[1].x = y, c[1].x_dtype = l->w_dtype, c[1].x_stride = cols, c[1].K = l->rank;
+  c[1].op = SGMV_OP_EXPAND, c[1].x = y, c[1].x_dtype = mid_dtype, c[1].x_stride = cols, c[1].K = l->rank;
   c[1].x_slice_step = n > 1 ? l->rank : 0, c[1].out = out, c[1].out_dtype = out_dtype, c[1].out_stride = out_stride;
   c[1].add_inputs = add_inputs != 0;
   for (int k = 0; k < n; k++) c[1].out_cols += l->b[k].rows;
@@ -887,7 +1012,8 @@ SGMV_API sgmv_status_t sgmv_layer_create(const sgmv_layer_args_t *args, sgmv_lay
   if (!layer) return (sgmv_status_t)INVALID("%s: layer is NULL", fn);
   *layer = NULL;
   sgmv_layer_args_t t;
-  int status = read_struct(fn, "sgmv_layer_args_t", args, args ? args->struct_size : 0, sizeof t, &t, sizeof t);
+  int status = read_struct(fn, "sgmv_layer_args_t", args, args ? args->struct_size : 0, LAYER_ARGS_V0_4, &t,
+                           sizeof t);
   if (!status) status = check_slices(fn, t.num_slices);
   if (status) return (sgmv_status_t)status;
   sgmv_layer_t l;
@@ -934,12 +1060,18 @@ SGMV_API sgmv_status_t sgmv_layer_create(const sgmv_layer_args_t *args, sgmv_lay
   if (out_cols > SGMV_MAX_HIDDEN - SGMV_MIN_EXPAND_BLOCK_N * (l.num_slices - 1))
     return (sgmv_status_t)INVALID("%s: the slices' output columns add up to %lld, more than %d", fn,
                                   (long long)out_cols, SGMV_MAX_HIDDEN - SGMV_MIN_EXPAND_BLOCK_N * (l.num_slices - 1));
+  /* fp8 weights: checked with fp16 activations (the inputs' dtype is known at each call). */
+  int act = activation_dtype(l.w_dtype, SGMV_DTYPE_FLOAT16);
+  int64_t a_rows[SGMV_MAX_SLICES] = {l.rank, l.rank, l.rank}, b_rows[SGMV_MAX_SLICES];
+  for (int k = 0; k < l.num_slices; k++) b_rows[k] = l.b[k].rows;
   if ((status = check_per_adapter(fn, "lora_ranks", &t.lora_ranks, SGMV_DTYPE_INT32, l.num_loras)) ||
       (status = check_per_adapter(fn, "lora_scales", &t.lora_scales, SGMV_DTYPE_FLOAT32, l.num_loras)) ||
-      (status = check_dtypes(fn, SGMV_OP_SHRINK, l.w_dtype, l.w_dtype, l.w_dtype, SGMV_DTYPE_INT32)))
+      (status = scales_tensors(fn, "args", "lora_a_scales", t.lora_a_scales, l.num_slices, l.num_loras, a_rows, l.as)) ||
+      (status = scales_tensors(fn, "args", "lora_b_scales", t.lora_b_scales, l.num_slices, l.num_loras, b_rows, l.bs)) ||
+      (status = check_dtypes(fn, SGMV_OP_SHRINK, act, l.w_dtype, act, SGMV_DTYPE_INT32)))
     return (sgmv_status_t)status;
   sgmv_call_t c[2];
-  layer_calls(&l, NULL, NULL, l.w_dtype, 0, NULL, l.w_dtype, 0, 0, NULL, c);
+  layer_calls(&l, NULL, NULL, act, 0, NULL, act, 0, 0, NULL, c);
   for (int i = 0; i < 2 && !status; i++) status = check_call(fn, &c[i]); /* the weights' strides and alignment */
   if (status) return (sgmv_status_t)status;
   if (!(*layer = malloc(sizeof l))) return (sgmv_status_t)sgmv_set_error(SGMV_ERROR_INTERNAL, "%s: out of memory", fn);
@@ -1028,8 +1160,9 @@ int sgmv_layer_calls(const sgmv_layer_t *l, const sgmv_step_t *st, const sgmv_te
     if (!t[i]->data && st->total_tokens && st->batches)
       return INVALID("%s: %s->data is NULL", fn, i ? "output" : "inputs");
   }
-  int status = check_dtypes(fn, SGMV_OP_SHRINK, x->dtype, l->w_dtype, l->w_dtype, st->metadata_dtype);
-  if (!status) status = check_dtypes(fn, SGMV_OP_EXPAND, l->w_dtype, l->w_dtype, out->dtype, st->metadata_dtype);
+  int act = activation_dtype(l->w_dtype, x->dtype);
+  int status = check_dtypes(fn, SGMV_OP_SHRINK, x->dtype, l->w_dtype, act, st->metadata_dtype);
+  if (!status) status = check_dtypes(fn, SGMV_OP_EXPAND, act, l->w_dtype, out->dtype, st->metadata_dtype);
   if (status) return status;
   layer_calls(l, st, x->data, x->dtype, x->strides[0], (void *)out->data, out->dtype, out->strides[0], add_inputs,
               stream, c);

@@ -270,6 +270,11 @@ static void fill_call(const void *args, const sgmv_launch_t *l, int step, void *
   p->w1_stride_l = w[s1].lora_stride, p->w1_stride_n = w[s1].row_stride;
   p->w2_stride_l = w[s2 ? 2 : 0].lora_stride, p->w2_stride_n = w[s2 ? 2 : 0].row_stride;
   p->out_stride_m = a->out_stride;
+  const sgmv_scales_t *ws = a->ws;
+  p->ws_ptr = ws[0].scales, p->ws1_ptr = ws[s1].scales, p->ws2_ptr = ws[s2 ? 2 : 0].scales;
+  p->ws_stride_l = ws[0].lora_stride, p->ws_stride_n = ws[0].channel_stride;
+  p->ws1_stride_l = ws[s1].lora_stride, p->ws1_stride_n = ws[s1].channel_stride;
+  p->ws2_stride_l = ws[s2 ? 2 : 0].lora_stride, p->ws2_stride_n = ws[s2 ? 2 : 0].channel_stride;
 }
 
 /* A plan build: its arguments, and whether the metadata is a token mapping (a step's). */
@@ -443,7 +448,7 @@ static int decide_plan(const void *c, int arch, sgmv_launch_t *l) {
  * plans it again for the stream's device and launches. */
 static sgmv_status_t launch_call(const sgmv_call_t *call) {
   sgmv_launch_t l;
-  int status = sgmv_decide(call, any_arch(), NULL, &l);
+  int status = sgmv_decide(call, sgmv_first_arch(call), NULL, &l);
   if (status || l.config.noop) return (sgmv_status_t)status;
   const sgmv_driver_t *cu = sgmv_driver(&status);
   if (!cu) return (sgmv_status_t)status;

@@ -12,15 +12,16 @@ typedef struct {
 } sgmv_tile_t;
 
 /* Without a plan: for op on arch, max_seq_length <= max_seq and rank <= max_rank (-1: any)
- * select tile, on the short path if short_path. */
+ * select tile, on the short path if short_path. fp8: a rule for fp8 weights (1) or the others (0);
+ * an arch without fp8 rules has no fp8 variants. */
 typedef struct {
-  int op, arch, max_seq, max_rank, tile, short_path;
+  int op, arch, max_seq, max_rank, tile, short_path, fp8;
 } sgmv_rule_t;
 
 /* With a plan: rows per adapter (estimated as cdiv(total_tokens, min(batches, num_loras))) <=
  * max_rows and rank <= max_rank select tile. */
 typedef struct {
-  int op, arch, max_rows, max_rank, tile;
+  int op, arch, max_rows, max_rank, tile, fp8;
 } sgmv_grouped_rule_t;
 
 /* Shrink's split of hidden over programs: aimed at `programs` programs, at most max_split, for
@@ -100,6 +101,7 @@ typedef struct {
   int64_t x_stride, x_slice_step;
   int w_dtype, num_slices;
   sgmv_slice_t w[SGMV_MAX_SLICES];
+  sgmv_scales_t ws[SGMV_MAX_SLICES]; /* fp8 weights: each slice's scales (else scales NULL) */
   void *out;
   int out_dtype;
   int64_t out_stride, out_cols;
@@ -122,6 +124,8 @@ typedef struct {
 /* A caller's sgmv_expand_args_t / sgmv_shrink_args_t of any supported size, checked, as a call. */
 int sgmv_expand_call(const sgmv_expand_args_t *args, sgmv_call_t *call);
 int sgmv_shrink_call(const sgmv_shrink_args_t *args, sgmv_call_t *call);
+/* The build's first arch with variants for the call's weights: where checks run before the driver. */
+int sgmv_first_arch(const sgmv_call_t *call);
 /* want: a tile to plan with instead of the rules' (a tuner's), or NULL. */
 int sgmv_decide(const sgmv_call_t *call, int arch, const sgmv_launch_config_t *want, sgmv_launch_t *out);
 /* per_token: the metadata is one adapter per row (a step's token mapping; lora_indices holds it). */

@@ -3,6 +3,11 @@
     expand: out[start_b + m, :] (+)= x[start_b + m, :K] @ W[idx_b, :, :K]^T      (N = hidden, K = rank)
     shrink: out[start_b + m, :]    = scale * x[start_b + m, :K] @ W[idx_b, :, :K]^T (N = rank, K = hidden)
 
+Weights are fp16, bf16 or fp8 e4m3 (FP8, from the weights' dtype): fp8 weights are converted to the
+inputs' dtype in the product and each output column's fp32 sum is multiplied by its scale (slice s's
+scales at ws{s}_ptr, per adapter and column through two runtime strides; column stride 0: one
+scale per adapter).
+
 Both are the same grouped GEMM with a small side (rank) and a large one (hidden); what differs is
 the SHRINK constexpr (which side a per-adapter rank limits, the scales, and the split of K over
 programs for shrink's few rows with a large hidden) and where each fused slice reads its inputs
@@ -75,7 +80,8 @@ SIGNATURES = {
         "scaling": "fp32", "meta_shift": "i32", "per_token": "i32", "add_inputs": "i32", "flat": "i32", "plan_capacity": "i64",
         "k_split": "i32", "step": "i32", "x_stride_m": "i64", "w_stride_l": "i64", "w_stride_n": "i64",
         "w1_stride_l": "i64", "w1_stride_n": "i64", "w2_stride_l": "i64", "w2_stride_n": "i64",
-        "out_stride_m": "i64",
+        "out_stride_m": "i64", "ws_ptr": "*fp32", "ws1_ptr": "*fp32", "ws2_ptr": "*fp32", "ws_stride_l": "i64",
+        "ws_stride_n": "i64", "ws1_stride_l": "i64", "ws1_stride_n": "i64", "ws2_stride_l": "i64", "ws2_stride_n": "i64",
     },
     "sgmv_plan_kernel": {
         "plan_ptr": "*i32", "seq_start_ptr": "*i32", "seq_len_ptr": "*i32", "lora_idx_ptr": "*i32",
@@ -138,6 +144,15 @@ def sgmv_kernel(
     w2_stride_l,
     w2_stride_n,
     out_stride_m,
+    ws_ptr,  # fp8 weights: fp32 scales of slice 0, scale of adapter l, column n at l * ws_stride_l + n * ws_stride_n
+    ws1_ptr,  # slice 1's scales (fp8 weights), else unused
+    ws2_ptr,  # slice 2's scales
+    ws_stride_l,
+    ws_stride_n,  # 0: one scale per adapter
+    ws1_stride_l,
+    ws1_stride_n,
+    ws2_stride_l,
+    ws2_stride_n,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -150,6 +165,9 @@ def sgmv_kernel(
     # Elements of 16 bytes of the weights: K (a multiple of it where ALIGNED) is read in whole groups.
     EW: tl.constexpr = ALIGN_BYTES * 8 // w_ptr.dtype.element_ty.primitive_bitwidth
     VEC: tl.constexpr = 1 + (EW - 1) * ALIGNED
+    # fp8 weights (the weights' dtype, not a constexpr of its own): each slice's fp32 scales
+    # multiply the fp32 sums of products of the weights as stored, per output column.
+    FP8: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth == 8
     if ALIGNED:
         # (v // E) * E == v here; it tells the compiler that v is a multiple of E (a hint on an
         # argument would not reach it), so that accesses along columns are 16 bytes wide.
@@ -176,6 +194,9 @@ def sgmv_kernel(
     n_len = tl.where(in2, N2, tl.where(in1, N1, N))
     col0 = tl.where(in2, N + N1, tl.where(in1, N, 0)).to(tl.int64)
     tile_n = pid_n - tl.where(in2, tiles0 + tiles1, tl.where(in1, tiles0, 0))
+    ws_base = tl.where(in2, ws2_ptr, tl.where(in1, ws1_ptr, ws_ptr))
+    ws_l = tl.where(in2, ws2_stride_l, tl.where(in1, ws1_stride_l, ws_stride_l))
+    ws_n = tl.where(in2, ws2_stride_n, tl.where(in1, ws1_stride_n, ws_stride_n))
     x_base = x_ptr + (in1.to(tl.int64) + in2.to(tl.int64)) * x_slice_step
     out_base = out_ptr + col0
     if SHRINK:  # every slice has K columns; the slices may lie in planes (slices, total_tokens, rank)
@@ -188,6 +209,7 @@ def sgmv_kernel(
     n_mask = offs_n < n_len
     offs_k = tl.arange(0, BLOCK_K)
     w_cols = offs_n[None, :] * stride_n + offs_k[:, None]  # (BLOCK_K, BLOCK_N)
+    ws_cols = offs_n * ws_n
 
     if PATH == PATH_GROUPED:  # the plan lists, per tile, BLOCK_M rows of one adapter
         p0 = pid_g * BLOCK_M
@@ -199,8 +221,8 @@ def sgmv_kernel(
             if (lora >= 0) & (lora < num_loras) & (tl.max(m_mask.to(tl.int32), axis=0) > 0):
                 _tile(x_base, w_base + lora * stride_l, out_base, work_base, lora, rows, m_mask, x_stride_m,
                       out_stride_m, work_stride_m, w_cols, offs_n, n_mask, offs_k, K, k_split, step, total_tokens,
-                      ranks_ptr, has_ranks, scales_ptr, has_scales, scaling, add_inputs, BLOCK_M, BLOCK_N,
-                      BLOCK_K, EVEN_K, SHRINK, GDC, VEC)
+                      ranks_ptr, has_ranks, scales_ptr, has_scales, scaling, add_inputs, ws_base + lora * ws_l,
+                      ws_cols, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SHRINK, GDC, VEC, FP8)
     elif PATH == PATH_SHORT:
         # The BLOCK_M rows of a tile are BLOCK_M segments, row j of each. Program z takes the
         # adapters a with a % num_programs(2) == z, one pass per adapter present, so an adapter's
@@ -225,8 +247,16 @@ def sgmv_kernel(
             while tl.max(todo.to(tl.int32), axis=0) > 0:
                 adapter = tl.min(tl.where(todo, loras, num_loras), axis=0)
                 k_end = tl.max(tl.where(todo & (loras == adapter), ranks, 0), axis=0)
-                acc = _accumulate(acc, x_base, w_base + adapter * stride_l, offs_m, todo & (loras == adapter),
-                                  x_stride_m, w_cols, n_mask, offs_k, 0, k_end, BLOCK_K, EVEN_K, False, VEC)
+                rows = todo & (loras == adapter)
+                if FP8:  # this adapter's products scaled by its column scales, its rows only
+                    part = _accumulate(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_base,
+                                       w_base + adapter * stride_l, offs_m, rows, x_stride_m, w_cols, n_mask, offs_k,
+                                       0, k_end, BLOCK_K, EVEN_K, False, VEC, FP8)
+                    part = _dequant(part, ws_base + adapter * ws_l, ws_cols, n_mask, FP8)
+                    acc += tl.where(rows[:, None], part, 0.0)
+                else:
+                    acc = _accumulate(acc, x_base, w_base + adapter * stride_l, offs_m, rows, x_stride_m, w_cols,
+                                      n_mask, offs_k, 0, k_end, BLOCK_K, EVEN_K, False, VEC, FP8)
                 todo = todo & (loras != adapter)
             _store(acc, prior, out_ptrs, out_mask, add_inputs)
     elif flat == 0:  # PATH_ROWS by segment: program (g, n, z) covers segment g's row tiles z, z + num_programs(2), ...
@@ -237,8 +267,8 @@ def sgmv_kernel(
                 offs_m = row0 + tl.arange(0, BLOCK_M)
                 _tile(x_base, w_base + lora * stride_l, out_base, work_base, lora, offs_m, offs_m < end, x_stride_m,
                       out_stride_m, work_stride_m, w_cols, offs_n, n_mask, offs_k, K, k_split, step, total_tokens,
-                      ranks_ptr, has_ranks, scales_ptr, has_scales, scaling, add_inputs, BLOCK_M, BLOCK_N,
-                      BLOCK_K, EVEN_K, SHRINK, GDC, VEC)
+                      ranks_ptr, has_ranks, scales_ptr, has_scales, scaling, add_inputs, ws_base + lora * ws_l,
+                      ws_cols, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SHRINK, GDC, VEC, FP8)
     else:  # PATH_ROWS, flat
         # Program g computes the g-th row tile of the list of all segments' row tiles, found by a
         # prefix sum over the segments, _SEARCH at a time; programs past the last tile idle.
@@ -266,8 +296,8 @@ def sgmv_kernel(
             offs_m = row0 + tl.arange(0, BLOCK_M)
             _tile(x_base, w_base + lora * stride_l, out_base, work_base, lora, offs_m, offs_m < end, x_stride_m,
                   out_stride_m, work_stride_m, w_cols, offs_n, n_mask, offs_k, K, k_split, step, total_tokens,
-                  ranks_ptr, has_ranks, scales_ptr, has_scales, scaling, add_inputs, BLOCK_M, BLOCK_N,
-                  BLOCK_K, EVEN_K, SHRINK, GDC, VEC)
+                  ranks_ptr, has_ranks, scales_ptr, has_scales, scaling, add_inputs, ws_base + lora * ws_l, ws_cols,
+                  BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SHRINK, GDC, VEC, FP8)
 
 
 @triton.jit(do_not_specialize=_unspecialised("sgmv_plan_kernel"))
@@ -373,11 +403,13 @@ def _round_up(n):
 @triton.jit
 def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m, out_stride_m, work_stride_m, w_cols,
           offs_n, n_mask, offs_k, K, k_split, step, total_tokens, ranks_ptr, has_ranks, scales_ptr, has_scales,
-          scaling, add_inputs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-          EVEN_K: tl.constexpr, SHRINK: tl.constexpr, GDC: tl.constexpr, VEC: tl.constexpr):
+          scaling, add_inputs, ws_row, ws_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SHRINK: tl.constexpr, GDC: tl.constexpr, VEC: tl.constexpr,
+          FP8: tl.constexpr):
     """Rows offs_m (where m_mask) of adapter `lora`, whose weights are at w_base. Per-adapter
     values are scalars chosen in branches; vector masks are never (a mask that passes through a
-    branch loses what the compiler knows of it, and with it 16-byte accesses)."""
+    branch loses what the compiler knows of it, and with it 16-byte accesses). FP8: ws_row is the
+    adapter's scales, ws_cols each column's offset in it."""
     if SHRINK:
         rank = K  # with ranks, columns >= rank[lora] are neither read nor written (rank 0: nothing)
         if has_ranks != 0:
@@ -397,16 +429,18 @@ def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m,
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             if k_split >= K:
                 acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, w_mask, offs_k, 0, K,
-                                  BLOCK_K, EVEN_K, False, VEC)
+                                  BLOCK_K, EVEN_K, False, VEC, FP8)
+                acc = _dequant(acc, ws_row, ws_cols, w_mask, FP8)
                 tl.store(out_ptrs, (acc * scale).to(out_ptrs.dtype.element_ty), mask=out_mask)
             elif step == 0:
                 k_lo = tl.multiple_of(z * k_split, BLOCK_K)  # the planner makes k_split a multiple of BLOCK_K
                 acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, w_mask, offs_k, k_lo,
-                                  tl.minimum(k_lo + k_split, K), BLOCK_K, EVEN_K, False, VEC)
+                                  tl.minimum(k_lo + k_split, K), BLOCK_K, EVEN_K, False, VEC, FP8)
                 tl.store(partial + z * plane, acc, mask=part_mask)
             elif z == 0:  # step 1: the partial sums in order of z (independent loads, issued together)
                 for j in tl.static_range(MAX_SPLIT):
                     acc += tl.load(partial + j * plane, mask=tl.where(j * k_split < K, part_mask, False), other=0.0)
+                acc = _dequant(acc, ws_row, ws_cols, w_mask, FP8)
                 tl.store(out_ptrs, (acc * scale).to(out_ptrs.dtype.element_ty), mask=out_mask)
     else:
         out_ptrs, out_mask, prior = _load_prior(out_base, offs_m, m_mask, offs_n, n_mask, out_stride_m, add_inputs)
@@ -415,7 +449,8 @@ def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m,
             k_end = tl.minimum(tl.load(ranks_ptr + lora), K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, 0, k_end,
-                          BLOCK_K, EVEN_K, GDC, VEC)
+                          BLOCK_K, EVEN_K, GDC, VEC, FP8)
+        acc = _dequant(acc, ws_row, ws_cols, n_mask, FP8)
         _store(acc, prior, out_ptrs, tl.where(k_end > 0, out_mask, False), add_inputs)
 
 
@@ -461,7 +496,7 @@ def _load_prior(out_ptr, offs_m, m_mask, offs_n, n_mask, out_stride_m, add_input
 
 @triton.jit
 def _accumulate(acc, x_ptr, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, k_lo, k_hi,
-                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, WAIT: tl.constexpr, VEC: tl.constexpr):
+                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, WAIT: tl.constexpr, VEC: tl.constexpr, FP8: tl.constexpr):
     """acc += x[offs_m, k_lo:k_hi] @ w_base[cols, k_lo:k_hi]^T over the rows in m_mask (others add
     zero). EVEN_K: k_hi - k_lo is a multiple of BLOCK_K. VEC: see _load_k. WAIT: x is the previous
     launch's output (griddepcontrol.wait): the first block of weights is loaded before the wait, x
@@ -475,13 +510,32 @@ def _accumulate(acc, x_ptr, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, 
         tl.extra.cuda.gdc_wait()
         x = _load_k(x_rows + (k_lo + offs_k)[None, :], tl.where(some, m_mask[:, None], False), offs_k[None, :],
                     k_hi - k_lo, EVEN_K, VEC)
-        acc += tl.dot(x.to(w.dtype), w)
+        acc = _dot(acc, x, w, FP8)
         k_first = k_lo + BLOCK_K
     for k0 in range(k_first, k_hi, BLOCK_K):
         x = _load_k(x_rows + (k0 + offs_k)[None, :], m_mask[:, None], offs_k[None, :], k_hi - k0, EVEN_K, VEC)
         w = _load_k(w_base + w_cols + k0, n_mask[None, :], offs_k[:, None], k_hi - k0, EVEN_K, VEC)
-        # fp32 inputs are rounded to the weight dtype first, as LoRAX does.
+        acc = _dot(acc, x, w, FP8)
+    return acc
+
+
+@triton.jit
+def _dot(acc, x, w, FP8: tl.constexpr):
+    """acc + x @ w in fp32. fp32 inputs are rounded to the weight dtype first, as LoRAX does; fp8
+    weights are converted to the inputs' dtype (fp16 or bf16: exact), their scales applied later."""
+    if FP8:
+        acc += tl.dot(x, w.to(x.dtype))
+    else:
         acc += tl.dot(x.to(w.dtype), w)
+    return acc
+
+
+@triton.jit
+def _dequant(acc, ws_row, ws_cols, n_mask, FP8: tl.constexpr):
+    """fp8 weights: the fp32 products of the weights as stored times each column's scale (ws_row
+    + ws_cols: the adapter's row of scales; one per adapter where the column stride is 0)."""
+    if FP8:
+        acc = acc * tl.load(ws_row + ws_cols, mask=n_mask, other=0.0)[None, :]
     return acc
 
 

@@ -135,6 +135,18 @@ SPECS = [
       expect=dict(path="rows", tile="shrink_p64")),
     S("s-rank256-split", 256, 1024, 1, [2, 1], [0, 1], 2, "fp16", I64, workspace="split",
       expect=dict(split=True)),
+    # ---- fp8 weights (e4m3, float32 scales per channel or per adapter): the short, grouped, split and
+    # unaligned paths of the fp8 rules ----
+    E("e-fp8-short-decode-channel", 16, [256], DECODE, DECODE_IDX, 4, "fp8-fp16", I32, weight_scales="channel",
+      expect=dict(path="short", tile="decode"), sets=("race", "quick"), jit=True),
+    E("e-fp8-grouped-3slices-ranks-adapter", 32, [128, 64, 64], MIXED, MIXED_IDX, 4, "fp8-bf16-fp32out", I64,
+      lora_ranks=[32, 8, 0, -2], weight_scales="adapter", plan="build", expect=dict(path="grouped", tile="grouped_r64"),
+      sets=("race",), jit=True),
+    S("s-fp8-grouped-split-3slices", 16, 2048, 3, [2, 1, 1, 3], [1, 0, 2, 1], 3, "fp8-fp16-fp32out", I64,
+      lora_scales=[1.0, -0.5, 2.0], scaling=0.5, plan="build", workspace="split", weight_scales="channel",
+      expect=dict(path="grouped", split=True, tile="shrink_s32"), sets=("race",), jit=True),
+    S("s-fp8-rows-unaligned", 7, 431, 1, [30, 2, 17], [0, 1, 0], 2, "fp8-bf16", I32, weight_scales="adapter",
+      expect=dict(path="rows", tile="unaligned")),
     # ---- corrupt metadata: what the contract tolerates (kernels/sgmv.py clips and skips) ----
     *[E(f"e-corrupt-{n}", 16, [512], lens, idx, 2, "bf16", (I32, I64)[k % 2], starts=st, total_tokens=40,
         max_seq_length=max(0, max(lens)), plan="build" if k % 2 else None, sets=("race",) if k == 0 else (),
@@ -186,6 +198,8 @@ LAYER_SPECS = [
     LayerCase("l-prefill-tokens-column-slice", 256, 32, (192,), [150, 2], [1, 0], 2, per_token=True,
               add_inputs=False, out_slice=True, dtype="bf16", seed=64),
     LayerCase("l-skewed-tokens-int64", 128, 64, (128,), SKEWED, SKEWED_IDX, 3, per_token=True, meta=I64, seed=65),
+    LayerCase("l-fp8-decode-qkv-tokens", 256, 16, (256, 64, 64), DECODE, DECODE_IDX, 4, per_token=True, fp8="channel",
+              seed=66),
 ]
 
 
@@ -214,12 +228,13 @@ def c_args(op, args, kw):
     lib, ffi = capi.lib, capi.ffi
     if op == "expand":
         t, _ = binding.expand_tensors(x, w, out, st, ln, ix, b, ms, last, 0, kw.get("batch_plan"),
-                                      kw.get("lora_ranks"), allow_cpu=True)
+                                      kw.get("lora_ranks"), allow_cpu=True, weight_scales=kw.get("weight_scales"))
         a = ffi.new("sgmv_expand_args_t *")
         capi.check(lib.sgmv_expand_args_from_tensors(t, a))
     else:
         t, _ = binding.shrink_tensors(x, w, out, st, ln, ix, b, ms, last, kw.get("lora_ranks"), kw.get("lora_scales"),
-                                      kw.get("batch_plan"), kw.get("workspace"), 0, allow_cpu=True)
+                                      kw.get("batch_plan"), kw.get("workspace"), 0, allow_cpu=True,
+                                      weight_scales=kw.get("weight_scales"))
         a = ffi.new("sgmv_shrink_args_t *")
         capi.check(lib.sgmv_shrink_args_from_tensors(t, a))
     return a

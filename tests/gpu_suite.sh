@@ -2,7 +2,7 @@
 # The whole GPU suite (pytest -m gpu) in the shards of tests/README.md, within a time budget, on a GPU.
 #
 # usage: tests/gpu_suite.sh OUT_DIR [SHARD ...]      (default: every shard but 5, in this order:
-#                                                    4 6 1a 1b 2a 2b 3a 3b)
+#                                                    4 6 7 1a 1b 2a 2b 3a 3b)
 #   env: SGMV_LIBRARY, PYTHONPATH  as for the tests (PYTHONPATH must reach python/ and cffi)
 #        SGMV_SUITE_SECONDS        the budget for all shards (default 560): a shard gets what is left
 #                                  (pytest is interrupted with SIGINT at its end and still prints its
@@ -24,7 +24,7 @@ py=${PYTHON:-python3}
 n=${SGMV_WORKERS:-$(nproc)}
 budget=${SGMV_SUITE_SECONDS:-560}
 shards=("$@")
-[ ${#shards[@]} -eq 0 ] && shards=(4 6 1a 1b 2a 2b 3a 3b)
+[ ${#shards[@]} -eq 0 ] && shards=(4 6 7 1a 1b 2a 2b 3a 3b)
 t0=$(date +%s)
 
 command_of() {
@@ -39,6 +39,7 @@ command_of() {
     4) echo "$p -n 8 tests/test_gpu.py -k 'not aot_matches' tests/test_torch_op.py tests/test_bench.py" \
             "tests/test_cli.py tests/test_gpu_pointers.py" ;;
     6) echo "$p -n $n tests/test_layer.py" ;;
+    7) echo "$p -n $n tests/test_fp8.py" ;;
     *) return 1 ;;
   esac
 }

@@ -38,14 +38,14 @@ def test_expand_suite_floors_are_those_of_the_committed_run():
 
 
 LAYOUT_LENS = {
-    "decode 256x1": [1] * 256, "decode 512x1": [1] * 512, "spec 64x4": [4] * 64,
+    "decode 256x1": [1] * 256, "decode 512x1": [1] * 512, "decode 128x1": [1] * 128, "spec 64x4": [4] * 64,
     "mixed 512+192x1": [512] + [1] * 192, "mixed 3x700+100x1": [700] * 3 + [1] * 100,
     "mixed 2048+64x1": [2048] + [1] * 64, "prefill 16x4096": [4096] * 16, "prefill 4x2048": [2048] * 4,
     "prefill 8x1024": [1024] * 8, "skewed 4000+8x10": [4000] + [10] * 8,
 }
 
 
-@pytest.mark.parametrize("suite", ["shrink", "qkv", "ranks", "layer"])
+@pytest.mark.parametrize("suite", ["shrink", "qkv", "ranks", "layer", "fp8"])
 def test_new_suites_run_on_the_expand_suites_batches(suite):
     expand = {}
     for c in bench.suite_cases("expand"):  # the first case of each batch (the issue's)
@@ -71,6 +71,20 @@ def test_suite_contents_and_names():
     for c in ranks:
         assert c.rank == 64 and c.hidden == 4096 and c.ranks == [(8, 16, 64)[a % 3] for a in range(c.adapters)]
     assert all(c.ratio == ("fused", "three-calls") for c in qkv) and all(c.ratio == ("ranks", "padded") for c in ranks)
+
+
+def test_fp8_suite_cases_and_targets():
+    """Issue 19: expand and shrink with fp8 weights against bf16 on decode and mixed batches of 16
+    or more adapters at ranks >= 32 (<= 0.65x), and on prefill (within 5 %)."""
+    cases = bench.suite_cases("fp8")
+    assert {c.op for c in cases} == {"expand", "shrink"} and all(c.fp8 and c.dtype == "bf16" for c in cases)
+    assert all(c.ratio == ("fp8", "bf16") and c.main == "fp8" for c in cases)
+    for c in cases:
+        prefill = " prefill " in c.name
+        assert c.target == ("ratio", 1.05 if prefill else 0.65), c.name
+        if not prefill:
+            assert c.adapters >= 16 and c.rank >= 32, c.name
+    assert sum(" decode " in c.name or " mixed " in c.name for c in cases) == 12
 
 
 def test_targets_are_the_issues():
@@ -174,6 +188,8 @@ SMALL = [
     dict(op="expand"),
     dict(op="expand", slices=(64, 32, 16)),
     dict(op="expand", ranks=[4, 16, 8]),
+    dict(op="shrink", fp8=True),
+    dict(op="expand", fp8=True),
 ]
 
 
@@ -239,7 +255,9 @@ def run_provider(provider, case, monkeypatch, device=DEVICE):
         s[2].fill_(1234.5)  # poison: shrink writes, never reads, its output
     before = s[2].clone()
     fns[1]()
-    want, written = expected(case, (s[0], s[1], before), provider == "ranks")
+    # The fp8 provider's weights: the fp8 copy times its per-channel scales.
+    w = s[3].double() * s[4].double()[:, :, None] if provider == "fp8" else s[1]
+    want, written = expected(case, (s[0], w, before), provider == "ranks")
     got = s[2]
     assert torch.equal(got[~written], before[~written]), "an element outside the case was written"
     tol = 1e-3 if got.dtype == torch.float32 else 1e-2
@@ -252,6 +270,8 @@ def run_id(p, kw):
 
 
 def providers_of(kw):
+    if "fp8" in kw:
+        return bench.SUITES["fp8"]
     if "slices" in kw:
         return bench.SUITES["qkv"]
     if "ranks" in kw:

@@ -123,7 +123,8 @@ def test_enums_and_version_come_from_the_header():
     assert capi.STATUS["SGMV_ERROR_INVALID_ARGUMENT"] == S["SGMV_ERROR_INVALID_ARGUMENT"]
     assert binding._DTYPE_NAMES == {"float16": capi.lib.SGMV_DTYPE_FLOAT16, "bfloat16": capi.lib.SGMV_DTYPE_BFLOAT16,
                                     "float32": capi.lib.SGMV_DTYPE_FLOAT32, "int32": capi.lib.SGMV_DTYPE_INT32,
-                                    "int64": capi.lib.SGMV_DTYPE_INT64}
+                                    "int64": capi.lib.SGMV_DTYPE_INT64,
+                                    "float8_e4m3fn": capi.lib.SGMV_DTYPE_FLOAT8_E4M3FN}
     assert capi.VERSION == sgmv.__version__
     v = capi.lib.sgmv_version()
     assert (capi.VERSION_MAJOR, capi.VERSION_MINOR, capi.VERSION_PATCH) == (v // 10000, v // 100 % 100, v % 100)

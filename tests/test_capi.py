@@ -576,20 +576,24 @@ def test_shrink_launches_what_the_planner_says(fake, over):
         assert first["last_launch"]["block"] == planned["block"]
 
 
-def test_expand_tensors_v02_struct_is_still_accepted():
-    """sgmv_expand_tensors_t as 0.2's header had it: the slices and ranks it lacks default to one
-    slice and none, whatever lies past it."""
-    t = ffi.new("sgmv_expand_tensors_t *")
-    t.struct_size = ffi.sizeof("sgmv_expand_tensors_t")
-    for i, (name, shape, dtype) in enumerate((("inputs", (10, 16), 0), ("weights", (2, 64, 16), 0),
-                                              ("output", (10, 64), 0), ("seq_start", (2,), 3), ("seq_len", (2,), 3),
-                                              ("lora_indices", (2,), 3))):
+def fill_tensors(t, items):
+    """Sets *t's sgmv_tensor_t fields of items (name, shape, dtype): contiguous, at fake addresses."""
+    for i, (name, shape, dtype) in enumerate(items):
         d = getattr(t, name)
         d.data, d.dtype, d.ndim = ffi.cast("void *", 0x10000 * (i + 1)), dtype, len(shape)
         stride = 1
         for j in reversed(range(len(shape))):
             d.shape[j], d.strides[j] = shape[j], stride
             stride *= shape[j]
+
+
+def test_expand_tensors_v02_struct_is_still_accepted():
+    """sgmv_expand_tensors_t as 0.2's header had it: the slices and ranks it lacks default to one
+    slice and none, whatever lies past it."""
+    t = ffi.new("sgmv_expand_tensors_t *")
+    t.struct_size = ffi.sizeof("sgmv_expand_tensors_t")
+    fill_tensors(t, (("inputs", (10, 16), 0), ("weights", (2, 64, 16), 0), ("output", (10, 64), 0),
+                     ("seq_start", (2,), 3), ("seq_len", (2,), 3), ("lora_indices", (2,), 3)))
     t.batches, t.max_seq_length = 2, 5
     t.num_slices = 3  # junk past the 0.2 struct
     t.lora_ranks.data = ffi.cast("void *", 0xDEAD0)

@@ -132,6 +132,19 @@ def run(fn, case, device=DEVICE, plan=None, workspace=None, what=None):
     return err, buf, p.args, kw
 
 
+def aot_matches_jit(case, with_plan, workspace=None):
+    """The case through the library (AOT) and the JIT on the GPU, each checked against the float64
+    expectation, then against each other bit for bit (with an AOT-built plan for both, or none);
+    returns the Prepared case and the AOT call's keyword arguments."""
+    p = Prepared(case, "cuda")
+    plan = sgmv.batch_plan if with_plan else None
+    _, aot, kw = p.run(getattr(sgmv, f"sgmv_{case.op}"), plan, workspace, f"aot {case}")
+    _, jit, _ = p.run(getattr(sgmv.jit, f"sgmv_{case.op}"), plan, workspace, f"jit {case}")
+    diff = (bits(aot) != bits(jit)).nonzero()
+    assert not len(diff), f"{case}: AOT and JIT differ in {len(diff)} elements, first at {diff[0].tolist()}"
+    return p, kw
+
+
 def skip_bf16_on_cpu(case):
     if not HAS_GPU and lora_needs_bf16_dot(case):
         pytest.skip("Triton's interpreter does not support bfloat16 tl.dot (triton issue 11584): GPU only")
@@ -288,12 +301,7 @@ GPU_CASES = [c for c in make_lora_cases(gpu=True) if c.op == "shrink"]
 def test_aot_matches_jit_bitwise_and_float64(case, with_plan, split):
     """sgmv.sgmv_shrink and sgmv.jit.sgmv_shrink launch the planner's choice alike: the same bits,
     both within tolerance, split or not, with a plan or not (AOT-built plan for both)."""
-    p = Prepared(case, "cuda")
-    plan = sgmv.batch_plan if with_plan else None
-    _, aot, kw = p.run(sgmv.sgmv_shrink, plan, split, f"aot {case}")
-    _, jit, _ = p.run(sgmv.jit.sgmv_shrink, plan, split, f"jit {case}")
-    diff = (bits(aot) != bits(jit)).nonzero()
-    assert not len(diff), f"{case}: AOT and JIT differ in {len(diff)} elements, first at {diff[0].tolist()}"
+    p, kw = aot_matches_jit(case, with_plan, split)
     if split == "none":
         assert split_of(p.args, kw) == 1
 

@@ -11,7 +11,7 @@ import sgmv.jit
 import sgmv.reference
 from sgmv.testing import LoraCase, build_lora, check, expected_lora, make_lora_cases
 from conftest import DEVICE, HAS_GPU
-from test_shrink import Prepared, bits, launch_config, run, skip_bf16_on_cpu
+from test_shrink import aot_matches_jit, bits, launch_config, run, skip_bf16_on_cpu
 
 I32, I64 = torch.int32, torch.int64
 CPU_CASES = [c for c in make_lora_cases(gpu=False) if c.op == "expand"]  # GPU_CASES: the big ones
@@ -90,9 +90,4 @@ GPU_CASES = [c for c in make_lora_cases(gpu=True) if c.op == "expand"]
 @pytest.mark.parametrize("with_plan", [False, True], ids=["no-plan", "plan"])
 @pytest.mark.parametrize("case", GPU_CASES + CORNERS, ids=str)
 def test_aot_matches_jit_bitwise_and_float64(case, with_plan):
-    p = Prepared(case, "cuda")
-    plan = sgmv.batch_plan if with_plan else None
-    _, aot, _ = p.run(sgmv.sgmv_expand, plan, what=f"aot {case}")
-    _, jit, _ = p.run(sgmv.jit.sgmv_expand, plan, what=f"jit {case}")
-    diff = (bits(aot) != bits(jit)).nonzero()
-    assert not len(diff), f"{case}: AOT and JIT differ in {len(diff)} elements, first at {diff[0].tolist()}"
+    aot_matches_jit(case, with_plan)

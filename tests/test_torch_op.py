@@ -72,11 +72,12 @@ SCHEMAS = {
                ("seq_start", REQUIRED, False), ("seq_len", REQUIRED, False), ("lora_indices", REQUIRED, False),
                ("batches", REQUIRED, False), ("max_seq_length", REQUIRED, False), ("scaling", 1.0, False),
                ("lora_ranks", None, False), ("lora_scales", None, False), ("batch_plan", None, False),
-               ("workspace", None, True), ("slice_weights", None, False)],
+               ("workspace", None, True), ("slice_weights", None, False), ("weight_scales", None, False)],
     "expand": [("inputs", REQUIRED, False), ("weights", REQUIRED, False), ("output", REQUIRED, True),
                ("seq_start", REQUIRED, False), ("seq_len", REQUIRED, False), ("lora_indices", REQUIRED, False),
                ("batches", REQUIRED, False), ("max_seq_length", REQUIRED, False), ("add_inputs", REQUIRED, False),
-               ("batch_plan", None, False), ("lora_ranks", None, False), ("slice_weights", None, False)],
+               ("batch_plan", None, False), ("lora_ranks", None, False), ("slice_weights", None, False),
+               ("weight_scales", None, False)],
     "batch_plan": [("seq_start", REQUIRED, False), ("seq_len", REQUIRED, False), ("lora_indices", REQUIRED, False),
                    ("batches", REQUIRED, False), ("total_tokens", REQUIRED, False), ("num_loras", REQUIRED, False),
                    ("plan", REQUIRED, True)],
@@ -182,11 +183,11 @@ def test_op_bodies_forward_to_the_binding_and_bump_versions(monkeypatch):
     expect = [
         ("batch_plan", (*meta, 4, 12, 3), dict(out=plan)),
         ("sgmv_shrink", (x, tuple(a), y, *meta, 4, 5, 0.5),
-         dict(lora_ranks=ranks, lora_scales=scales, batch_plan=plan, workspace=ws)),
-        ("sgmv_expand", (y, tuple(b), out, *meta, 4, 5, True, plan), dict(lora_ranks=ranks)),
+         dict(lora_ranks=ranks, lora_scales=scales, batch_plan=plan, workspace=ws, weight_scales=None)),
+        ("sgmv_expand", (y, tuple(b), out, *meta, 4, 5, True, plan), dict(lora_ranks=ranks, weight_scales=None)),
         ("sgmv_shrink", (x, a[0], y1, *meta, 4, 5, 1.0),
-         dict(lora_ranks=None, lora_scales=None, batch_plan=None, workspace=None)),
-        ("sgmv_expand", (y1, b[0], out1, *meta, 4, 5, False, None), dict(lora_ranks=None)),
+         dict(lora_ranks=None, lora_scales=None, batch_plan=None, workspace=None, weight_scales=None)),
+        ("sgmv_expand", (y1, b[0], out1, *meta, 4, 5, False, None), dict(lora_ranks=None, weight_scales=None)),
     ]
 
     def same(got, want):  # tensors by identity, the slices' tuple element by element

@@ -8,7 +8,8 @@
  * added in fp32 and the sum is rounded once. Rows of skipped segments (idx_b == -1 or outside
  * [0, num_loras), or an adapter of rank 0 in lora_ranks), zero-length segments and rows past
  * total_tokens are left untouched. Both take up to SGMV_MAX_SLICES fused slices (QKV, gate/up)
- * and per-adapter ranks.
+ * and per-adapter ranks, and fp16, bf16 or fp8 e4m3 weights (fp8: float32 scales per adapter or
+ * per adapter and output channel, sgmv_scales_t, that multiply each output column's fp32 sum).
  *
  * This header needs no CUDA header and compiles as C99 and C++. It is also the source of the
  * Python binding's cffi declarations: keep it to declarations, enums with fixed values and
@@ -21,10 +22,10 @@
 #include <stdint.h>
 
 #define SGMV_VERSION_MAJOR 0
-#define SGMV_VERSION_MINOR 5
+#define SGMV_VERSION_MINOR 6
 #define SGMV_VERSION_PATCH 0
 /* MAJOR * 10000 + MINOR * 100 + PATCH, as returned by sgmv_version(). */
-#define SGMV_VERSION 500
+#define SGMV_VERSION 600
 
 #if defined(_WIN32)
 #define SGMV_API
@@ -54,7 +55,10 @@ typedef enum {
   SGMV_DTYPE_BFLOAT16 = 1,
   SGMV_DTYPE_FLOAT32 = 2,
   SGMV_DTYPE_INT32 = 3,
-  SGMV_DTYPE_INT64 = 4
+  SGMV_DTYPE_INT64 = 4,
+  /* 8-bit float e4m3 (OCP; torch.float8_e4m3fn: no infinities): weights only, with float32 scales
+   * (sgmv_scales_t), on GPUs the build has fp8 variants for (sm_90 in the wheel) */
+  SGMV_DTYPE_FLOAT8_E4M3FN = 5
 } sgmv_dtype_t;
 
 /* The same type as CUstream and cudaStream_t. NULL is the legacy default stream. */
@@ -72,6 +76,17 @@ typedef struct {
   int64_t rows;                  /* expand: the slice's hidden (output columns); shrink: rank */
 } sgmv_slice_t;
 
+/* The float32 scales of one slice's fp8 weights (weights_dtype SGMV_DTYPE_FLOAT8_E4M3FN): the
+ * weight of adapter l, output channel n (expand: a hidden column of the slice; shrink: a rank
+ * column) and any k stands for its stored value times scales[l * lora_stride + n * channel_stride].
+ * channel_stride 0: one scale per adapter. Device memory, 4-byte aligned. The kernels multiply the
+ * fp32 sums of products by the scales (the weights are converted to the inputs' dtype exactly). */
+typedef struct {
+  const void *scales;
+  int64_t lora_stride;
+  int64_t channel_stride;
+} sgmv_scales_t;
+
 /* Arguments of sgmv_expand. Initialise with SGMV_EXPAND_ARGS_INIT (or sgmv_expand_args_init), which
  * sets struct_size: fields are only ever appended, a caller built against an older header keeps
  * working (the fields it lacks take their defaults, zero), and a caller built against a newer
@@ -83,16 +98,16 @@ typedef struct {
   size_t struct_size;
 
   const void *inputs;            /* (total_tokens, rank): fp16, bf16 or fp32 */
-  sgmv_dtype_t inputs_dtype;     /* the weights' dtype, or fp32 (cast to the weights' dtype) */
+  sgmv_dtype_t inputs_dtype;     /* the weights' dtype, or fp32 (cast to the weights' dtype); fp8 weights: fp16 or bf16 */
   int64_t inputs_row_stride;
 
-  const void *weights;           /* (num_loras, hidden, rank): fp16 or bf16 */
+  const void *weights;           /* (num_loras, hidden, rank): fp16, bf16 or fp8 (with weight_scales) */
   sgmv_dtype_t weights_dtype;
   int64_t weights_lora_stride;
   int64_t weights_row_stride;
 
   void *output;                  /* (total_tokens, hidden), updated in place */
-  sgmv_dtype_t output_dtype;     /* the weights' dtype, or fp32 */
+  sgmv_dtype_t output_dtype;     /* the weights' dtype, or fp32; fp8 weights: the inputs' dtype, or fp32 */
   int64_t output_row_stride;     /* >= hidden: the output may be a column slice */
 
   int64_t total_tokens;          /* 0 .. 2^30 - 1 */
@@ -133,6 +148,10 @@ typedef struct {
    * each row, (total_tokens, num_slices * rank)); vLLM's (num_slices, total_tokens, rank) buffer
    * has its plane stride here and rank as inputs_row_stride. */
   int64_t inputs_slice_stride;
+  /* ---- end of version 0.4 (0.5 added nothing here) ---- */
+  /* fp8 weights: the scales of slice s's weights (slice 0: weights, s >= 1: slices[s - 1]), one
+   * per slice the call has, all required; NULL scales for fp16 and bf16 weights. */
+  sgmv_scales_t weight_scales[SGMV_MAX_SLICES];
 } sgmv_expand_args_t;
 
 #define SGMV_EXPAND_ARGS_INIT SGMV_STRUCT_INIT(sgmv_expand_args_t)
@@ -170,6 +189,10 @@ typedef struct {
   int32_t num_slices;                               /* 0 or 1: one slice */
   sgmv_tensor_t slice_weights[SGMV_MAX_SLICES - 1]; /* (num_loras, hidden_s, rank) or (num_loras, 1, hidden_s, rank) */
   sgmv_tensor_t lora_ranks;                         /* int32 (>= num_loras,), contiguous; data NULL: none */
+  /* ---- end of version 0.3 ---- */
+  /* fp8 weights: float32 scales of each slice (data NULL: none), (num_loras,) or (num_loras, 1)
+   * per adapter, (num_loras, hidden_s) per adapter and output column (any strides). */
+  sgmv_tensor_t weight_scales[SGMV_MAX_SLICES];
 } sgmv_expand_tensors_t;
 
 #define SGMV_EXPAND_TENSORS_INIT SGMV_STRUCT_INIT(sgmv_expand_tensors_t)
@@ -193,17 +216,17 @@ SGMV_API sgmv_status_t sgmv_expand_tensors(const sgmv_expand_tensors_t *tensors)
 typedef struct {
   size_t struct_size;
 
-  const void *inputs;            /* (total_tokens, hidden): the weights' dtype */
+  const void *inputs;            /* (total_tokens, hidden): the weights' dtype; fp8 weights: fp16 or bf16 */
   sgmv_dtype_t inputs_dtype;
   int64_t inputs_row_stride;
 
-  const void *weights;           /* slice 0, (num_loras, rank, hidden): fp16 or bf16 */
+  const void *weights;           /* slice 0, (num_loras, rank, hidden): fp16, bf16 or fp8 (with weight_scales) */
   sgmv_dtype_t weights_dtype;
   int64_t weights_lora_stride;
   int64_t weights_row_stride;
 
   void *output;                  /* (total_tokens, num_slices * rank) */
-  sgmv_dtype_t output_dtype;     /* float32 or the weights' dtype */
+  sgmv_dtype_t output_dtype;     /* float32 or the weights' dtype (fp8 weights: the inputs' dtype) */
   int64_t output_row_stride;
 
   int64_t total_tokens;          /* 0 .. 2^30 - 1 */
@@ -233,6 +256,11 @@ typedef struct {
   /* Elements from slice s's output to slice s + 1's: 0 means rank (side by side in each row);
    * vLLM's (num_slices, total_tokens, rank) buffer has its plane stride here. */
   int64_t output_slice_stride;
+  /* ---- end of version 0.4 (0.5 added nothing here) ---- */
+  /* fp8 weights: the scales of slice s's weights (output channel: the rank column), one per
+   * slice, all required; NULL for fp16 and bf16 weights. They multiply with scaling and
+   * lora_scales (the LoRA alpha, a different thing). */
+  sgmv_scales_t weight_scales[SGMV_MAX_SLICES];
 } sgmv_shrink_args_t;
 
 #define SGMV_SHRINK_ARGS_INIT SGMV_SHRINK_INIT_
@@ -269,6 +297,8 @@ typedef struct {
   size_t batch_plan_bytes;
   void *workspace;
   size_t workspace_bytes;
+  /* ---- end of version 0.3 ---- */
+  sgmv_tensor_t weight_scales[SGMV_MAX_SLICES]; /* as in sgmv_expand_tensors_t (channels: rank) */
 } sgmv_shrink_tensors_t;
 
 #define SGMV_SHRINK_TENSORS_INIT SGMV_SHRINK_TENSORS_INIT_
@@ -417,7 +447,8 @@ SGMV_API sgmv_status_t sgmv_batch_plan_launches(const sgmv_batch_plan_args_t *ar
 
 /* A layer's adapters: slice s's A is lora_a[s], (num_loras, rank, hidden) or (num_loras, 1, rank,
  * hidden), and its B is lora_b[s], (num_loras, hidden_s, rank) or (num_loras, 1, hidden_s, rank):
- * unit stride along the last dimension, all of one dtype (float16 or bfloat16). */
+ * unit stride along the last dimension, all of one dtype (float16, bfloat16, or fp8 e4m3 with
+ * scales for every A and B: then the inputs' dtype, fp16 or bf16, is the activations' dtype). */
 typedef struct {
   size_t struct_size;
   int32_t num_slices;            /* 1 to SGMV_MAX_SLICES (0: 1) */
@@ -426,6 +457,11 @@ typedef struct {
   sgmv_tensor_t lora_ranks;      /* int32 (>= num_loras,), contiguous, or data NULL: as sgmv_shrink's */
   sgmv_tensor_t lora_scales;     /* float32 (>= num_loras,), contiguous, or data NULL */
   float scaling;                 /* 1 from the initialiser */
+  /* ---- end of version 0.4 ---- */
+  /* fp8 weights: float32 scales of lora_a[s] (channels: rank) and lora_b[s] (channels: hidden_s),
+   * shaped as sgmv_expand_tensors_t's weight_scales; data NULL for fp16 and bf16 weights. */
+  sgmv_tensor_t lora_a_scales[SGMV_MAX_SLICES];
+  sgmv_tensor_t lora_b_scales[SGMV_MAX_SLICES];
 } sgmv_layer_args_t;
 
 #define SGMV_LAYER_ARGS_INIT SGMV_LAYER_INIT_
@@ -443,7 +479,8 @@ SGMV_API void sgmv_layer_destroy(sgmv_layer_t *layer);
  * at least total_tokens entries; the three segment tensors' data NULL). 1-D, contiguous, device
  * memory, one integer dtype. The scratch buffer (device memory the caller owns, 16-byte
  * aligned) holds the step's batch plan, the intermediate (total_tokens, num_slices * rank) of
- * each layer call in the weights' dtype, and the shrink's split-K workspace. */
+ * each layer call in the weights' dtype (fp8 weights: the inputs', 16-bit too), and the shrink's
+ * split-K workspace. */
 typedef struct {
   size_t struct_size;
   sgmv_tensor_t seq_start, seq_len, lora_indices;
@@ -473,7 +510,8 @@ SGMV_API void sgmv_step_destroy(sgmv_step_t *step);
 SGMV_API sgmv_status_t sgmv_step_plan(const sgmv_step_t *step, sgmv_stream_t stream);
 
 /* The layer's whole LoRA delta for the step's rows: inputs (total_tokens, hidden) in the weights'
- * dtype; output (total_tokens, sum of hidden_s) in the weights' dtype or float32, unit stride
+ * dtype (fp8 weights: fp16 or bf16, the dtype of the intermediate and of "the weights' dtype"
+ * here); output (total_tokens, sum of hidden_s) in the weights' dtype or float32, unit stride
  * along columns (it may be a column slice), updated in place on the rows of valid segments
  * (add_inputs nonzero: out += delta; zero: out = delta). Launches the shrink and the expand on
  * `stream` after checking everything. */

@@ -8,8 +8,10 @@ written) over the device-to-device copy bandwidth measured in the same run.
 Suites: `expand` (the serving batches of the performance issue), `shrink` (LoRA A, bf16 in,
 fp32 out), `qkv` (one fused three-slice expand against three calls), `ranks` (adapters of
 ranks 8/16/64 stored padded to 64: lora_ranks against reading the padding) and `layer` (the
-whole delta of a layer, sgmv.Layer, against sgmv_shrink then sgmv_expand). The last four run
-on the expand suite's batches: same segments, same adapters.
+whole delta of a layer, sgmv.Layer, against sgmv_shrink then sgmv_expand) and `fp8` (expand
+and shrink with fp8 e4m3 weights and per-channel scales against the same call with bf16 weights,
+decode and mixed batches of 16 or more adapters at ranks 32 and 64, and prefill). The last five
+run on the expand suite's batches: same segments, same adapters.
 """
 import json
 import math
@@ -69,6 +71,9 @@ MIXED_RANKS = (8, 16, 64)  # adapter a has rank MIXED_RANKS[a % 3], stored padde
 LAYER_LAYOUTS = ("decode 256x1", "decode 512x1", "spec 64x4", "mixed 2048+64x1", "mixed 512+192x1",
                  "skewed 4000+8x10", "prefill 8x1024", "prefill 4x2048")
 LAYER_SHAPES = {"qkv": (4096, 1024, 1024), "gate/up": (14336, 14336)}  # output columns per slice, hidden 4096
+# fp8 weights against bf16 (issue 19): batches of 16 or more adapters (decode, mixed) where the
+# weights are most of the bytes (target: fp8 / bf16 <= 0.65), and prefill (activation bound: <= 1.05).
+FP8_LAYOUTS = ("decode 128x1", "decode 512x1", "mixed 512+192x1", "prefill 8x1024", "prefill 4x2048")
 
 # Each suite's providers; in `qkv` and `ranks` the first over the second is the reported ratio.
 SUITES = {
@@ -77,6 +82,7 @@ SUITES = {
     "qkv": ("fused", "three-calls"),
     "ranks": ("ranks", "padded"),
     "layer": ("layer", "two-calls"),
+    "fp8": ("fp8", "bf16"),
 }
 
 
@@ -109,8 +115,9 @@ class Case:
     evaluate(); ratio: the two providers whose GPU times are compared."""
 
     def __init__(self, name, layout, hidden, rank, adapters, dtype, add, op="expand", slices=None, ranks=None,
-                 seed=None, target=None, ratio=None, main="plan"):
+                 seed=None, target=None, ratio=None, main="plan", fp8=False):
         rng = random.Random(name if seed is None else seed)
+        self.fp8 = fp8  # the sets hold fp8 copies of the weights too (provider "fp8")
         self.name, self.hidden, self.rank, self.adapters, self.dtype, self.add = name, hidden, rank, adapters, dtype, add
         self.op, self.slices, self.ranks = op, tuple(slices or (hidden,)), ranks
         self.target, self.ratio, self.main = target, ratio, main
@@ -202,6 +209,15 @@ def suite_cases(suite):
                            ratio=SUITES["layer"], main="layer")
             c.name = "qkv " + c.name
             cases.append(c)
+    if suite == "fp8":
+        for op in ("expand", "shrink"):
+            for prefix in FP8_LAYOUTS:
+                prefill = prefix.startswith("prefill")
+                for rank in (32,) if prefill else (32, 64):
+                    c = _on_layout(prefix, op, 4096, rank, ratio=SUITES["fp8"], main="fp8", fp8=True,
+                                   target=("ratio", 1.05 if prefill else 0.65))
+                    c.name = "fp8 " + c.name
+                    cases.append(c)
     return cases
 
 
@@ -394,6 +410,9 @@ def make_sets(torch, case, l2_bytes, device="cuda"):
             for a, r in enumerate(case.ranks or ()):
                 (w[a, r:] if case.op == "shrink" else w[a, :, r:]).zero_()
         sets.append((x, ws[0] if len(ws) == 1 else tuple(ws), out))
+        if case.fp8:  # the same weights in fp8 with a scale per adapter and output channel
+            scale = (ws[0].abs().amax(dim=2).float() / 448).clamp_min(2.0 ** -30)
+            sets[-1] += ((ws[0].float() / scale[:, :, None]).to(torch.float8_e4m3fn), scale)
     return sets, meta
 
 
@@ -422,6 +441,14 @@ def _launchers(torch, provider, case, sets, meta, plan):
     if case.op == "layer":
         return _layer_launchers(torch, provider, case, sets, meta, plan)
     kw = {} if provider == "aot" else {"batch_plan": plan}
+    if case.fp8:  # the library with the plan, on the fp8 copy of the weights or on the bf16 ones
+        fn, last = (binding.sgmv_shrink, SHRINK_SCALING) if case.op == "shrink" else (binding.sgmv_expand, case.add)
+        if case.op == "shrink":
+            kw["workspace"] = binding.new_workspace(sets[0][2], case.tokens, case.rank)
+        if provider == "fp8":
+            return [lambda s=s: fn(s[0], s[3], s[2], *meta, batches, max_len, last, weight_scales=s[4], **kw)
+                    for s in sets]
+        return [lambda s=s: fn(*s[:3], *meta, batches, max_len, last, **kw) for s in sets]
     if provider == "ranks":
         kw["lora_ranks"] = torch.tensor(case.ranks, dtype=torch.int32, device=meta[0].device)
     if case.op == "shrink":
@@ -512,6 +539,8 @@ SUITE_TITLES = {
            "against three on column views",
     "ranks": "Adapters of ranks " + "/".join(map(str, MIXED_RANKS)) + " stored padded to 64 (hidden 4096, bf16): "
              "lora_ranks against the same call reading the padding; floor at each adapter's rank",
+    "fp8": "fp8 e4m3 weights with a float32 scale per adapter and output channel against bf16 weights (hidden 4096, "
+           "bf16 activations; expand with add_inputs, shrink fp32 out), both with the plan; floor: the bf16 call's",
     "layer": "The whole LoRA delta of a layer (hidden 4096, bf16, add_inputs): one sgmv.Layer call against "
              "sgmv_shrink (fp32 out) then sgmv_expand, both with the plan; floor: x, each adapter's A and B, "
              "out read and written (the intermediate never leaving the chip)",

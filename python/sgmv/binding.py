@@ -73,6 +73,7 @@ _EXPAND_TAIL = _struct("sgmv_expand_tensors_t", ("batches", "max_seq_length", "a
 _EXPAND_TAIL_AT = _offset("sgmv_expand_tensors_t", "batches")
 _EXPAND_SLICES_AT = _offset("sgmv_expand_tensors_t", "slice_weights")
 _EXPAND_RANKS_AT = _offset("sgmv_expand_tensors_t", "lora_ranks")
+_EXPAND_SCALES_AT = _offset("sgmv_expand_tensors_t", "weight_scales")
 _SHRINK_OFFSETS = [_offset("sgmv_shrink_tensors_t", f) for f in _TENSORS]
 _SHRINK_TAIL = _struct("sgmv_shrink_tensors_t", ("batches", "max_seq_length", "scaling", "num_slices"),
                        _offset("sgmv_shrink_tensors_t", "batches"))
@@ -80,6 +81,7 @@ _SHRINK_TAIL_AT = _offset("sgmv_shrink_tensors_t", "batches")
 _SHRINK_SLICES_AT = _offset("sgmv_shrink_tensors_t", "slice_weights")
 _SHRINK_RANKS_AT = _offset("sgmv_shrink_tensors_t", "lora_ranks")
 _SHRINK_SCALES_AT = _offset("sgmv_shrink_tensors_t", "lora_scales")
+_SHRINK_WSCALES_AT = _offset("sgmv_shrink_tensors_t", "weight_scales")
 _SHRINK_END = _struct("sgmv_shrink_tensors_t", ("stream", "batch_plan", "batch_plan_bytes", "workspace",
                                                 "workspace_bytes"), _offset("sgmv_shrink_tensors_t", "stream"))
 _SHRINK_END_AT = _offset("sgmv_shrink_tensors_t", "stream")
@@ -251,6 +253,16 @@ def _pack_common(mem, offsets, names, tensors, slices_at, optional):
     return devices, len(stacks)
 
 
+def _pack_scales(mem, at, scales, name, devices):
+    """fp8 weights' scales: None, one array (one slice) or a tuple of one per slice, into the
+    SGMV_MAX_SLICES sgmv_tensor_t at `at` (absent ones data NULL); their devices join `devices`."""
+    stacks = () if scales is None else _slices(scales, name)
+    for i in range(_MAX_SLICES):
+        d = _pack_optional(mem, at + i * _TENSOR.size, stacks[i] if i < len(stacks) else None, f"{name}[{i}]")
+        if d is not None:
+            devices.append(d)
+
+
 def _call_device(devices, names, allow_cpu):
     device = devices[0]
     if devices.count(device) != len(devices) or (device < 0 and not allow_cpu):
@@ -259,12 +271,14 @@ def _call_device(devices, names, allow_cpu):
 
 
 def expand_tensors(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
-                   batches, max_seq_length, add_inputs, stream, batch_plan, lora_ranks=None, allow_cpu=False):
+                   batches, max_seq_length, add_inputs, stream, batch_plan, lora_ranks=None, allow_cpu=False,
+                   weight_scales=None):
     """This thread's sgmv_expand_tensors_t for the call, filled; and the device."""
     buf, mem = _buffer("sgmv_expand_tensors_t")
     devices, n = _pack_common(mem, _EXPAND_OFFSETS, _NAMES, (inputs, lora_b_weights, output_tensor, b_seq_start_loc,
                                                              seq_len_tensor, lora_indices_tensor),
                               _EXPAND_SLICES_AT, ((_EXPAND_RANKS_AT, lora_ranks, "lora_ranks"),))
+    _pack_scales(mem, _EXPAND_SCALES_AT, weight_scales, "weight_scales", devices)
     if type(add_inputs) is not bool:
         raise _type_error(f"add_inputs must be a bool, got {type(add_inputs).__name__}")
     plan_ptr, plan_bytes = 0, 0
@@ -279,7 +293,8 @@ def expand_tensors(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_l
 
 
 def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
-                batches, max_seq_length, add_inputs=False, batch_plan=None, *, lora_ranks=None, stream=None):
+                batches, max_seq_length, add_inputs=False, batch_plan=None, *, lora_ranks=None, weight_scales=None,
+                stream=None):
     """out[start_b + m, :] (+)= inputs[start_b + m, :] @ lora_b_weights[idx_b]^T, in place; returns output_tensor.
 
     Positionally the same parameters as sgmv.jit.sgmv_expand, sgmv.reference.sgmv_expand and
@@ -289,11 +304,14 @@ def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_
     dense tile of one adapter's rows. `lora_b_weights` may be a tuple of up to three stacks
     (fused slices: slice s reads inputs columns [s * rank, (s + 1) * rank) and writes its
     columns after slice s - 1's). `lora_ranks` (int32, per adapter): adapter a reads only its
-    first lora_ranks[a] columns of each slice; 0 skips it. Raises sgmv.SgmvError: also a
+    first lora_ranks[a] columns of each slice; 0 skips it. fp8 weights (torch.float8_e4m3fn, with
+    fp16 or bf16 inputs) need `weight_scales`: float32, per slice (a tuple for several), (num_loras,)
+    per adapter or (num_loras, hidden_s) per output column. Raises sgmv.SgmvError: also a
     ValueError/TypeError for arguments outside the contract.
     """
     buf, _ = expand_tensors(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
-                            lora_indices_tensor, batches, max_seq_length, add_inputs, stream, batch_plan, lora_ranks)
+                            lora_indices_tensor, batches, max_seq_length, add_inputs, stream, batch_plan, lora_ranks,
+                            weight_scales=weight_scales)
     status = (_lib or _library()).sgmv_expand_tensors(buf)
     if status:
         capi.check(status)
@@ -308,7 +326,7 @@ def _float(value, name):
 
 def shrink_tensors(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
                    batches, max_seq_length, scaling, lora_ranks, lora_scales, batch_plan, workspace, stream,
-                   allow_cpu=False):
+                   allow_cpu=False, weight_scales=None):
     """This thread's sgmv_shrink_tensors_t for the call, filled; and the device."""
     buf, mem = _buffer("sgmv_shrink_tensors_t")
     devices, n = _pack_common(mem, _SHRINK_OFFSETS, _SHRINK_NAMES, (inputs, lora_a_weights, output_tensor,
@@ -316,6 +334,7 @@ def shrink_tensors(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_l
                                                                     lora_indices_tensor), _SHRINK_SLICES_AT,
                               ((_SHRINK_RANKS_AT, lora_ranks, "lora_ranks"),
                                (_SHRINK_SCALES_AT, lora_scales, "lora_scales")))
+    _pack_scales(mem, _SHRINK_WSCALES_AT, weight_scales, "weight_scales", devices)
     plan_ptr, plan_bytes = 0, 0
     if batch_plan is not None:
         plan_ptr, plan_bytes, plan_device = _plan_ref(batch_plan)
@@ -355,7 +374,7 @@ def _shape(a):
 
 def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
                 batches, max_seq_length, scaling=1.0, *, lora_ranks=None, lora_scales=None, batch_plan=None,
-                workspace=None, stream=None):
+                workspace=None, weight_scales=None, stream=None):
     """output[start_b + m, s*rank + r] = scaling * lora_scales[idx_b] * inputs[start_b + m, :] . A_s[idx_b, r, :]
     (LoRA A), written in place; returns output_tensor.
 
@@ -363,7 +382,9 @@ def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_
     up to three (fused slices, one launch). `lora_ranks` (int32): adapter a writes only columns
     r < lora_ranks[a] of each slice; `lora_scales` (float32): a per-adapter factor. Few rows with
     a large hidden are split over hidden with `workspace` (default with torch: one allocated per
-    call when the call can split). Same launch and error rules as sgmv_expand.
+    call when the call can split). fp8 weights: `weight_scales` as in sgmv_expand, per rank column
+    ((num_loras, rank)) or per adapter; they multiply with scaling and lora_scales. Same launch and
+    error rules as sgmv_expand.
     """
     if workspace is None:
         shape = _shape(output_tensor)
@@ -371,7 +392,7 @@ def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_
             workspace = new_workspace(output_tensor, shape[0], shape[1])
     buf, _ = shrink_tensors(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
                             lora_indices_tensor, batches, max_seq_length, scaling, lora_ranks, lora_scales,
-                            batch_plan, workspace, stream)
+                            batch_plan, workspace, stream, weight_scales=weight_scales)
     status = (_lib or _library()).sgmv_shrink_tensors(buf)
     if status:
         capi.check(status)
@@ -568,12 +589,16 @@ class Layer:
 
     lora_a: (num_loras, rank, hidden) or (num_loras, 1, rank, hidden), or a tuple of up to three;
     lora_b: (num_loras, hidden_s, rank) or (num_loras, 1, hidden_s, rank), as many; one dtype
-    (float16 or bfloat16). The tensors stay the caller's: the layer reads them where they lie."""
+    (float16 or bfloat16, or float8_e4m3fn with `lora_a_scales` and `lora_b_scales`, float32, one
+    per slice, per adapter (num_loras,) or per output channel (num_loras, rank) and (num_loras,
+    hidden_s); x is then fp16 or bf16, the intermediate's dtype). The tensors stay the caller's:
+    the layer reads them where they lie."""
 
     __slots__ = ("_h", "_keep", "device", "dtype", "num_slices", "rank", "hidden", "out_columns", "lora_a",
-                 "lora_b", "lora_ranks", "lora_scales", "scaling", "__weakref__")
+                 "lora_b", "lora_ranks", "lora_scales", "scaling", "lora_a_scales", "lora_b_scales", "__weakref__")
 
-    def __init__(self, lora_a, lora_b, *, lora_ranks=None, lora_scales=None, scaling=1.0, allow_cpu=False):
+    def __init__(self, lora_a, lora_b, *, lora_ranks=None, lora_scales=None, scaling=1.0, lora_a_scales=None,
+                 lora_b_scales=None, allow_cpu=False):
         a_stacks, b_stacks = _slices(lora_a, "lora_a"), _slices(lora_b, "lora_b")
         if len(a_stacks) != len(b_stacks):
             raise _invalid(f"lora_a has {len(a_stacks)} slices, lora_b {len(b_stacks)}: one A and one B per slice")
@@ -591,6 +616,8 @@ class Layer:
             d = _pack_optional(mem, _offset("sgmv_layer_args_t", field), a, field)
             if d is not None:
                 devices.append(d)
+        for field, a in (("lora_a_scales", lora_a_scales), ("lora_b_scales", lora_b_scales)):
+            _pack_scales(mem, _offset("sgmv_layer_args_t", field), a, field, devices)
         self.device = _call_device(devices, ("lora_a",), allow_cpu)
         args.num_slices = len(a_stacks)
         args.scaling = _float(scaling, "scaling")
@@ -600,6 +627,8 @@ class Layer:
         self.lora_a, self.lora_b, self.lora_ranks, self.lora_scales = tuple(a_stacks), tuple(b_stacks), lora_ranks, \
             lora_scales
         self.scaling, self.num_slices = float(scaling), len(a_stacks)
+        self.lora_a_scales = None if lora_a_scales is None else tuple(_slices(lora_a_scales, "lora_a_scales"))
+        self.lora_b_scales = None if lora_b_scales is None else tuple(_slices(lora_b_scales, "lora_b_scales"))
         self.dtype = a_stacks[0].dtype
         self.rank, self.hidden = _shape(a_stacks[0])[-2:]
         self.out_columns = sum(_shape(b)[-2] for b in b_stacks)

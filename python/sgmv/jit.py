@@ -123,37 +123,46 @@ def _inside(tensors, address, dtype):
     return None
 
 
+def _scales(weight_scales):
+    """fp8 weights' scales as a tuple of tensors (None: none)."""
+    return () if weight_scales is None else tuple(binding._slices(weight_scales, "weight_scales"))
+
+
 def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
-                batches, max_seq_length, add_inputs=False, batch_plan=None, *, lora_ranks=None, tile=None):
+                batches, max_seq_length, add_inputs=False, batch_plan=None, *, lora_ranks=None, weight_scales=None,
+                tile=None):
     """Same contract as sgmv.sgmv_expand, on torch's current stream. `tile` (block_m, block_n,
     block_k, num_warps, num_stages[, short]) runs another tile than the library's rules pick,
     with the planner's path and grid for it (aot/tune.py, tests)."""
     tensors, device = binding.expand_tensors(inputs, lora_b_weights, output_tensor, b_seq_start_loc,
                                              seq_len_tensor, lora_indices_tensor, batches, max_seq_length,
-                                             add_inputs, 0, batch_plan, lora_ranks, allow_cpu=INTERPRETED)
+                                             add_inputs, 0, batch_plan, lora_ranks, allow_cpu=INTERPRETED,
+                                             weight_scales=weight_scales)
     args = _ffi.new("sgmv_expand_args_t *")
     capi.check(capi.lib.sgmv_expand_args_from_tensors(tensors, args))
     launches = _launches(capi.lib.sgmv_expand_launches, args, cubin_arch(device), _want(tile, None))
     _run(launches, [inputs, *binding._slices(lora_b_weights, "lora_b_weights"), output_tensor, b_seq_start_loc,
-                    seq_len_tensor, lora_indices_tensor, batch_plan, lora_ranks], device)
+                    seq_len_tensor, lora_indices_tensor, batch_plan, lora_ranks, *_scales(weight_scales)], device)
     return output_tensor
 
 
 def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
                 batches, max_seq_length, scaling=1.0, *, lora_ranks=None, lora_scales=None, batch_plan=None,
-                workspace=None, tile=None, split=None):
+                workspace=None, weight_scales=None, tile=None, split=None):
     """Same contract as sgmv.sgmv_shrink, on torch's current stream (`tile` as in sgmv_expand;
     with it, `split` asks for a split of hidden over that many programs)."""
     if workspace is None and output_tensor.dim() == 2 and output_tensor.is_cuda:
         workspace = binding.new_workspace(output_tensor, *output_tensor.shape)
     tensors, device = binding.shrink_tensors(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
                                              lora_indices_tensor, batches, max_seq_length, scaling, lora_ranks,
-                                             lora_scales, batch_plan, workspace, 0, allow_cpu=INTERPRETED)
+                                             lora_scales, batch_plan, workspace, 0, allow_cpu=INTERPRETED,
+                                             weight_scales=weight_scales)
     args = _ffi.new("sgmv_shrink_args_t *")
     capi.check(capi.lib.sgmv_shrink_args_from_tensors(tensors, args))
     launches = _launches(capi.lib.sgmv_shrink_launches, args, cubin_arch(device), _want(tile, split))
     _run(launches, [inputs, *binding._slices(lora_a_weights, "lora_a_weights"), output_tensor, b_seq_start_loc,
-                    seq_len_tensor, lora_indices_tensor, batch_plan, lora_ranks, lora_scales, workspace], device)
+                    seq_len_tensor, lora_indices_tensor, batch_plan, lora_ranks, lora_scales, workspace,
+                    *_scales(weight_scales)], device)
     return output_tensor
 
 
@@ -186,5 +195,5 @@ def layer_apply(layer, x, out, step, *, add_inputs=True):
     launches = _launches(capi.lib.sgmv_layer_apply_launches, layer._h, step._h, pair, pair + 1, add_inputs,
                          cubin_arch(layer.device))
     _run(launches, [x, out, step.scratch, *step._keep, *layer.lora_a, *layer.lora_b, layer.lora_ranks,
-                    layer.lora_scales], layer.device)
+                    layer.lora_scales, *_scales(layer.lora_a_scales), *_scales(layer.lora_b_scales)], layer.device)
     return out

@@ -31,6 +31,15 @@ DTYPES = {  # name: (inputs, weights, output)
     for wn, wd in _WEIGHTS.items() for p, x32, o32 in _PATTERNS
 }
 
+# fp8 weights (e4m3, torch.float8_e4m3fn, with float32 scales) take fp16 or bf16 inputs and write
+# that dtype or fp32; the expectation multiplies the dequantized weights (stored value times scale,
+# in float64): the kernel's products of fp8 and 16-bit values are exact in fp32 as well, and its one
+# more rounding (the fp32 sum times the scale) lies within the fp32 budget below.
+FP8 = torch.float8_e4m3fn
+FP8_DTYPES = {f"fp8-{a}{o}": (ad, FP8, torch.float32 if o else ad)
+              for a, ad in (("fp16", torch.float16), ("bf16", torch.bfloat16)) for o in ("", "-fp32out")}
+_ALL_DTYPES = {**DTYPES, **FP8_DTYPES}
+
 # Tolerances, (atol, rtol) by output dtype: |got - expected| <= atol + rtol * |expected|, element
 # by element. The expectation is exact (float64 products of the operands after the kernel's own
 # rounding of fp32 inputs to the weights' dtype: fp16 x fp16 and bf16 x bf16 products are exact in
@@ -254,6 +263,7 @@ class LoraCase:
     out_slice: bool = False  # output is a column slice of a wider buffer
     strided_inputs: bool = False  # inputs are a column slice of a wider buffer
     weights_4d: bool = False  # (num_loras, 1, rows, cols) weights
+    weight_scales: str = None  # fp8 weights: "adapter" (one scale each) or "channel" (one per output channel)
     starts: list = None
     max_seq_length: int = None
     total_tokens: int = None
@@ -327,8 +337,40 @@ def make_lora_cases(gpu):
     return cases
 
 
+# fp8 weights in `sgmv check`: a shrink with per-channel scales and fused slices, an expand with
+# per-adapter scales and ranks (tests/test_fp8.py has the suite).
+FP8_CHECK_CASES = [
+    LoraCase("qkv-channel-scales", "shrink", 16, [96] * 3, [4, 1, 1, 6], [0, 1, 2, 1], 3, "fp8-fp16", torch.int32,
+             scaling=0.5, weight_scales="channel", seed=501),
+    LoraCase("ranks-adapter-scales", "expand", 32, [128, 64], [1, 1, 5, 1], [1, 0, 1, -1], 2, "fp8-fp16-fp32out",
+             torch.int64, add_inputs=True, lora_ranks=[32, 9], weight_scales="adapter", seed=502),
+]
+
+
 def lora_needs_bf16_dot(case):
-    return DTYPES[case.dtypes][1] == torch.bfloat16
+    x, w, _ = _ALL_DTYPES[case.dtypes]
+    return torch.bfloat16 in (x, w)
+
+
+def quantize_fp8(w, per, g):
+    """fp8 weights and their float32 scales for a float weight stack (num_loras, rows, cols): per
+    "adapter" a scale of shape (num_loras,), per "channel" (num_loras, rows); each maps the largest
+    |w| it covers to between 224 and 448 (random), so that no value saturates."""
+    L = w.shape[0]
+    amax = w.abs().amax(dim=2) if per == "channel" else w.abs().reshape(L, -1).amax(dim=1)
+    scale = ((amax / 448) * (1 + torch.rand(amax.shape, generator=g))).clamp_min(2.0 ** -20).float()
+    q = (w / (scale[:, :, None] if per == "channel" else scale[:, None, None])).to(FP8)
+    return q, scale
+
+
+def dequantized(weights, weight_scales):
+    """float64 weight stacks (num_loras, rows, cols) of a call: fp8 ones times their scales."""
+    ws = [w.cpu().double() for w in (weights if isinstance(weights, (tuple, list)) else (weights,))]
+    ws = [w.reshape(w.shape[0], w.shape[-2], w.shape[-1]) for w in ws]
+    if weight_scales is None:
+        return ws
+    scs = weight_scales if isinstance(weight_scales, (tuple, list)) else (weight_scales,)
+    return [w * sc.cpu().double().reshape(w.shape[0], -1)[:, :, None] for w, sc in zip(ws, scs)]
 
 
 def build_lora(case, device):
@@ -337,7 +379,7 @@ def build_lora(case, device):
     tuple for several. With per-adapter ranks, the inputs columns an expand must not read (past
     its adapter's rank, in each slice) hold NaN."""
     g = torch.Generator().manual_seed(case.seed * 7919 + 3)
-    xd, wd, od = DTYPES[case.dtypes]
+    xd, wd, od = _ALL_DTYPES[case.dtypes]
     starts = case.starts if case.starts is not None else [sum(case.lens[:i]) for i in range(len(case.lens))]
     total = case.total_tokens if case.total_tokens is not None else sum(case.lens)
     S, R, L = len(case.hiddens), case.rank, case.num_loras
@@ -354,6 +396,10 @@ def build_lora(case, device):
         ws = [torch.randn(L, R, case.hiddens[0], generator=g) / case.hiddens[0] ** 0.5 for _ in range(S)]
     else:
         ws = [torch.randn(L, h, R, generator=g) / R ** 0.5 for h in case.hiddens]
+    scales = None
+    if wd == FP8:
+        qs = [quantize_fp8(w, case.weight_scales or "channel", g) for w in ws]
+        ws, scales = [q for q, _ in qs], [sc.to(device) for _, sc in qs]
     ws = [w.to(wd).to(device) for w in ws]
     if case.weights_4d:
         ws = [w.unsqueeze(1) for w in ws]
@@ -374,6 +420,8 @@ def build_lora(case, device):
         kw["lora_ranks"] = torch.tensor(case.lora_ranks, dtype=torch.int32, device=device)
     if case.lora_scales is not None:
         kw["lora_scales"] = torch.tensor(case.lora_scales, dtype=torch.float32, device=device)
+    if scales is not None:
+        kw["weight_scales"] = scales[0] if S == 1 else tuple(scales)
     return (x.to(device), weights, out, *meta, len(case.lens), max_seq, last), kw, buf
 
 
@@ -382,8 +430,8 @@ def expected_lora(op, args, kw):
     the library from the call's own tensors. Shrink: scaling and lora_scales are the fp32 values
     the kernel multiplies by; slack is _SHRINK_SLACK * |scale| * sum_k |x_k a_k| per element."""
     x, weights, out, starts, lens, idx, batches, _, last = args
-    ws = [w.cpu().double() for w in (weights if isinstance(weights, (tuple, list)) else (weights,))]
-    ws = [w.reshape(w.shape[0], w.shape[-2], w.shape[-1]) for w in ws]
+    ws = dequantized(weights, kw.get("weight_scales"))
+    fp8 = _weights_dtype(weights) == FP8
     L, R = ws[0].shape[0], ws[0].shape[1] if op == "shrink" else ws[0].shape[2]
     ranks = kw.get("lora_ranks")
     ranks = ranks.tolist()[:L] if ranks is not None else [R] * L
@@ -408,7 +456,8 @@ def expected_lora(op, args, kw):
                 slack[s0:e, c] = _SHRINK_SLACK * abs(scale) * (xs.abs() @ w[a, :r].abs().T)
                 written[s0:e, c] = True
         else:
-            xs = xc[s0:e].to(_weights_dtype(weights)).double()  # fp32 inputs: rounded first, as the kernel does
+            # fp32 inputs: rounded first, as the kernel does (fp8 weights: 16-bit inputs, as they are)
+            xs = xc[s0:e].double() if fp8 else xc[s0:e].to(_weights_dtype(weights)).double()
             col = 0
             for s, w in enumerate(ws):
                 h = w.shape[1]
@@ -542,10 +591,11 @@ class LayerCase:
     add_inputs: bool = True
     scaling: float = 0.5
     out_slice: bool = False
+    fp8: str = None  # fp8 weights with scales per "adapter" or "channel"; dtype: the activations'
     seed: int = 0
 
     def __str__(self):
-        return f"{self.name}-{self.dtype}{'-tokens' if self.per_token else ''}"
+        return f"{self.name}-{'fp8-' + self.fp8 + '-' if self.fp8 else ''}{self.dtype}{'-tokens' if self.per_token else ''}"
 
 
 LAYER_CASES = [
@@ -568,6 +618,8 @@ GPU_LAYER_CASES = [
 ]
 GPU_LAYER_CASES = [dataclasses.replace(c, dtype=d, per_token=p) for c in GPU_LAYER_CASES for d in ("fp16", "bf16")
                    for p in (False, True)]
+# fp8 weights in `sgmv check`'s layer calls (fp16 activations).
+FP8_LAYER_CHECK_CASE = dataclasses.replace(LAYER_CASES[2], fp8="channel", seed=503)
 
 
 def build_layer(case, device):
@@ -575,8 +627,15 @@ def build_layer(case, device):
     g = torch.Generator().manual_seed(case.seed * 7919 + 11)
     wd = _LAYER_DTYPES[case.dtype]
     L, R, H, T = case.num_loras, case.rank, case.hidden, sum(case.lens)
-    a = [(torch.randn(L, R, H, generator=g) / H ** 0.5).to(wd).to(device) for _ in case.outs]
-    b = [(torch.randn(L, n, R, generator=g) / R ** 0.5).to(wd).to(device) for n in case.outs]
+    a = [torch.randn(L, R, H, generator=g) / H ** 0.5 for _ in case.outs]
+    b = [torch.randn(L, n, R, generator=g) / R ** 0.5 for n in case.outs]
+    a_scales = b_scales = None
+    if case.fp8:
+        qa, qb = [quantize_fp8(w, case.fp8, g) for w in a], [quantize_fp8(w, case.fp8, g) for w in b]
+        a, b = [q for q, _ in qa], [q for q, _ in qb]
+        a_scales, b_scales = tuple(sc.to(device) for _, sc in qa), tuple(sc.to(device) for _, sc in qb)
+    a = [w.to(FP8 if case.fp8 else wd).to(device) for w in a]
+    b = [w.to(FP8 if case.fp8 else wd).to(device) for w in b]
     x = torch.randn(T, H, generator=g).to(wd).to(device)
     od = torch.float32 if case.fp32_out else wd
     pad = 5 if case.out_slice else 0
@@ -587,7 +646,8 @@ def build_layer(case, device):
     ranks = None if case.ranks is None else torch.tensor(case.ranks, dtype=torch.int32, device=device)
     scales = (torch.rand(L, generator=g) + 0.5).to(device) if case.scales else None
     layer = binding.Layer(tuple(a) if len(a) > 1 else a[0], tuple(b) if len(b) > 1 else b[0], lora_ranks=ranks,
-                       lora_scales=scales, scaling=case.scaling, allow_cpu=device == "cpu")
+                       lora_scales=scales, scaling=case.scaling, allow_cpu=device == "cpu", lora_a_scales=a_scales,
+                       lora_b_scales=b_scales)
     starts = [sum(case.lens[:i]) for i in range(len(case.lens))]
     rows = []
     for n, i in zip(case.lens, case.idx):
@@ -611,8 +671,9 @@ def expected_layer(case, layer, x, out, rows):
     e = out.detach().cpu().double().clone()
     written = torch.zeros(out.shape[0], dtype=torch.bool)
     slack = torch.zeros(out.shape, dtype=torch.float64)
-    rel, absolute = ULP[layer.dtype]
+    rel, absolute = ULP[x.dtype]  # the intermediate's dtype: the weights', or with fp8 weights the inputs'
     xs = x.cpu().double()
+    a_all, b_all = dequantized(layer.lora_a, layer.lora_a_scales), dequantized(layer.lora_b, layer.lora_b_scales)
     scales = layer.lora_scales.double().tolist() if layer.lora_scales is not None else [1.0] * case.num_loras
     scaling = torch.tensor(case.scaling, dtype=torch.float32).double().item()
     for m, i in enumerate(rows):
@@ -624,7 +685,7 @@ def expected_layer(case, layer, x, out, rows):
         written[m] = True
         col = 0
         for s, n in enumerate(case.outs):
-            a, b = layer.lora_a[s][i, :r].cpu().double(), layer.lora_b[s][i, :, :r].cpu().double()
+            a, b = a_all[s][i, :r], b_all[s][i, :, :r]
             scale = scaling * scales[i]
             y = scale * (xs[m] @ a.T)
             y_err = _SHRINK_SLACK * abs(scale) * (xs[m].abs() @ a.abs().T) + rel * y.abs() + absolute

@@ -22,10 +22,11 @@ _lib = torch.library.Library("sgmv", "DEF")  # kept: the ops live as long as thi
 _lib.define("shrink(Tensor inputs, Tensor weights, Tensor(a!) output, Tensor seq_start, Tensor seq_len, "
             "Tensor lora_indices, SymInt batches, SymInt max_seq_length, float scaling=1.0, "
             "Tensor? lora_ranks=None, Tensor? lora_scales=None, Tensor? batch_plan=None, "
-            "Tensor(b!)? workspace=None, Tensor[]? slice_weights=None) -> ()")
+            "Tensor(b!)? workspace=None, Tensor[]? slice_weights=None, Tensor[]? weight_scales=None) -> ()")
 _lib.define("expand(Tensor inputs, Tensor weights, Tensor(a!) output, Tensor seq_start, Tensor seq_len, "
             "Tensor lora_indices, SymInt batches, SymInt max_seq_length, bool add_inputs, "
-            "Tensor? batch_plan=None, Tensor? lora_ranks=None, Tensor[]? slice_weights=None) -> ()")
+            "Tensor? batch_plan=None, Tensor? lora_ranks=None, Tensor[]? slice_weights=None, "
+            "Tensor[]? weight_scales=None) -> ()")
 _lib.define("batch_plan(Tensor seq_start, Tensor seq_len, Tensor lora_indices, SymInt batches, "
             "SymInt total_tokens, SymInt num_loras, Tensor(a!) plan) -> ()")
 # The layer call: step_plan once per step into its scratch, then layer per layer (sgmv.Layer, sgmv.Step).
@@ -33,25 +34,28 @@ _STEP = ("Tensor? seq_start, Tensor? seq_len, Tensor? lora_indices, Tensor? toke
          "SymInt max_seq_length, SymInt total_tokens, SymInt num_loras")
 _lib.define(f"step_plan({_STEP}, Tensor(a!) scratch) -> ()")
 _lib.define(f"layer(Tensor inputs, Tensor(a!) output, Tensor[] lora_a, Tensor[] lora_b, {_STEP}, Tensor(b!) scratch, "
-            "bool add_inputs=True, float scaling=1.0, Tensor? lora_ranks=None, Tensor? lora_scales=None) -> ()")
+            "bool add_inputs=True, float scaling=1.0, Tensor? lora_ranks=None, Tensor? lora_scales=None, "
+            "Tensor[]? lora_a_scales=None, Tensor[]? lora_b_scales=None) -> ()")
 
 
 def shrink(inputs, weights, output, seq_start, seq_len, lora_indices, batches, max_seq_length, scaling=1.0,
-           lora_ranks=None, lora_scales=None, batch_plan=None, workspace=None, slice_weights=None):
+           lora_ranks=None, lora_scales=None, batch_plan=None, workspace=None, slice_weights=None, weight_scales=None):
     """sgmv.sgmv_shrink into `output`. Without a workspace the binding takes one from torch's caching
-    allocator when the call splits over hidden (inside a CUDA graph capture: the graph's pool)."""
+    allocator when the call splits over hidden (inside a CUDA graph capture: the graph's pool).
+    fp8 weights: weight_scales, one per slice."""
     binding.sgmv_shrink(inputs, (weights, *slice_weights) if slice_weights else weights, output, seq_start,
                         seq_len, lora_indices, batches, max_seq_length, scaling, lora_ranks=lora_ranks,
-                        lora_scales=lora_scales, batch_plan=batch_plan, workspace=workspace)
+                        lora_scales=lora_scales, batch_plan=batch_plan, workspace=workspace,
+                        weight_scales=tuple(weight_scales) if weight_scales else None)
     _written(output if workspace is None else (output, workspace))
 
 
 def expand(inputs, weights, output, seq_start, seq_len, lora_indices, batches, max_seq_length, add_inputs,
-           batch_plan=None, lora_ranks=None, slice_weights=None):
-    """sgmv.sgmv_expand into `output`."""
+           batch_plan=None, lora_ranks=None, slice_weights=None, weight_scales=None):
+    """sgmv.sgmv_expand into `output` (fp8 weights: weight_scales, one per slice)."""
     binding.sgmv_expand(inputs, (weights, *slice_weights) if slice_weights else weights, output, seq_start,
                         seq_len, lora_indices, batches, max_seq_length, add_inputs, batch_plan,
-                        lora_ranks=lora_ranks)
+                        lora_ranks=lora_ranks, weight_scales=tuple(weight_scales) if weight_scales else None)
     _written(output)
 
 
@@ -98,11 +102,14 @@ def step_plan(seq_start, seq_len, lora_indices, token_lora_mapping, batches, max
 
 def layer(inputs, output, lora_a, lora_b, seq_start, seq_len, lora_indices, token_lora_mapping, batches,
           max_seq_length, total_tokens, num_loras, scratch, add_inputs=True, scaling=1.0, lora_ranks=None,
-          lora_scales=None):
+          lora_scales=None, lora_a_scales=None, lora_b_scales=None):
     """sgmv.Layer(lora_a, lora_b, ...)(inputs, output, step) with the step whose plan step_plan built in scratch."""
-    key = (_key(*lora_a, *lora_b, lora_ranks, lora_scales), scaling)
+    a_scales = tuple(lora_a_scales) if lora_a_scales else None
+    b_scales = tuple(lora_b_scales) if lora_b_scales else None
+    key = (_key(*lora_a, *lora_b, lora_ranks, lora_scales, *(a_scales or ()), *(b_scales or ())), scaling)
     lay = _cached(_layers, key, lambda: binding.Layer(tuple(lora_a), tuple(lora_b), lora_ranks=lora_ranks,
-                                                      lora_scales=lora_scales, scaling=scaling))
+                                                      lora_scales=lora_scales, scaling=scaling,
+                                                      lora_a_scales=a_scales, lora_b_scales=b_scales))
     lay(inputs, output, _step(seq_start, seq_len, lora_indices, token_lora_mapping, batches, max_seq_length,
                               total_tokens, num_loras, scratch), add_inputs=add_inputs)
     _written((output, scratch))

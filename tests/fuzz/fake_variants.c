@@ -10,14 +10,14 @@ const sgmv_tile_t sgmv_tiles[] = {
     {"unaligned", 32, 64, 16, 4, 2},
 };
 const sgmv_rule_t sgmv_rules[] = {
-    {SGMV_OP_EXPAND, 90, 1, -1, 0, 1},
-    {SGMV_OP_EXPAND, 90, -1, -1, 0, 0},
-    {SGMV_OP_SHRINK, 90, -1, -1, 0, 0},
+    {SGMV_OP_EXPAND, 90, 1, -1, 0, 1, 0},
+    {SGMV_OP_EXPAND, 90, -1, -1, 0, 0, 0},
+    {SGMV_OP_SHRINK, 90, -1, -1, 0, 0, 0},
 };
 const int sgmv_num_rules = 3;
 const sgmv_grouped_rule_t sgmv_grouped_rules[] = {
-    {SGMV_OP_EXPAND, 90, -1, -1, 0},
-    {SGMV_OP_SHRINK, 90, -1, -1, 0},
+    {SGMV_OP_EXPAND, 90, -1, -1, 0, 0},
+    {SGMV_OP_SHRINK, 90, -1, -1, 0, 0},
 };
 const int sgmv_num_grouped_rules = 2;
 const sgmv_plan_size_t sgmv_plan_size = {8, 256, 16, 4};

@@ -113,10 +113,17 @@ static int well_formed(const sgmv_expand_args_t *a) {
   return 1;
 }
 
+/* fp8 weights: 16-bit inputs, output that dtype or fp32 (this harness never passes their scales). */
+static int fp8_ok(const sgmv_expand_args_t *a) {
+  int x = (int)a->inputs_dtype, o = (int)a->output_dtype, m = (int)a->metadata_dtype;
+  return a->weights_dtype == SGMV_DTYPE_FLOAT8_E4M3FN && (x == SGMV_DTYPE_FLOAT16 || x == SGMV_DTYPE_BFLOAT16) &&
+         (o == x || o == SGMV_DTYPE_FLOAT32) && (m == SGMV_DTYPE_INT32 || m == SGMV_DTYPE_INT64);
+}
+
 static int dtypes_ok(const sgmv_expand_args_t *a) {
   int w = (int)a->weights_dtype, x = (int)a->inputs_dtype, o = (int)a->output_dtype, m = (int)a->metadata_dtype;
-  return (w == SGMV_DTYPE_FLOAT16 || w == SGMV_DTYPE_BFLOAT16) && (x == w || x == SGMV_DTYPE_FLOAT32) &&
-         (o == w || o == SGMV_DTYPE_FLOAT32) && (m == SGMV_DTYPE_INT32 || m == SGMV_DTYPE_INT64);
+  return ((w == SGMV_DTYPE_FLOAT16 || w == SGMV_DTYPE_BFLOAT16) && (x == w || x == SGMV_DTYPE_FLOAT32) &&
+          (o == w || o == SGMV_DTYPE_FLOAT32) && (m == SGMV_DTYPE_INT32 || m == SGMV_DTYPE_INT64)) || fp8_ok(a);
 }
 
 /* Pointers first: the weights always, the other data and metadata where there are rows to compute. */
@@ -125,7 +132,9 @@ static int pointers_ok(const sgmv_expand_args_t *a) {
   return a->weights && (!work || (a->inputs && a->output && a->seq_start && a->seq_len && a->lora_indices));
 }
 
-static int size_of(int t) { return t == SGMV_DTYPE_FLOAT32 || t == SGMV_DTYPE_INT32 ? 4 : t == SGMV_DTYPE_INT64 ? 8 : 2; }
+static int size_of(int t) {
+  return t == SGMV_DTYPE_FLOAT32 || t == SGMV_DTYPE_INT32 ? 4 : t == SGMV_DTYPE_INT64 ? 8 : t == SGMV_DTYPE_FLOAT8_E4M3FN ? 1 : 2;
+}
 
 /* Every pointer at a multiple of its element size (dtypes_ok first). */
 static int aligned(const sgmv_expand_args_t *a) {
@@ -196,6 +205,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     CHECK(st == SGMV_ERROR_INVALID_ARGUMENT && strstr(msg, " NULL"));
   } else if (!dtypes_ok(&a)) {
     CHECK(st == SGMV_ERROR_UNSUPPORTED_DTYPE);
+  } else if (fp8_ok(&a)) {
+    CHECK(st == SGMV_ERROR_INVALID_ARGUMENT); /* at the latest: no scales */
   } else {
     CHECK(st != SGMV_ERROR_UNSUPPORTED_DTYPE);
     if (st == SGMV_SUCCESS || st == SGMV_ERROR_NO_DRIVER) CHECK(well_formed(&a) && aligned(&a));

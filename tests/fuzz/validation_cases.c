@@ -23,10 +23,10 @@
 #define I32 SGMV_DTYPE_INT32
 #define I64 SGMV_DTYPE_INT64
 #define NO_DRIVER_MSG "no CUDA driver: cannot load libcuda.so.1 ("
-#define SERVED                                                                                               \
-  "(float16, float16, float16), (float16, float16, float32), (float32, float16, float16), (float32, float16, " \
-  "float32), (bfloat16, bfloat16, bfloat16), (bfloat16, bfloat16, float32), (float32, bfloat16, bfloat16), "   \
-  "(float32, bfloat16, float32)"
+/* What the message lists: with weights of a served dtype, its (inputs, output) pairs; else the served weights. */
+#define SERVED_WITH(w) "(" w ", " w "), (" w ", float32), (float32, " w "), (float32, float32)"
+#define SERVED_FP8 "(float16, float16), (float16, float32), (bfloat16, bfloat16), (bfloat16, float32)"
+#define SERVED_WEIGHTS "float16, bfloat16, float8_e4m3fn"
 
 static unsigned char *reserved; /* PROT_NONE */
 static int failures, cases;
@@ -102,8 +102,13 @@ static void expect(int line, const char *before, sgmv_status_t got, sgmv_status_
 static const char *dtype_msg(const char *x, const char *w, const char *o, const char *m) {
   if (strcmp(m, "int32") && strcmp(m, "int64"))
     return f("sgmv_expand: args->metadata_dtype is %s: metadata are int32 or int64", m);
+  const char *pairs = !strcmp(w, "float16") ? SERVED_WITH("float16") : !strcmp(w, "bfloat16") ? SERVED_WITH("bfloat16")
+                      : !strcmp(w, "float8_e4m3fn") ? SERVED_FP8 : NULL;
+  if (!pairs)
+    return f("sgmv_expand: unsupported dtypes (args->inputs_dtype %s, args->weights_dtype %s, args->output_dtype %s): "
+             "served weights: " SERVED_WEIGHTS, x, w, o);
   return f("sgmv_expand: unsupported dtypes (args->inputs_dtype %s, args->weights_dtype %s, args->output_dtype %s): "
-           "served (inputs, weights, output): " SERVED, x, w, o);
+           "served with %s weights (inputs, output): %s", x, w, o, w, pairs);
 }
 
 static void validation(void) {
@@ -148,7 +153,16 @@ static void validation(void) {
   CASE(DTYPE, dtype_msg("int32", "float16", "float16", "int32"), a.inputs_dtype = I32);
   CASE(DTYPE, dtype_msg("int64", "float16", "float16", "int32"), a.inputs_dtype = I64);
   CASE(DTYPE, dtype_msg("unknown", "float16", "float16", "int32"), a.inputs_dtype = (sgmv_dtype_t)-1);
-  CASE(DTYPE, dtype_msg("unknown", "float16", "float16", "int32"), a.inputs_dtype = (sgmv_dtype_t)5);
+  CASE(DTYPE, dtype_msg("unknown", "float16", "float16", "int32"), a.inputs_dtype = (sgmv_dtype_t)6);
+  CASE(DTYPE, dtype_msg("float8_e4m3fn", "float16", "float16", "int32"), a.inputs_dtype = SGMV_DTYPE_FLOAT8_E4M3FN);
+  CASE(DTYPE, dtype_msg("float32", "float8_e4m3fn", "float16", "int32"), a.weights_dtype = SGMV_DTYPE_FLOAT8_E4M3FN,
+       a.inputs_dtype = FP32);
+  CASE(DTYPE, dtype_msg("float16", "float8_e4m3fn", "bfloat16", "int32"), a.weights_dtype = SGMV_DTYPE_FLOAT8_E4M3FN,
+       a.output_dtype = BF16);
+  CASE(INVALID, "sgmv_expand: args->weight_scales[0].scales is NULL: float8_e4m3fn weights need scales for every slice",
+       a.weights_dtype = SGMV_DTYPE_FLOAT8_E4M3FN);
+  CASE(INVALID, "sgmv_expand: args->weight_scales[0].scales is set, but the weights are float16: scales are for "
+       "float8_e4m3fn weights only", a.weight_scales[0].scales = fake(9));
   CASE(DTYPE, dtype_msg("float16", "float16", "int32", "int32"), a.output_dtype = I32);
   CASE(DTYPE, dtype_msg("float16", "float16", "unknown", "int32"), a.output_dtype = (sgmv_dtype_t)INT32_MAX);
   CASE(DTYPE, dtype_msg("float32", "float32", "float32", "int32"),
