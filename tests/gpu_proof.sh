@@ -7,6 +7,7 @@
 # OUT_DIR/gpu-proof-logs.tar.gz (every log: 2 files, so that a device call's 8-file limit on what
 # comes back holds).
 # usage: tests/gpu_proof.sh OUT_DIR      env: SGMV_LIBRARY, PYTHONPATH (python/ and cffi), as for the tests
+#   SGMV_SHARDS="6 7 ...": the suite's shards, in this order (default: gpu_suite.sh's)
 #   SGMV_PROOF_QUICK=1: smoke (quick cases under memcheck only, 2000 soak calls, no suite)
 #   full: not yet timed on the H200 together; apart, the sanitizers took 46 s to 5 min there, the suite
 #   (before 0.4's one-compile-per-variant JIT) several 10-minute calls, the soak 6.5 s
@@ -31,7 +32,8 @@ $py -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_pointers.py >"$logs/p
 rc_ptr=$?
 rc_suite=0
 if [ "$quick" != 1 ]; then
-  SGMV_WORKERS=${SGMV_WORKERS:-12} SGMV_SUITE_SECONDS=${SGMV_SUITE_SECONDS:-330} tests/gpu_suite.sh "$logs/suite" >"$logs/suite.out" 2>&1
+  SGMV_WORKERS=${SGMV_WORKERS:-12} SGMV_SUITE_SECONDS=${SGMV_SUITE_SECONDS:-330} tests/gpu_suite.sh "$logs/suite" \
+    ${SGMV_SHARDS:-} >"$logs/suite.out" 2>&1
   rc_suite=$?
 fi
 wait $san
