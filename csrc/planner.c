@@ -53,7 +53,7 @@ static int has_rules(int op, int arch, int fp8) {
 }
 
 /* The build's archs that have variants for op's weights of class fp8, as "90,100" ("none" if none). */
-static void archs_with_rules(int op, int fp8, char *list, size_t size) {
+void sgmv_archs_with_rules(int op, int fp8, char *list, size_t size) {
   size_t n = 0;
   list[0] = 0;
   for (const char *p = sgmv_archs_list; *p;) {
@@ -784,7 +784,7 @@ int sgmv_decide(const sgmv_call_t *a, int arch, const sgmv_launch_config_t *want
   if (status) return status;
   if (!has_rules(a->op, arch, is_fp8(a->w_dtype))) {
     char archs[64];
-    archs_with_rules(a->op, is_fp8(a->w_dtype), archs, sizeof archs);
+    sgmv_archs_with_rules(a->op, is_fp8(a->w_dtype), archs, sizeof archs);
     return sgmv_set_error(SGMV_ERROR_UNSUPPORTED_ARCH, "%s: this build has no %s-weight variants for sm_%d (it serves "
                           "them on sm %s)", fn, dtype_name(a->w_dtype), arch, archs);
   }

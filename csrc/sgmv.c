@@ -1,6 +1,7 @@
 /* libsgmv: inventory, loading the variants, and launching what csrc/planner.c decides. */
 #include <pthread.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -20,7 +21,19 @@ SGMV_API int sgmv_version(void) { return SGMV_VERSION; }
 #ifndef SGMV_BUILD_TRITON /* set by CMakeLists.txt; test builds of the C sources alone */
 #define SGMV_BUILD_TRITON "unknown"
 #endif
-SGMV_API const char *sgmv_build_info(void) { return "triton=" SGMV_BUILD_TRITON; }
+static char build_info_text[128];
+
+static void make_build_info(void) {
+  char fp8[64];
+  sgmv_archs_with_rules(SGMV_OP_EXPAND, 1, fp8, sizeof fp8);
+  snprintf(build_info_text, sizeof build_info_text, "triton=%s;fp8_archs=%s", SGMV_BUILD_TRITON, fp8);
+}
+
+SGMV_API const char *sgmv_build_info(void) {
+  static pthread_once_t once = PTHREAD_ONCE_INIT;
+  pthread_once(&once, make_build_info);
+  return build_info_text;
+}
 SGMV_API const char *sgmv_archs(void) { return sgmv_archs_list; }
 SGMV_API int sgmv_num_variants(void) { return sgmv_num_variants_total; }
 

@@ -85,6 +85,10 @@ extern const int sgmv_num_variants_total;
 
 /* ---- csrc/planner.c -------------------------------------------------------------------------- */
 
+/* The build's archs that have variants for op's weights (fp8: fp8 weights, else the others), as
+ * "90,100", or "none". */
+void sgmv_archs_with_rules(int op, int fp8, char *list, size_t size);
+
 /* A launch, fully decided: the variant to load and the configuration to launch it with. */
 typedef struct {
   sgmv_launch_config_t config;

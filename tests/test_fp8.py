@@ -157,6 +157,12 @@ def test_fp8_is_a_new_dtype_value_at_the_end():
     assert sgmv.binding._DTYPE_NAMES["float8_e4m3fn"] == 5  # torch's name: the binding's one rule
 
 
+def test_build_info_names_the_built_archs_with_fp8_variants():
+    """sgmv_build_info()'s fp8_archs (shown by `sgmv info`): the built archs aot/variants.py gives fp8 rules."""
+    want = ",".join(str(a) for a in ARCHS if a in FP8_ARCHS) or "none"
+    assert sgmv.build_info()["fp8_archs"] == want
+
+
 def test_fp8_dtype_matrix_is_the_variant_table_s():
     """With scales, exactly the (inputs, fp8, output) of aot/variants.py DTYPES are served."""
     names = {"fp16": "SGMV_DTYPE_FLOAT16", "bf16": "SGMV_DTYPE_BFLOAT16", "fp32": "SGMV_DTYPE_FLOAT32"}

@@ -529,7 +529,8 @@ SGMV_API sgmv_status_t sgmv_layer_apply_launches(const sgmv_layer_t *layer, cons
 /* SGMV_VERSION of the loaded library. */
 SGMV_API int sgmv_version(void);
 /* The build, as "key=value" items separated by ';': triton (the Triton version that compiled the
- * cubins; the JIT path gives the same bits only with that version). More items may follow. */
+ * cubins; the JIT path gives the same bits only with that version); fp8_archs (the archs with
+ * variants for fp8 weights, "90", or "none"). More items may follow. */
 SGMV_API const char *sgmv_build_info(void);
 /* A fixed description of a status. */
 SGMV_API const char *sgmv_status_string(sgmv_status_t status);

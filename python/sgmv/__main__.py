@@ -62,6 +62,8 @@ def cmd_info(_args):
     print(f"ABI: sgmv.h major version {capi.VERSION_MAJOR}, SONAME libsgmv.so.{capi.VERSION_MAJOR}")
     print(f"cubins: {info['variants']} variants for sm {info['archs']}, compiled by triton "
           f"{info['triton'] or 'unknown (this libsgmv does not record it)'}")
+    if "fp8_archs" in info:
+        print(f"fp8 weights: sm {info['fp8_archs']}")
     lines, _ = device_report()
     print("\n".join(lines))
     return OK
