@@ -52,25 +52,29 @@ static int has_rules(int op, int arch, int fp8) {
   return 0;
 }
 
+/* The arch at *p in the build's list ("80,90,..."), and *p moved past it. */
+static int next_arch(const char **p) {
+  int arch = atoi(*p);
+  while (**p && **p != ',') (*p)++;
+  if (**p) (*p)++;
+  return arch;
+}
+
 /* The build's archs that have variants for op's weights of class fp8, as "90,100" ("none" if none). */
 void sgmv_archs_with_rules(int op, int fp8, char *list, size_t size) {
   size_t n = 0;
   list[0] = 0;
   for (const char *p = sgmv_archs_list; *p;) {
-    int arch = atoi(p);
+    int arch = next_arch(&p);
     if (has_rules(op, arch, fp8) && n < size) n += (size_t)snprintf(list + n, size - n, "%s%d", n ? "," : "", arch);
-    while (*p && *p != ',') p++;
-    if (*p) p++;
   }
   if (!n) snprintf(list, size, "none");
 }
 
 int sgmv_first_arch(const sgmv_call_t *c) {
   for (const char *p = sgmv_archs_list; *p;) {
-    int arch = atoi(p);
+    int arch = next_arch(&p);
     if (has_rules(c->op, arch, is_fp8(c->w_dtype))) return arch;
-    while (*p && *p != ',') p++;
-    if (*p) p++;
   }
   return atoi(sgmv_archs_list);
 }
@@ -88,11 +92,8 @@ static const int dtype_matrix[][4] = {
  * ...), which run on that exact capability only. */
 SGMV_API int sgmv_cubin_arch(int cc) {
   int arch = cc / 10 == 8 ? 80 : cc;
-  for (const char *p = sgmv_archs_list; *p;) {
-    if (atoi(p) == arch) return arch;
-    while (*p && *p != ',') p++;
-    if (*p) p++;
-  }
+  for (const char *p = sgmv_archs_list; *p;)
+    if (next_arch(&p) == arch) return arch;
   return 0;
 }
 
@@ -205,11 +206,11 @@ static int check_dtypes(const char *fn, int op, int x, int w, int out, int meta)
     if (r[1] == x && r[2] == w && r[3] == out) return SGMV_SUCCESS;
     known |= r[2] == w;
   }
+  int listed = -1; /* the weights dtype listed last: the matrix keeps each one's rows together */
   for (size_t i = 0; i < sizeof dtype_matrix / sizeof *dtype_matrix; i++) {
     const int *r = dtype_matrix[i];
-    int first = 1; /* a weights dtype listed once (the matrix lists each weights dtype's rows together) */
-    for (size_t j = 0; j < i && !known; j++) first &= !(dtype_matrix[j][0] == op && dtype_matrix[j][2] == r[2]);
-    if (r[0] != op || (known ? r[2] != w : !first) || n >= sizeof served) continue;
+    if (r[0] != op || (known ? r[2] != w : r[2] == listed) || n >= sizeof served) continue;
+    listed = r[2];
     n += known ? (size_t)snprintf(served + n, sizeof served - n, "%s(%s, %s)", n ? ", " : "", dtype_name(r[1]),
                                   dtype_name(r[3]))
                : (size_t)snprintf(served + n, sizeof served - n, "%s%s", n ? ", " : "", dtype_name(r[2]));
