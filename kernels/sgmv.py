@@ -251,12 +251,12 @@ def sgmv_kernel(
                 if FP8:  # this adapter's products scaled by its column scales, its rows only
                     part = _accumulate(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_base,
                                        w_base + adapter * stride_l, offs_m, rows, x_stride_m, w_cols, n_mask, offs_k,
-                                       0, k_end, BLOCK_K, EVEN_K, False, VEC, FP8)
+                                       0, k_end, BLOCK_K, EVEN_K, False, VEC, 1, FP8)
                     part = _dequant(part, ws_base + adapter * ws_l, ws_cols, n_mask, FP8)
                     acc += tl.where(rows[:, None], part, 0.0)
                 else:
                     acc = _accumulate(acc, x_base, w_base + adapter * stride_l, offs_m, rows, x_stride_m, w_cols,
-                                      n_mask, offs_k, 0, k_end, BLOCK_K, EVEN_K, False, VEC, FP8)
+                                      n_mask, offs_k, 0, k_end, BLOCK_K, EVEN_K, False, VEC, 1, FP8)
                 todo = todo & (loras != adapter)
             _store(acc, prior, out_ptrs, out_mask, add_inputs)
     elif flat == 0:  # PATH_ROWS by segment: program (g, n, z) covers segment g's row tiles z, z + num_programs(2), ...
@@ -429,13 +429,13 @@ def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m,
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             if k_split >= K:
                 acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, w_mask, offs_k, 0, K,
-                                  BLOCK_K, EVEN_K, False, VEC, FP8)
+                                  BLOCK_K, EVEN_K, False, VEC, VEC, FP8)
                 acc = _dequant(acc, ws_row, ws_cols, w_mask, FP8)
                 tl.store(out_ptrs, (acc * scale).to(out_ptrs.dtype.element_ty), mask=out_mask)
             elif step == 0:
                 k_lo = tl.multiple_of(z * k_split, BLOCK_K)  # the planner makes k_split a multiple of BLOCK_K
                 acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, w_mask, offs_k, k_lo,
-                                  tl.minimum(k_lo + k_split, K), BLOCK_K, EVEN_K, False, VEC, FP8)
+                                  tl.minimum(k_lo + k_split, K), BLOCK_K, EVEN_K, False, VEC, VEC, FP8)
                 tl.store(partial + z * plane, acc, mask=part_mask)
             elif z == 0:  # step 1: the partial sums in order of z (independent loads, issued together)
                 for j in tl.static_range(MAX_SPLIT):
@@ -449,7 +449,7 @@ def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m,
             k_end = tl.minimum(tl.load(ranks_ptr + lora), K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, 0, k_end,
-                          BLOCK_K, EVEN_K, GDC, VEC, FP8)
+                          BLOCK_K, EVEN_K, GDC, VEC, 1, FP8)
         acc = _dequant(acc, ws_row, ws_cols, n_mask, FP8)
         _store(acc, prior, out_ptrs, tl.where(k_end > 0, out_mask, False), add_inputs)
 
@@ -496,9 +496,12 @@ def _load_prior(out_ptr, offs_m, m_mask, offs_n, n_mask, out_stride_m, add_input
 
 @triton.jit
 def _accumulate(acc, x_ptr, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, k_lo, k_hi,
-                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, WAIT: tl.constexpr, VEC: tl.constexpr, FP8: tl.constexpr):
+                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, WAIT: tl.constexpr, VEC: tl.constexpr, X_VEC: tl.constexpr,
+                FP8: tl.constexpr):
     """acc += x[offs_m, k_lo:k_hi] @ w_base[cols, k_lo:k_hi]^T over the rows in m_mask (others add
-    zero). EVEN_K: k_hi - k_lo is a multiple of BLOCK_K. VEC: see _load_k. WAIT: x is the previous
+    zero). EVEN_K: k_hi - k_lo is a multiple of BLOCK_K. VEC, X_VEC: see _load_k, for w and x (the
+    expand passes X_VEC 1: x's columns past an adapter's rank are left unwritten by a shrink, the
+    layer's own included, and reading them is an uninitialised read). WAIT: x is the previous
     launch's output (griddepcontrol.wait): the first block of weights is loaded before the wait, x
     after it."""
     x_rows = x_ptr + offs_m[:, None] * x_stride_m
@@ -509,11 +512,11 @@ def _accumulate(acc, x_ptr, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, 
                     EVEN_K, VEC)
         tl.extra.cuda.gdc_wait()
         x = _load_k(x_rows + (k_lo + offs_k)[None, :], tl.where(some, m_mask[:, None], False), offs_k[None, :],
-                    k_hi - k_lo, EVEN_K, VEC)
+                    k_hi - k_lo, EVEN_K, X_VEC)
         acc = _dot(acc, x, w, FP8)
         k_first = k_lo + BLOCK_K
     for k0 in range(k_first, k_hi, BLOCK_K):
-        x = _load_k(x_rows + (k0 + offs_k)[None, :], m_mask[:, None], offs_k[None, :], k_hi - k0, EVEN_K, VEC)
+        x = _load_k(x_rows + (k0 + offs_k)[None, :], m_mask[:, None], offs_k[None, :], k_hi - k0, EVEN_K, X_VEC)
         w = _load_k(w_base + w_cols + k0, n_mask[None, :], offs_k[:, None], k_hi - k0, EVEN_K, VEC)
         acc = _dot(acc, x, w, FP8)
     return acc

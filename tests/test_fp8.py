@@ -354,6 +354,15 @@ def test_layer_reference(case):
     run_layer(case, lambda step: None, sgmv.reference.layer_apply, device="cpu")
 
 
+def test_layer_takes_fp8_tensors_whose_array_interface_raises(monkeypatch):
+    """A CUDA fp8 torch tensor raises KeyError (no typestr), not AttributeError, from
+    __cuda_array_interface__; the binding must not ask it (this failed every fp8 layer on the H200)."""
+    def no_typestr(self):
+        raise KeyError(self.dtype)
+    monkeypatch.setattr(torch.Tensor, "__cuda_array_interface__", property(no_typestr), raising=False)
+    run_layer(LAYER[0], lambda step: None, sgmv.reference.layer_apply, device="cpu")
+
+
 def test_layer_keeps_the_intermediate_in_the_inputs_dtype():
     """With fp8 weights the step's intermediate is the activations' dtype: the layer call gives the
     bits of sgmv_shrink into an fp16 intermediate, then sgmv_expand from it (same plan)."""

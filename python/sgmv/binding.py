@@ -368,8 +368,12 @@ def new_workspace(like, total_tokens, output_columns):
 
 
 def _shape(a):
-    cai = getattr(a, "__cuda_array_interface__", None)
-    return tuple(a.shape) if cai is None else tuple(cai["shape"])
+    # .shape first: torch raises KeyError, not AttributeError, from __cuda_array_interface__ of
+    # an fp8 tensor (it has no typestr for it).
+    try:
+        return tuple(a.shape)
+    except AttributeError:
+        return tuple(a.__cuda_array_interface__["shape"])
 
 
 def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
