@@ -356,7 +356,7 @@ def test_layer_reference(case):
 
 def test_layer_takes_fp8_tensors_whose_array_interface_raises(monkeypatch):
     """A CUDA fp8 torch tensor raises KeyError (no typestr), not AttributeError, from
-    __cuda_array_interface__; the binding must not ask it (this failed every fp8 layer on the H200)."""
+    __cuda_array_interface__; the binding must not ask it (this failed every fp8 layer on an H100)."""
     def no_typestr(self):
         raise KeyError(self.dtype)
     monkeypatch.setattr(torch.Tensor, "__cuda_array_interface__", property(no_typestr), raising=False)

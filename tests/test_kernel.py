@@ -270,12 +270,16 @@ def test_ranks_read_whole_groups_and_ignore_what_lies_past_them(plan, monkeypatc
     sgmv.jit.sgmv_expand(x.to(DEVICE), w.to(DEVICE), out, *meta, L, 3, True, batch_plan, lora_ranks=r)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.cpu().double(), want, atol=2e-2, rtol=1e-2)
-    if read is not None:
-        past = [x.data_ptr() + 2 * (row * K + col) for s, n, i in zip(seq_start, seq_len, idx)
-                for row in range(s, s + n) for col in range(ranks[i], K)]
-        hit = np.intersect1d(np.concatenate(read), np.array(past, dtype=np.uint64))
-        if len(hit):
-            raise AssertionError(f"{len(hit)} elements of x past a rank were read")
+    if read is not None:  # every element of x up to its rank was read (the watch sees x), none past it
+        seen = np.concatenate(read)
+        for within, cols in ((True, lambda r: range(r)), (False, lambda r: range(r, K))):
+            addresses = np.array([x.data_ptr() + 2 * (row * K + col) for s, n, i in zip(seq_start, seq_len, idx)
+                                  for row in range(s, s + n) for col in cols(ranks[i])], dtype=np.uint64)
+            read_here = np.isin(addresses, seen)
+            if within and not read_here.all():
+                raise AssertionError(f"the watch missed {int((~read_here).sum())} elements of x the kernel needs")
+            if not within and read_here.any():
+                raise AssertionError(f"{int(read_here.sum())} elements of x past a rank were read")
     tensors, _ = sgmv.binding.expand_tensors(x, w, out, *meta, L, 3, True, 0, batch_plan, r, allow_cpu=DEVICE == "cpu")
     args = sgmv.capi.ffi.new("sgmv_expand_args_t *")
     sgmv.capi.check(sgmv.capi.lib.sgmv_expand_args_from_tensors(tensors, args))
