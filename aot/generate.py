@@ -92,7 +92,7 @@ def compile_variant(v):
         tile = V.TILES[v["tile"]]
         constexprs = {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k,
                       "PATH": path_value(mod, v["path"]), "EVEN_K": v["even_k"], "SHRINK": v["op"] == "shrink",
-                      "ALIGNED": v["aligned"], "GDC": v["arch"] >= mod.GDC_MIN_ARCH.value}
+                      "ALIGNED": v["aligned"]}
         options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages}
         if v["aligned"]:
             # What the planner checks before it picks an aligned variant (csrc/planner.c, is_aligned):
@@ -142,8 +142,6 @@ def rules_header(mod):
           d("PLAN_TABLE", mod.PLAN_TABLE.value), d("MAX_SPLIT", mod.MAX_SPLIT.value),
           "/* what aligned variants assume (bytes), expand's narrowest column tile */",
           d("ALIGN_BYTES", mod.ALIGN_BYTES.value), d("MIN_EXPAND_BLOCK_N", V.MIN_EXPAND_BLOCK_N),
-          "/* the first arch whose cubins use grid dependency control (the GDC constexpr) */",
-          d("GDC_MIN_ARCH", mod.GDC_MIN_ARCH.value),
           "/* the served dtypes: X(op, inputs, weights, output) */"]
     rows = [f"X(SGMV_OP_{op.upper()}, {C_DTYPE[x]}, {C_DTYPE[w]}, {C_DTYPE[o]})"
             for op in V.OPS for x, w, o in V.DTYPES[op]]

@@ -51,7 +51,6 @@ static void load_driver(void) {
   LOAD(cuKernelSetAttribute);
   LOAD(cuKernelGetFunction);
   LOAD(cuLaunchKernel);
-  LOAD(cuLaunchKernelEx);
 #undef LOAD
   int version = 0;
   driver.cuDriverGetVersion(&version);
@@ -71,7 +70,6 @@ static void load_driver(void) {
              res == CUDA_ERROR_NO_DEVICE_ ? ": no CUDA device" : "");
     return;
   }
-  driver.version = version;
   driver_status = SGMV_SUCCESS;
 }
 

@@ -20,26 +20,8 @@ enum {
   CU_ATTR_CC_MAJOR = 75,            /* CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR */
   CU_ATTR_CC_MINOR = 76,            /* CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR */
   CU_ATTR_SMEM_OPTIN = 97,          /* CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN */
-  CU_FUNC_ATTR_MAX_DYN_SMEM = 8,    /* CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES */
-  CU_LAUNCH_ATTR_PROGRAMMATIC = 6   /* CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION */
+  CU_FUNC_ATTR_MAX_DYN_SMEM = 8     /* CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES */
 };
-
-/* cuLaunchKernelEx's configuration (cuda.h's CUlaunchAttribute and CUlaunchConfig, same layout). */
-typedef struct {
-  int id;
-  char pad[4];
-  union {
-    char bytes[64];
-    int programmatic_stream_serialization_allowed;
-  } value;
-} CUlaunchAttribute;
-
-typedef struct {
-  unsigned int grid_x, grid_y, grid_z, block_x, block_y, block_z, shared_bytes;
-  CUstream stream;
-  CUlaunchAttribute *attrs;
-  unsigned int num_attrs;
-} CUlaunchConfig;
 
 typedef struct {
   CUresult (*cuInit)(unsigned int);
@@ -62,13 +44,7 @@ typedef struct {
   CUresult (*cuKernelGetFunction)(CUfunction *, CUkernel);
   CUresult (*cuLaunchKernel)(CUfunction, unsigned int, unsigned int, unsigned int, unsigned int, unsigned int,
                              unsigned int, unsigned int, CUstream, void **, void **);
-  CUresult (*cuLaunchKernelEx)(const CUlaunchConfig *, CUfunction, void **, void **);
-  int version; /* cuDriverGetVersion's */
 } sgmv_driver_t;
-
-/* The oldest driver whose stream capture keeps a programmatic launch's dependency (CUDA 12.3); an
- * older one gets plain launches (stream order gives the same result). */
-#define SGMV_PROGRAMMATIC_MIN_DRIVER 12030
 
 /* The loaded driver, or NULL with the status and message set (sgmv_set_error). Thread-safe. */
 const sgmv_driver_t *sgmv_driver(int *status);

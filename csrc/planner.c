@@ -812,7 +812,6 @@ int sgmv_decide(const sgmv_call_t *a, int arch, const sgmv_launch_config_t *want
   }
   c->tile = t->name;
   c->aligned = is_aligned(a); /* the table picks the unaligned tile exactly when not */
-  c->gdc = arch >= SGMV_GDC_MIN_ARCH;
   c->block_m = t->block_m, c->block_n = t->block_n, c->block_k = t->block_k;
   c->num_warps = t->num_warps, c->num_stages = t->num_stages;
   /* Per-adapter ranks end expand's K early, anywhere. */

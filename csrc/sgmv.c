@@ -213,13 +213,6 @@ static int launch(const sgmv_driver_t *cu, const sgmv_launch_t *l, CUdevice dev,
   int status = kernel_function(cu, v, dev, &func);
   if (status) return status;
   const uint32_t *g = l->config.grid;
-  if (l->programmatic && cu->version >= SGMV_PROGRAMMATIC_MIN_DRIVER) {
-    CUlaunchAttribute attr = {.id = CU_LAUNCH_ATTR_PROGRAMMATIC};
-    attr.value.programmatic_stream_serialization_allowed = 1;
-    CUlaunchConfig config = {g[0], g[1], g[2], 32u * v->num_warps, 1, 1, (unsigned)v->shared, (CUstream)stream, &attr, 1};
-    CUresult res = cu->cuLaunchKernelEx(&config, func, params, NULL);
-    return res ? sgmv_cuda_error(cu, res, "cuLaunchKernelEx") : SGMV_SUCCESS;
-  }
   CUresult res = cu->cuLaunchKernel(func, g[0], g[1], g[2], 32u * v->num_warps, 1, 1, v->shared, (CUstream)stream,
                                     params, NULL);
   return res ? sgmv_cuda_error(cu, res, "cuLaunchKernel") : SGMV_SUCCESS;
@@ -340,7 +333,6 @@ static int describe_constexpr(sgmv_kernel_launch_t *out, const char *name, const
       {"EVEN_K", offsetof(sgmv_launch_config_t, even_k)},   {"SHRINK", offsetof(sgmv_launch_config_t, op)},
       {"SEGS", offsetof(sgmv_launch_config_t, block_b)},    {"SCAN", offsetof(sgmv_launch_config_t, scan)},
       {"ROWS", offsetof(sgmv_launch_config_t, rows)},       {"ALIGNED", offsetof(sgmv_launch_config_t, aligned)},
-      {"GDC", offsetof(sgmv_launch_config_t, gdc)},
   };
   for (size_t i = 0; i < sizeof fields / sizeof *fields; i++)
     if (!strcmp(fields[i].name, name)) {
@@ -394,7 +386,6 @@ static int describe(const void *args, const sgmv_launch_t *l, const kernel_t *k,
     d->variant = v && strcmp(l->config.tile, "requested") ? v->name : "";
     memcpy(d->grid, l->config.grid, sizeof d->grid);
     d->num_warps = l->config.num_warps, d->num_stages = l->config.num_stages;
-    d->programmatic = l->programmatic;
     status = k->describe(args, l, p, d);
   }
   return status;
@@ -530,13 +521,11 @@ SGMV_API sgmv_status_t sgmv_step_plan_launches(const sgmv_step_t *step, int cubi
 }
 
 /* The layer call's two launches on arch: the shrink into the step's scratch, then the expand that
- * reads it. Where the cubins use grid dependency control the expand is launched programmatically:
- * it starts while the shrink runs and loads its plan, weights and old output (nothing the shrink
- * writes) before it waits for the shrink's results. */
+ * reads it, in stream order (a programmatic dependent launch of the expand was measured slower:
+ * benchmarks/NOTES.md round 9). */
 static int layer_launches(const sgmv_call_t c[2], int arch, sgmv_launch_t l[2]) {
   int status = SGMV_SUCCESS;
   for (int i = 0; i < 2 && !status; i++) status = sgmv_decide(&c[i], arch, NULL, &l[i]);
-  if (!status) l[1].programmatic = l[1].config.gdc;
   return status;
 }
 

@@ -93,7 +93,6 @@ void sgmv_archs_with_rules(int op, int fp8, char *list, size_t size);
 typedef struct {
   sgmv_launch_config_t config;
   sgmv_variant_key_t key;
-  int programmatic; /* launched with programmatic stream serialization (sgmv_kernel_launch_t.programmatic) */
 } sgmv_launch_t;
 
 /* One call of sgmv_kernel, expand or shrink, checked: what the planner decides from and the

@@ -55,13 +55,6 @@ PLAN_TABLE = tl.constexpr(4)  # words per segment of the construction table: key
 # a multiple of it in bytes, i.e. of ALIGN_BYTES / element size elements of its tensor (the
 # "unaligned" tile serves the rest). It makes loads and stores along columns 16 bytes wide.
 ALIGN_BYTES = tl.constexpr(16)
-# From this arch on the kernels use grid dependency control (griddepcontrol, Hopper's programmatic
-# dependent launch): the GDC constexpr is 1 for cubins of this arch and newer (the AOT build and
-# csrc/planner.c both read it from here). A kernel then lets the next launch of its stream start
-# early, and expand waits for the launch before it only where it reads that launch's output (the
-# inputs): its plan, metadata, weights and output's old values load first. Without programmatic
-# stream serialization at launch (every launch but the layer call's expand) both are no-ops.
-GDC_MIN_ARCH = tl.constexpr(90)
 # Most programs a split of K uses (aot/tiles.json's split rule stays within it): step 1 adds
 # the partial sums of a tile in a loop unrolled this far.
 MAX_SPLIT = tl.constexpr(8)
@@ -160,7 +153,6 @@ def sgmv_kernel(
     EVEN_K: tl.constexpr,
     SHRINK: tl.constexpr,  # shrink: a per-adapter rank limits each slice's columns, scales, split K
     ALIGNED: tl.constexpr,  # every size and stride a multiple of 16 bytes of its tensor's elements (the planner checks)
-    GDC: tl.constexpr,  # grid dependency control (arch >= GDC_MIN_ARCH)
 ):
     # Elements of 16 bytes of the weights: K (a multiple of it where ALIGNED) is read in whole groups.
     EW: tl.constexpr = ALIGN_BYTES * 8 // w_ptr.dtype.element_ty.primitive_bitwidth
@@ -179,8 +171,6 @@ def sgmv_kernel(
         w_stride_l, w_stride_n = w_stride_l // EW * EW, w_stride_n // EW * EW
         w1_stride_l, w1_stride_n = w1_stride_l // EW * EW, w1_stride_n // EW * EW
         w2_stride_l, w2_stride_n = w2_stride_l // EW * EW, w2_stride_n // EW * EW
-    if GDC:
-        tl.extra.cuda.gdc_launch_dependents()
     pid_g = tl.program_id(0).to(tl.int64)
     # The column tile's slice and its weights, columns and inputs.
     pid_n = tl.program_id(1)
@@ -222,7 +212,7 @@ def sgmv_kernel(
                 _tile(x_base, w_base + lora * stride_l, out_base, work_base, lora, rows, m_mask, x_stride_m,
                       out_stride_m, work_stride_m, w_cols, offs_n, n_mask, offs_k, K, k_split, step, total_tokens,
                       ranks_ptr, has_ranks, scales_ptr, has_scales, scaling, add_inputs, ws_base + lora * ws_l,
-                      ws_cols, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SHRINK, GDC, VEC, FP8)
+                      ws_cols, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SHRINK, VEC, FP8)
     elif PATH == PATH_SHORT:
         # The BLOCK_M rows of a tile are BLOCK_M segments, row j of each. Program z takes the
         # adapters a with a % num_programs(2) == z, one pass per adapter present, so an adapter's
@@ -235,8 +225,6 @@ def sgmv_kernel(
         if has_ranks != 0:
             ranks = tl.minimum(tl.load(ranks_ptr + loras, mask=valid, other=0), K)
         mine = valid & (ranks > 0) & (loras % tl.num_programs(2) == tl.program_id(2))
-        if GDC:
-            tl.extra.cuda.gdc_wait()
         for j in range(0, tl.max(tl.where(mine, ends - starts, 0), axis=0)):
             offs_m = starts + j
             m_mask = mine & (offs_m < ends)
@@ -251,12 +239,12 @@ def sgmv_kernel(
                 if FP8:  # this adapter's products scaled by its column scales, its rows only
                     part = _accumulate(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_base,
                                        w_base + adapter * stride_l, offs_m, rows, x_stride_m, w_cols, n_mask, offs_k,
-                                       0, k_end, BLOCK_K, EVEN_K, False, VEC, 1, FP8)
+                                       0, k_end, BLOCK_K, EVEN_K, VEC, 1, FP8)
                     part = _dequant(part, ws_base + adapter * ws_l, ws_cols, n_mask, FP8)
                     acc += tl.where(rows[:, None], part, 0.0)
                 else:
                     acc = _accumulate(acc, x_base, w_base + adapter * stride_l, offs_m, rows, x_stride_m, w_cols,
-                                      n_mask, offs_k, 0, k_end, BLOCK_K, EVEN_K, False, VEC, 1, FP8)
+                                      n_mask, offs_k, 0, k_end, BLOCK_K, EVEN_K, VEC, 1, FP8)
                 todo = todo & (loras != adapter)
             _store(acc, prior, out_ptrs, out_mask, add_inputs)
     elif flat == 0:  # PATH_ROWS by segment: program (g, n, z) covers segment g's row tiles z, z + num_programs(2), ...
@@ -268,7 +256,7 @@ def sgmv_kernel(
                 _tile(x_base, w_base + lora * stride_l, out_base, work_base, lora, offs_m, offs_m < end, x_stride_m,
                       out_stride_m, work_stride_m, w_cols, offs_n, n_mask, offs_k, K, k_split, step, total_tokens,
                       ranks_ptr, has_ranks, scales_ptr, has_scales, scaling, add_inputs, ws_base + lora * ws_l,
-                      ws_cols, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SHRINK, GDC, VEC, FP8)
+                      ws_cols, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SHRINK, VEC, FP8)
     else:  # PATH_ROWS, flat
         # Program g computes the g-th row tile of the list of all segments' row tiles, found by a
         # prefix sum over the segments, _SEARCH at a time; programs past the last tile idle.
@@ -297,7 +285,7 @@ def sgmv_kernel(
             _tile(x_base, w_base + lora * stride_l, out_base, work_base, lora, offs_m, offs_m < end, x_stride_m,
                   out_stride_m, work_stride_m, w_cols, offs_n, n_mask, offs_k, K, k_split, step, total_tokens,
                   ranks_ptr, has_ranks, scales_ptr, has_scales, scaling, add_inputs, ws_base + lora * ws_l, ws_cols,
-                  BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SHRINK, GDC, VEC, FP8)
+                  BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SHRINK, VEC, FP8)
 
 
 @triton.jit(do_not_specialize=_unspecialised("sgmv_plan_kernel"))
@@ -404,7 +392,7 @@ def _round_up(n):
 def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m, out_stride_m, work_stride_m, w_cols,
           offs_n, n_mask, offs_k, K, k_split, step, total_tokens, ranks_ptr, has_ranks, scales_ptr, has_scales,
           scaling, add_inputs, ws_row, ws_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SHRINK: tl.constexpr, GDC: tl.constexpr, VEC: tl.constexpr,
+          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SHRINK: tl.constexpr, VEC: tl.constexpr,
           FP8: tl.constexpr):
     """Rows offs_m (where m_mask) of adapter `lora`, whose weights are at w_base. Per-adapter
     values are scalars chosen in branches; vector masks are never (a mask that passes through a
@@ -429,13 +417,13 @@ def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m,
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             if k_split >= K:
                 acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, w_mask, offs_k, 0, K,
-                                  BLOCK_K, EVEN_K, False, VEC, VEC, FP8)
+                                  BLOCK_K, EVEN_K, VEC, VEC, FP8)
                 acc = _dequant(acc, ws_row, ws_cols, w_mask, FP8)
                 tl.store(out_ptrs, (acc * scale).to(out_ptrs.dtype.element_ty), mask=out_mask)
             elif step == 0:
                 k_lo = tl.multiple_of(z * k_split, BLOCK_K)  # the planner makes k_split a multiple of BLOCK_K
                 acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, w_mask, offs_k, k_lo,
-                                  tl.minimum(k_lo + k_split, K), BLOCK_K, EVEN_K, False, VEC, VEC, FP8)
+                                  tl.minimum(k_lo + k_split, K), BLOCK_K, EVEN_K, VEC, VEC, FP8)
                 tl.store(partial + z * plane, acc, mask=part_mask)
             elif z == 0:  # step 1: the partial sums in order of z (independent loads, issued together)
                 for j in tl.static_range(MAX_SPLIT):
@@ -449,7 +437,7 @@ def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m,
             k_end = tl.minimum(tl.load(ranks_ptr + lora), K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, 0, k_end,
-                          BLOCK_K, EVEN_K, GDC, VEC, 1, FP8)
+                          BLOCK_K, EVEN_K, VEC, 1, FP8)
         acc = _dequant(acc, ws_row, ws_cols, n_mask, FP8)
         _store(acc, prior, out_ptrs, tl.where(k_end > 0, out_mask, False), add_inputs)
 
@@ -496,26 +484,14 @@ def _load_prior(out_ptr, offs_m, m_mask, offs_n, n_mask, out_stride_m, add_input
 
 @triton.jit
 def _accumulate(acc, x_ptr, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, k_lo, k_hi,
-                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, WAIT: tl.constexpr, VEC: tl.constexpr, X_VEC: tl.constexpr,
+                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr, X_VEC: tl.constexpr,
                 FP8: tl.constexpr):
     """acc += x[offs_m, k_lo:k_hi] @ w_base[cols, k_lo:k_hi]^T over the rows in m_mask (others add
     zero). EVEN_K: k_hi - k_lo is a multiple of BLOCK_K. VEC, X_VEC: see _load_k, for w and x (the
     expand passes X_VEC 1: x's columns past an adapter's rank are left unwritten by a shrink, the
-    layer's own included, and reading them is an uninitialised read). WAIT: x is the previous
-    launch's output (griddepcontrol.wait): the first block of weights is loaded before the wait, x
-    after it."""
+    layer's own included, and reading them is an uninitialised read)."""
     x_rows = x_ptr + offs_m[:, None] * x_stride_m
-    k_first = k_lo
-    if WAIT:
-        some = k_lo < k_hi  # (EVEN_K's masks have no bound along K)
-        w = _load_k(w_base + w_cols + k_lo, tl.where(some, n_mask[None, :], False), offs_k[:, None], k_hi - k_lo,
-                    EVEN_K, VEC)
-        tl.extra.cuda.gdc_wait()
-        x = _load_k(x_rows + (k_lo + offs_k)[None, :], tl.where(some, m_mask[:, None], False), offs_k[None, :],
-                    k_hi - k_lo, EVEN_K, X_VEC)
-        acc = _dot(acc, x, w, FP8)
-        k_first = k_lo + BLOCK_K
-    for k0 in range(k_first, k_hi, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         x = _load_k(x_rows + (k0 + offs_k)[None, :], m_mask[:, None], offs_k[None, :], k_hi - k0, EVEN_K, X_VEC)
         w = _load_k(w_base + w_cols + k0, n_mask[None, :], offs_k[:, None], k_hi - k0, EVEN_K, VEC)
         acc = _dot(acc, x, w, FP8)

@@ -295,42 +295,15 @@ def test_driver_statuses_through_the_python_binding(fake, env, status, words):
 
 
 def test_layer_call_plans_once_and_launches_shrink_then_expand(fake):
-    """A step's plan is two launches; a layer call is the shrink and the expand, one context entry;
-    on sm_90 the expand is a programmatic dependent launch (cuLaunchKernelEx), the shrink is not."""
+    """A step's plan is two launches; a layer call is the shrink and the expand, one context entry,
+    both plain cuLaunchKernel launches in stream order (no programmatic launch since 0.6.1)."""
     first, second = scenario(fake, [{"layer": {}}, {"layer": {"stream": 0x5150}}])
     for r in (first, second):
         assert r["status"] == 0, r["error"]
-        assert r["plan_launches"] == 2 and r["apply_launches"] == 2 and r["programmatic_launches"] == 1, r
-        assert r["last_launch"]["programmatic"] and r["last_launch"]["params"], r
+        assert r["plan_launches"] == 2 and r["apply_launches"] == 2 and r["programmatic_launches"] == 0, r
+        assert not r["last_launch"]["programmatic"] and r["last_launch"]["params"], r
         assert_balanced(r)
     assert second["last_launch"]["stream"] == 0x5150
-
-
-@pytest.mark.skipif("80" not in capi.ffi.string(capi.lib.sgmv_archs()).decode().split(","),
-                    reason="this build holds no sm_80 cubins")
-def test_layer_call_on_sm80_launches_plainly(fake):
-    """Before sm_90 there is no programmatic dependent launch: both launches are cuLaunchKernel."""
-    (r,) = scenario(fake, [{"layer": {}}], FAKE_CUDA_CC="80")
-    assert r["status"] == 0, r["error"]
-    assert r["apply_launches"] == 2 and r["programmatic_launches"] == 0, r
-    assert not r["last_launch"]["programmatic"]
-
-
-def test_layer_call_on_a_driver_before_12_3_launches_plainly(fake):
-    """Stream capture keeps a programmatic launch's dependency from CUDA 12.3 on: an older driver
-    gets two plain launches (the same result, by stream order)."""
-    (r,) = scenario(fake, [{"layer": {}}], FAKE_CUDA_VERSION="12020")
-    assert r["status"] == 0, r["error"]
-    assert r["apply_launches"] == 2 and r["programmatic_launches"] == 0, r
-
-
-def test_layer_call_expand_launch_failure(fake):
-    """The expand's cuLaunchKernelEx failing: its status names it, the context is balanced, the next call works."""
-    failed, after = scenario(fake, [{"layer": {"fail_after_plan": "cuLaunchKernelEx"}}, {"layer": {}}])
-    assert failed["status"] == S["SGMV_ERROR_CUDA"] and "cuLaunchKernelEx" in failed["error"], failed
-    assert failed["apply_launches"] == 2
-    assert_balanced(failed)
-    assert after["status"] == 0 and after["programmatic_launches"] == 1
 
 
 def test_layer_call_launch_failure_names_the_call(fake):

@@ -175,8 +175,7 @@ def test_jit_launches_what_c_describes(monkeypatch):
     assert [kw["step"] for _, kw in split] == [0, 1]  # the split shrink's two launches, in order
     assert split[0][1]["work_ptr"].data_ptr() == work.data_ptr()
     for kernel, kw in seen:
-        assert sorted(set(kw) - {"num_warps", "num_stages", "launch_pdl"}) == sorted(kernel.arg_names), kernel.arg_names
-        assert kw["launch_pdl"] is False  # only the layer call's expand is a programmatic launch
+        assert sorted(set(kw) - {"num_warps", "num_stages"}) == sorted(kernel.arg_names), kernel.arg_names
     want = torch.stack([x.double()[r] @ a.double()[i].T for r, i in ((0, 0), (1, 1), (2, 1))]) * 0.5
     torch.testing.assert_close(y.double(), want, atol=1e-3, rtol=1e-3)
 

@@ -479,13 +479,13 @@ def test_alignment_is_per_element_size(dtype, stride, aligned):
 
 
 @pytest.mark.parametrize("arch", [int(a) for a in ffi.string(L.sgmv_archs()).decode().split(",")])
-def test_grid_dependency_control_from_the_kernel_s_first_arch(arch):
-    """The GDC constexpr is 1 exactly from kernels.GDC_MIN_ARCH on (one source: the planner reads
-    it from sgmv_rules.h, the AOT build from the kernel); a plain call is never a programmatic launch."""
+def test_no_arch_uses_grid_dependency_control(arch):
+    """The kernels use no grid dependency control since 0.6.1 (benchmarks/NOTES.md round 9): the
+    config's gdc, kept for the ABI, is 0 and no launch is programmatic."""
     status, c, msg = config(args(), arch)
     assert status == 0, msg
-    assert c.gdc == int(arch >= KERNELS.GDC_MIN_ARCH.value)
-    assert shrink_config(shrink(), arch).gdc == c.gdc
+    assert c.gdc == 0 and shrink_config(shrink(), arch).gdc == 0
+    assert not hasattr(KERNELS, "GDC_MIN_ARCH")
     d = ffi.new("sgmv_launches_t *")
     d.struct_size = ffi.sizeof("sgmv_launches_t")
     assert L.sgmv_expand_launches(args(), arch, ffi.NULL, d) == 0

@@ -23,9 +23,9 @@
 
 #define SGMV_VERSION_MAJOR 0
 #define SGMV_VERSION_MINOR 6
-#define SGMV_VERSION_PATCH 0
+#define SGMV_VERSION_PATCH 1
 /* MAJOR * 10000 + MINOR * 100 + PATCH, as returned by sgmv_version(). */
-#define SGMV_VERSION 600
+#define SGMV_VERSION 601
 
 #if defined(_WIN32)
 #define SGMV_API
@@ -363,7 +363,8 @@ typedef struct {
   int32_t per_token;             /* 1: the metadata is a per-row adapter array (a step's token mapping) */
   int32_t aligned;               /* 1: sizes, strides and pointers 16 bytes aligned (the ALIGNED constexpr) */
   /* ---- end of version 0.4 ---- */
-  int32_t gdc;                   /* 1: the cubin uses grid dependency control (sm_90 and newer; the GDC constexpr) */
+  int32_t gdc;                   /* always 0 since 0.6.1: no cubin uses grid dependency control (0.5 to 0.6.0's
+                                  * sm_90 cubins did; measured slower: benchmarks/NOTES.md round 9) */
 } sgmv_launch_config_t;
 
 /* The launch sgmv_expand would make on a GPU of cubin family cubin_arch (80, 90, 100, 120),
@@ -408,10 +409,8 @@ typedef struct {
   int32_t num_warps, num_stages;
   int32_t num_args;
   sgmv_kernel_arg_t args[SGMV_MAX_KERNEL_ARGS];
-  /* 1: launched with programmatic stream serialization (CUDA's programmatic dependent launch): it
-   * may start while the launch before it in the list runs, and waits for that launch's results
-   * in the kernel (the layer call's expand on sm_90 and newer; sgmv_layer_apply itself launches
-   * it so only with a CUDA 12.3 driver or newer, plainly before: the same result, by stream order). */
+  /* Always 0 since 0.6.1: every launch is a plain one, in stream order (0.5 to 0.6.0 launched the
+   * layer call's expand with programmatic dependent launch on sm_90; measured slower). */
   int32_t programmatic;
 } sgmv_kernel_launch_t;
 

@@ -35,12 +35,6 @@ def _kernel_source():
 kernels = _kernel_source()
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-if INTERPRETED:
-    # The interpreter runs no PTX. Grid dependency control only orders launches (each launch runs
-    # to its end there), so its two instructions are no-ops and the kernels run their sm_90 code.
-    import triton.language.extra.cuda as _cuda
-
-    _cuda.gdc_wait = _cuda.gdc_launch_dependents = lambda *args, **kwargs: None
 _ffi = capi.ffi
 
 
@@ -107,8 +101,7 @@ def _run(launches, tensors, device):
                 else:
                     kw[name] = a.fvalue if a.kind == _FLOAT else a.value
             kernel = getattr(kernels, _ffi.string(d.kernel).decode())
-            kernel[tuple(d.grid)](**kw, num_warps=d.num_warps, num_stages=d.num_stages,
-                                  launch_pdl=bool(d.programmatic))
+            kernel[tuple(d.grid)](**kw, num_warps=d.num_warps, num_stages=d.num_stages)
 
 
 def _inside(tensors, address, dtype):
