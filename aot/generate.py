@@ -104,11 +104,68 @@ def compile_variant(v):
     signature = {n: pointer_type(t, v) if t[0] == "*" else t for n, t in params}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    ck = triton.compile(src, target=GPUTarget("cuda", v["arch"], 32), options=options)
+    target = GPUTarget("cuda", v["arch"], 32)
+    ck = triton.compile(src, target=target, options=options)
+    if v["kernel"] == "sgmv_kernel":
+        ck = _fit_one_more_program(ck, src, target, options)
     md = ck.metadata
     if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
         raise RuntimeError(f"{variant_name(v)} needs scratch memory, which the launcher does not provide")
     return variant_name(v), ck.asm["cubin"], md.shared, md.num_warps, md.name
+
+
+# Registers and shared memory of one SM (sm_80 to sm_120), and the unit registers are given in.
+SM_REGISTERS, SM_SHARED, SM_MAX_WARPS, SM_MAX_PROGRAMS, REGISTER_UNIT = 65536, 228 * 1024, 64, 32, 8
+# How far over an occupancy step ptxas's choice may be and still be brought under it: a little
+# (the measured case was 176 registers for 168, 4.8 % over), so that the limit barely constrains
+# ptxas; 12 of the 376 sm_90 variants qualify, 10 fit without spilling (the prefill_r16 expands).
+SQUEEZE = 1.06
+
+
+def _resources(cubin):
+    """Registers per thread and spilled bytes (stack and local) of a cubin's kernel (cuobjdump)."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    field = lambda name: int(re.search(name + r":(\d+)", out).group(1))  # noqa: E731
+    return field("REG"), field("STACK") + field("LOCAL")
+
+
+def _programs_per_sm(registers, warps, shared):
+    by_registers = SM_REGISTERS // (-(-registers // REGISTER_UNIT) * REGISTER_UNIT * 32 * warps)
+    return min(by_registers, SM_SHARED // (shared + 1024), SM_MAX_WARPS // warps, SM_MAX_PROGRAMS)
+
+
+def register_limit(registers, warps, shared):
+    """The most registers per thread at which one more program fits on an SM, where registers
+    alone keep it off and `registers` is within SQUEEZE of that limit; else None."""
+    now = _programs_per_sm(registers, warps, shared)
+    limit = SM_REGISTERS // ((now + 1) * warps * 32) // REGISTER_UNIT * REGISTER_UNIT
+    if limit <= 0 or registers > limit * SQUEEZE or _programs_per_sm(limit, warps, shared) <= now:
+        return None
+    return limit
+
+
+def _fit_one_more_program(ck, src, target, options):
+    """ptxas spends registers freely, and a few past a step cost a whole program per SM (a
+    third of the occupancy at 3 programs: 0.5.0's prefill expand lost 12 % so, benchmarks/NOTES.md
+    round 9). Where register_limit gives a limit and the kernel compiles under it without
+    spilling, the limited compile is kept."""
+    import triton
+
+    limit = register_limit(_resources(ck.asm["cubin"])[0], options["num_warps"], ck.metadata.shared)
+    if limit is None:
+        return ck
+    fitted = triton.compile(src, target=target, options=dict(options, maxnreg=limit))
+    return fitted if _resources(fitted.asm["cubin"])[1] == 0 else ck
 
 
 def _worker_init(cache_dir):
