@@ -12,7 +12,10 @@ Usage: python aot/generate.py OUT_DIR [--jobs N] [--arch 90 ...]
 import argparse
 import importlib.util
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -114,7 +117,9 @@ def compile_variant(v):
     return variant_name(v), ck.asm["cubin"], md.shared, md.num_warps, md.name
 
 
-# Registers and shared memory of one SM (sm_80 to sm_120), and the unit registers are given in.
+# One SM of sm_90 (the register file, 64K, is the same from sm_80 to sm_120; shared memory and
+# warps are sm_90's, the most any of them has, so elsewhere the limit may buy nothing but
+# costs nothing either), and the unit registers are given in.
 SM_REGISTERS, SM_SHARED, SM_MAX_WARPS, SM_MAX_PROGRAMS, REGISTER_UNIT = 65536, 228 * 1024, 64, 32, 8
 # How far over an occupancy step ptxas's choice may be and still be brought under it: a little
 # (the measured case was 176 registers for 168, 4.8 % over), so that the limit barely constrains
@@ -124,10 +129,6 @@ SQUEEZE = 1.06
 
 def _resources(cubin):
     """Registers per thread and spilled bytes (stack and local) of a cubin's kernel (cuobjdump)."""
-    import re
-    import subprocess
-    import tempfile
-
     from triton import knobs
 
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
