@@ -30,6 +30,8 @@ FP8_RULES = {"expand": _rules("fp8_rules"), "shrink": _rules("fp8_shrink_rules")
 FP8_GROUPED_RULES = {"expand": _rules("fp8_grouped_rules"), "shrink": _rules("fp8_shrink_grouped_rules")}
 PLAN_SIZE = PlanSize(*_TABLE["plan"])
 SPLIT = Split(*_TABLE["split"])
+# Tiles aot/generate.py compiles as ptxas chooses, without its register fit (measured slower so).
+UNFITTED_TILES = frozenset(_TABLE["unfitted_tiles"])
 PLANNER = _TABLE["planner"]  # the planner's other tuning, by name (csrc/variant.h sgmv_tuning_t)
 ARCHS = tuple(RULES["expand"])
 
@@ -59,6 +61,8 @@ def check(plan_align, max_split):
         raise ValueError(f"every block_m must divide the plan's alignment ({plan_align})")
     if "unaligned" not in TILES or any(set(rules[op]) != set(ARCHS) for rules in (RULES, GROUPED_RULES) for op in OPS):
         raise ValueError("every op and arch needs rules with and without a plan, and an 'unaligned' tile")
+    if not UNFITTED_TILES <= set(TILES):
+        raise ValueError(f"unfitted_tiles names tiles that tiles.json lacks: {sorted(UNFITTED_TILES - set(TILES))}")
     fp8_archs = [set(rules[op]) for rules in (FP8_RULES, FP8_GROUPED_RULES) for op in OPS]
     if any(a != fp8_archs[0] for a in fp8_archs) or not fp8_archs[0] <= set(ARCHS):
         raise ValueError("fp8 rules must list the same archs, with and without a plan, for both ops, among ARCHS")
