@@ -77,9 +77,8 @@ def variant_name(v):
     return "sgmv_sm{arch}_{op}_{x}_{w}_{out}_k{ek}_{tile}_{path}".format(ek=int(v["even_k"]), **v)
 
 
-def compile_variant(v):
-    """Compile one variant; returns (name, cubin bytes, shared bytes, num_warps, kernel name)."""
-    import triton
+def source(v):
+    """What triton.compile takes for one variant: (source, target, options)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -106,15 +105,23 @@ def compile_variant(v):
                 attrs[(names.index(a),)] = [["tt.divisibility", mod.ALIGN_BYTES.value]]
     signature = {n: pointer_type(t, v) if t[0] == "*" else t for n, t in params}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    target = GPUTarget("cuda", v["arch"], 32)
+    return ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs), \
+        GPUTarget("cuda", v["arch"], 32), options
+
+
+def compile_variant(v):
+    """Compile one variant; returns (name, cubin bytes, shared bytes, num_warps, kernel name)."""
+    import triton
+
+    src, target, options = source(v)
     ck = triton.compile(src, target=target, options=options)
-    if v["kernel"] == "sgmv_kernel" and v["tile"] not in V.UNFITTED_TILES:
-        ck = _fit_one_more_program(ck, src, target, options)
     md = ck.metadata
     if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
         raise RuntimeError(f"{variant_name(v)} needs scratch memory, which the launcher does not provide")
-    return variant_name(v), ck.asm["cubin"], md.shared, md.num_warps, md.name
+    cubin = ck.asm["cubin"]
+    if v["kernel"] == "sgmv_kernel" and v["tile"] not in V.UNFITTED_TILES:
+        cubin = _fit_one_more_program(ck, target, options)
+    return variant_name(v), cubin, md.shared, md.num_warps, md.name
 
 
 # One SM of sm_90 (the register file, 64K, is the same from sm_80 to sm_120; shared memory and
@@ -151,20 +158,30 @@ def register_limit(registers, warps, shared):
     return limit
 
 
-def _fit_one_more_program(ck, src, target, options):
+def _fit_one_more_program(ck, target, options):
     """ptxas spends registers freely, and a few past a step cost a whole program per SM (a
     third of the occupancy at 3 programs: 0.5.0's prefill expand lost 12 % so, benchmarks/NOTES.md
     round 9). Where register_limit gives a limit and the kernel compiles under it without
     spilling, the limited compile is kept, however far over the step ptxas's own choice was
     (round 11: prefill 11 to 19 % faster than within 6 % of the step only). Not for the tiles
-    aot/tiles.json lists in unfitted_tiles."""
-    import triton
+    aot/tiles.json lists in unfitted_tiles. Returns the cubin kept.
 
-    limit = register_limit(_resources(ck.asm["cubin"])[0], options["num_warps"], ck.metadata.shared)
+    The limited compile is ptxas alone, run by Triton's backend on the kernel's PTX with the
+    `.maxnreg` directive that triton.compile(maxnreg=...) would add (the only difference in its
+    PTX): the same cubin, byte for byte, for a seventh of the time of compiling it all again."""
+    from triton.compiler.compiler import make_backend
+
+    cubin = ck.asm["cubin"]
+    limit = register_limit(_resources(cubin)[0], options["num_warps"], ck.metadata.shared)
     if limit is None:
-        return ck
-    fitted = triton.compile(src, target=target, options=dict(options, maxnreg=limit))
-    return fitted if _resources(fitted.asm["cubin"])[1] == 0 else ck
+        return cubin
+    ptx, found = re.subn(r"^(\.reqntid .*)$", rf"\1\n.maxnreg {limit}", ck.asm["ptx"], count=1, flags=re.M)
+    if found != 1:
+        raise RuntimeError(f"{ck.metadata.name}: no .reqntid directive in the PTX to put .maxnreg after "
+                           "(this triton is not the build's)")
+    backend = make_backend(target)
+    fitted = backend.make_cubin(ptx, {}, backend.parse_options(options), target.arch)
+    return fitted if _resources(fitted)[1] == 0 else cubin
 
 
 def _worker_init(cache_dir):
