@@ -119,14 +119,15 @@ def compile_variant(v):
     if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
         raise RuntimeError(f"{variant_name(v)} needs scratch memory, which the launcher does not provide")
     cubin = ck.asm["cubin"]
-    if v["kernel"] == "sgmv_kernel" and v["tile"] not in V.UNFITTED_TILES:
+    if v["kernel"] == "sgmv_kernel" and v["arch"] == FIT_ARCH and v["tile"] not in V.UNFITTED_TILES:
         cubin = _fit_one_more_program(ck, target, options)
     return variant_name(v), cubin, md.shared, md.num_warps, md.name
 
 
-# One SM of sm_90 (the register file, 64K, is the same from sm_80 to sm_120; shared memory and
-# warps are sm_90's, the most any of them has, so elsewhere the limit may buy nothing but
-# costs nothing either), and the unit registers are given in.
+# One SM of sm_90, the arch whose cubins the register fit is for (it was measured there; other
+# archs have less shared memory or fewer warps per SM, where a limit computed from these could
+# constrain ptxas for no program more), and the unit registers are given in.
+FIT_ARCH = 90
 SM_REGISTERS, SM_SHARED, SM_MAX_WARPS, SM_MAX_PROGRAMS, REGISTER_UNIT = 65536, 228 * 1024, 64, 32, 8
 
 

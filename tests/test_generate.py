@@ -46,7 +46,7 @@ def test_the_prefill_expand_is_fitted_to_three_programs_per_sm_and_an_unfitted_t
     """The variant whose 0.5.0 compile had 176 registers (2 programs per SM, 12 % slower on
     prefill than 0.4.0's 166) now fits 3 programs without spilling, with whichever triton is here;
     a shrink_s64 variant, whose tile tiles.json lists in unfitted_tiles, keeps ptxas's registers
-    (2 programs: the fit to 3 made decode 512x1 10 % slower). Compiled in a process of its own:
+    (2 programs: the fit to 3 made decode 512x1 10 % slower), and so does a variant for sm_80. Compiled in a process of its own:
     this one runs Triton's interpreter."""
     pytest.importorskip("triton")
     assert "shrink_s64" in G.V.UNFITTED_TILES and "prefill_r16" not in G.V.UNFITTED_TILES
@@ -55,24 +55,28 @@ import importlib.util, json, sys
 spec = importlib.util.spec_from_file_location("g", {str(ROOT / "aot" / "generate.py")!r})
 G = importlib.util.module_from_spec(spec); spec.loader.exec_module(G)
 import triton
-for tile, op, out in (("prefill_r16", "expand", "bf16"), ("shrink_s64", "shrink", "fp32")):
-    v = dict(kernel="sgmv_kernel", arch=90, op=op, x="bf16", w="bf16", out=out, even_k=True, tile=tile, path="rows",
+# (variant, the register limit its cubin must have been compiled under: None for ptxas's own choice)
+for arch, tile, op, out, limit in ((90, "prefill_r16", "expand", "bf16", 168), (90, "shrink_s64", "shrink", "fp32", None),
+                                   (80, "prefill_r16", "expand", "bf16", None)):
+    v = dict(kernel="sgmv_kernel", arch=arch, op=op, x="bf16", w="bf16", out=out, even_k=True, tile=tile, path="rows",
              aligned=True)
     name, cubin, shared, warps, _ = G.compile_variant(v)
     # The fit runs ptxas alone; its cubin is what a whole compile under the same limit gives.
     src, target, options = G.source(v)
-    same = cubin == triton.compile(src, target=target, options=dict(options, maxnreg=168)).asm["cubin"]
+    same = cubin == triton.compile(src, target=target, options=dict(options, maxnreg=limit)).asm["cubin"]
     print(json.dumps([name, *G._resources(cubin), shared, warps, same]))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    (name, registers, spilled, shared, warps, same), unfitted = [json.loads(line)
-                                                                 for line in r.stdout.splitlines()[-2:]]
+    (name, registers, spilled, shared, warps, same), unfitted, sm80 = [json.loads(line)
+                                                                       for line in r.stdout.splitlines()[-3:]]
     assert name == "sgmv_sm90_expand_bf16_bf16_bf16_k1_prefill_r16_rows"
     assert spilled == 0 and G._programs_per_sm(registers, warps, shared) >= 3, (registers, shared)
     assert same, "the fitted cubin differs from triton.compile(maxnreg=168)'s"
-    name, registers, spilled, shared, warps, _ = unfitted
-    assert name == "sgmv_sm90_shrink_bf16_bf16_fp32_k1_shrink_s64_rows"
+    name, registers, spilled, shared, warps, same = unfitted
+    assert name == "sgmv_sm90_shrink_bf16_bf16_fp32_k1_shrink_s64_rows" and same
     # ptxas's own choice (192 registers with triton 3.6) is over the 168 a third program needs.
     assert G.register_limit(registers, warps, shared) is not None, (registers, shared)
+    name, registers, spilled, shared, warps, same = sm80
+    assert name == "sgmv_sm80_expand_bf16_bf16_bf16_k1_prefill_r16_rows" and same  # the fit is for sm_90 only
