@@ -389,7 +389,7 @@ static int describe_constexpr(sgmv_kernel_launch_t *out, const char *name, const
   if (!status) status = describe_constexpr(out, #name, #name, &l->config);
 /* The layer kernel's S_ and E_ constexprs: the shrink's and the expand's launch configuration. */
 #define DESCRIBE_LAYER_CONSTEXPR(name) \
-  if (!status) status = describe_constexpr(out, #name, &#name[2], &a->launches[#name[0] == 'E'].config);
+  if (!status) status = describe_constexpr(out, #name, #name + 2, &a->launches[#name[0] == 'E'].config);
 
 static int describe_call(const void *args, const sgmv_launch_t *l, const void *params, sgmv_kernel_launch_t *out) {
   const sgmv_call_t *a = args;

@@ -25,17 +25,15 @@ const sgmv_split_rule_t sgmv_split_rule = {264, 8, 512};
 const int sgmv_unaligned_tile = 1;
 const sgmv_tuning_t sgmv_tuning = {4096, 256, 4, 4096, 64};
 const char sgmv_archs_list[] = "90";
-const sgmv_layer_pair_t sgmv_layer_pairs[] = {{0, 0, 0}};
-const int sgmv_num_layer_pairs = 0;
 
 sgmv_variant_t sgmv_variants[] = {
-    {{90, SGMV_KERNEL_EXPAND, 0, 1, SGMV_DTYPE_FLOAT16, SGMV_DTYPE_FLOAT16, SGMV_DTYPE_FLOAT16, 1, 0},
+    {{90, SGMV_KERNEL_EXPAND, 0, 1, SGMV_DTYPE_FLOAT16, SGMV_DTYPE_FLOAT16, SGMV_DTYPE_FLOAT16, 1},
      "fake_sm90_fp16_fp16_fp16_k1_decode_short", "sgmv_kernel", fake_cubin, fake_cubin + sizeof fake_cubin,
      4608, 4, NULL, NULL, 0},
-    {{90, SGMV_KERNEL_EXPAND, 1, 0, SGMV_DTYPE_BFLOAT16, SGMV_DTYPE_BFLOAT16, SGMV_DTYPE_FLOAT32, 0, 0},
+    {{90, SGMV_KERNEL_EXPAND, 1, 0, SGMV_DTYPE_BFLOAT16, SGMV_DTYPE_BFLOAT16, SGMV_DTYPE_FLOAT32, 0},
      "fake_sm90_bf16_bf16_fp32_k0_unaligned_rows", "sgmv_kernel", fake_cubin,
      fake_cubin + sizeof fake_cubin, 8192, 4, NULL, NULL, 0},
-    {{90, SGMV_KERNEL_PLAN, 0, 0, 0, 0, 0, 0, 0}, "fake_sm90_plan", "sgmv_plan_kernel", fake_cubin,
+    {{90, SGMV_KERNEL_PLAN, 0, 0, 0, 0, 0, 0}, "fake_sm90_plan", "sgmv_plan_kernel", fake_cubin,
      fake_cubin + sizeof fake_cubin, 0, 4, NULL, NULL, 0},
 };
 const int sgmv_num_variants_total = sizeof sgmv_variants / sizeof sgmv_variants[0];
