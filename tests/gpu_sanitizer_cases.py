@@ -195,9 +195,6 @@ LAYER_SPECS = [
               seed=62),
     LayerCase("l-split-k-ranks-scales", 2048, 16, (128, 128), [2, 1, 3], [1, 0, 2], 3, ranks=[16, 5, 0],
               scales=True, fp32_out=True, seed=63),
-    # One launch on sm_90 (sgmv_layer_kernel) with the shrink split: the tickets, the tiles' counters.
-    LayerCase("l-one-launch-split-ranks", 2048, 16, (128, 128), DECODE, DECODE_IDX, 4, ranks=[16, 5, 0, 16],
-              scales=True, seed=67),
     LayerCase("l-prefill-tokens-column-slice", 256, 32, (192,), [150, 2], [1, 0], 2, per_token=True,
               add_inputs=False, out_slice=True, dtype="bf16", seed=64),
     LayerCase("l-skewed-tokens-int64", 128, 64, (128,), SKEWED, SKEWED_IDX, 3, per_token=True, meta=I64, seed=65),

@@ -307,8 +307,8 @@ SGMV_API sgmv_status_t sgmv_shrink_tensors(const sgmv_shrink_tensors_t *tensors)
 
 /* ---- the per-step batch plan ----------------------------------------------------------------- */
 
-/* Device bytes of a plan for up to max_batches segments and max_tokens rows (4 KB, about 4 bytes a
- * row and 272 a segment); 0 if either is out of range. One plan serves every expand call of a step. */
+/* Device bytes of a plan for up to max_batches segments and max_tokens rows (about 4 bytes a row
+ * and 272 a segment); 0 if either is out of range. One plan serves every expand call of a step. */
 SGMV_API size_t sgmv_batch_plan_bytes(int64_t max_batches, int64_t max_tokens);
 
 typedef struct {
@@ -441,11 +441,8 @@ SGMV_API sgmv_status_t sgmv_batch_plan_launches(const sgmv_batch_plan_args_t *ar
  *
  *   out (+)= B_s[idx] (scaling * lora_scales[idx] * A_s[idx] x)   for each slice s of the layer
  *
- * sgmv_layer_apply runs the shrink into the step's intermediate buffer and the expand from it
- * (the same tiles and rules as sgmv_shrink and sgmv_expand, with the step's plan): on sm_90, for
- * decode and speculative batches of fp16 or bf16 weights, in one launch whose expand programs wait
- * for the shrink's (aot/tiles.json layer_pairs); elsewhere in two or three launches. The bits are
- * the same either way. Layer calls of one step run in stream order (they share its scratch). */
+ * sgmv_layer_apply launches the shrink into the step's intermediate buffer and the expand from
+ * it (the same kernels and rules as sgmv_shrink and sgmv_expand, with the step's plan). */
 
 /* A layer's adapters: slice s's A is lora_a[s], (num_loras, rank, hidden) or (num_loras, 1, rank,
  * hidden), and its B is lora_b[s], (num_loras, hidden_s, rank) or (num_loras, 1, hidden_s, rank):
@@ -508,16 +505,15 @@ SGMV_API sgmv_status_t sgmv_step_create(const sgmv_step_args_t *args, sgmv_step_
 SGMV_API void sgmv_step_destroy(sgmv_step_t *step);
 
 /* Builds the step's batch plan from its metadata on `stream` (two small launches): once per
- * step, after the metadata are written and before the step's layer calls. It also zeroes the
- * counters the one-launch layer call keeps in the plan (which each such call leaves zero). */
+ * step, after the metadata are written and before the step's layer calls. */
 SGMV_API sgmv_status_t sgmv_step_plan(const sgmv_step_t *step, sgmv_stream_t stream);
 
 /* The layer's whole LoRA delta for the step's rows: inputs (total_tokens, hidden) in the weights'
  * dtype (fp8 weights: fp16 or bf16, the dtype of the intermediate and of "the weights' dtype"
  * here); output (total_tokens, sum of hidden_s) in the weights' dtype or float32, unit stride
  * along columns (it may be a column slice), updated in place on the rows of valid segments
- * (add_inputs nonzero: out += delta; zero: out = delta). Launches the shrink and the expand (or
- * the one layer kernel) on `stream` after checking everything. */
+ * (add_inputs nonzero: out += delta; zero: out = delta). Launches the shrink and the expand on
+ * `stream` after checking everything. */
 SGMV_API sgmv_status_t sgmv_layer_apply(const sgmv_layer_t *layer, const sgmv_step_t *step,
                                         const sgmv_tensor_t *inputs, const sgmv_tensor_t *output, int32_t add_inputs,
                                         sgmv_stream_t stream);
