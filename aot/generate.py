@@ -74,8 +74,6 @@ def path_value(mod, path):
 def variant_name(v):
     if v["kernel"] == "sgmv_plan_kernel":
         return "sgmv_sm{arch}_plan".format(**v)
-    if v["kernel"] == "sgmv_layer_kernel":
-        return "sgmv_sm{arch}_layer_{x}_{w}_{out}_k{ek}_{tile}_{tile2}".format(ek=int(v["even_k"]), **v)
     return "sgmv_sm{arch}_{op}_{x}_{w}_{out}_k{ek}_{tile}_{path}".format(ek=int(v["even_k"]), **v)
 
 
@@ -92,25 +90,18 @@ def source(v):
         size = V.PLAN_SIZE
         constexprs = {"SEGS": size.segs, "SCAN": size.scan, "ROWS": size.rows}
         options = {"num_warps": size.num_warps, "num_stages": 1}
-    elif v["kernel"] == "sgmv_layer_kernel":
-        # The shrink's tile and stages (its loop over hidden is the long one), the expand's tile.
-        s, e = V.TILES[v["tile"]], V.TILES[v["tile2"]]
-        constexprs = {"S_BLOCK_M": s.block_m, "S_BLOCK_N": s.block_n, "S_BLOCK_K": s.block_k, "S_EVEN_K": True,
-                      "E_BLOCK_M": e.block_m, "E_BLOCK_N": e.block_n, "E_BLOCK_K": e.block_k, "E_EVEN_K": v["even_k"]}
-        options = {"num_warps": s.num_warps, "num_stages": s.num_stages}
     else:
         tile = V.TILES[v["tile"]]
         constexprs = {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k,
                       "PATH": path_value(mod, v["path"]), "EVEN_K": v["even_k"], "SHRINK": v["op"] == "shrink",
                       "ALIGNED": v["aligned"]}
         options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages}
-    if v.get("aligned"):
-        # What the planner checks before it picks an aligned variant (csrc/planner.c, is_aligned):
-        # data pointers aligned to ALIGN_BYTES (the sizes and strides: the kernel's ALIGNED). The
-        # JIT specialises the same pointers on 16-byte alignment, and nothing else.
-        names = list(kernel.arg_names)
-        for a in mod.ALIGNED_POINTERS:
-            if a in names:
+        if v["aligned"]:
+            # What the planner checks before it picks an aligned variant (csrc/planner.c, is_aligned):
+            # data pointers aligned to ALIGN_BYTES (the sizes and strides: the kernel's ALIGNED). The
+            # JIT specialises the same pointers on 16-byte alignment, and nothing else.
+            names = list(kernel.arg_names)
+            for a in mod.ALIGNED_POINTERS:
                 attrs[(names.index(a),)] = [["tt.divisibility", mod.ALIGN_BYTES.value]]
     signature = {n: pointer_type(t, v) if t[0] == "*" else t for n, t in params}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
@@ -223,8 +214,6 @@ def rules_header(mod):
     h += ["/* the batch plan's layout in int32 words, and split-K's most programs (the kernel's) */",
           d("PLAN_HEADER", mod.PLAN_HEADER.value), d("PLAN_ALIGN", mod.PLAN_ALIGN.value),
           d("PLAN_TABLE", mod.PLAN_TABLE.value), d("MAX_SPLIT", mod.MAX_SPLIT.value),
-          "/* the layer kernel's counters in the plan's header (from word LAYER_SYNC) */",
-          d("LAYER_SYNC", mod.LAYER_SYNC.value),
           "/* what aligned variants assume (bytes), expand's narrowest column tile */",
           d("ALIGN_BYTES", mod.ALIGN_BYTES.value), d("MIN_EXPAND_BLOCK_N", V.MIN_EXPAND_BLOCK_N),
           "/* the served dtypes: X(op, inputs, weights, output) */"]
@@ -290,18 +279,13 @@ def main():
           f"const int sgmv_unaligned_tile = {tile_names.index('unaligned')};",
           "const sgmv_tuning_t sgmv_tuning = {" + ", ".join(f".{k} = {v}" for k, v in V.PLANNER.items()) + "};",
           f'const char sgmv_archs_list[] = "{",".join(str(a) for a in V.ARCHS if a in archs)}";', "",
-          "const sgmv_layer_pair_t sgmv_layer_pairs[] = {"]
-    pairs = [(arch, s, e) for arch, ps in V.LAYER_PAIRS.items() if arch in archs for s, e in ps]
-    c += [f"  {{{arch}, {tile_names.index(s)}, {tile_names.index(e)}}}," for arch, s, e in pairs] or ["  {0, 0, 0},"]
-    c += ["};", f"const int sgmv_num_layer_pairs = {len(pairs)};", "",
           "sgmv_variant_t sgmv_variants[] = {"]
     for v, (name, cubin, shared, warps, kname) in zip(todo, results):
         if v["kernel"] == "sgmv_plan_kernel":
-            key = f'{v["arch"]}, SGMV_KERNEL_PLAN, 0, 0, 0, 0, 0, 0, 0'
+            key = f'{v["arch"]}, SGMV_KERNEL_PLAN, 0, 0, 0, 0, 0, 0'
         else:
             key = (f'{v["arch"]}, SGMV_KERNEL_{v["op"].upper()}, {tile_names.index(v["tile"])}, {path_value(mod, v["path"])}, {C_DTYPE[v["x"]]}, '
-                   f'{C_DTYPE[v["w"]]}, {C_DTYPE[v["out"]]}, {int(v["even_k"])}, '
-                   f'{tile_names.index(v["tile2"]) if "tile2" in v else 0}')
+                   f'{C_DTYPE[v["w"]]}, {C_DTYPE[v["out"]]}, {int(v["even_k"])}')
         c.append(f'  {{{{{key}}}, "{name}", "{kname}", {name}, {name}_end, {shared}, {warps}, NULL, NULL, 0}},')
     c += ["};", f"const int sgmv_num_variants_total = {len(results)};", ""]
     (out / "sgmv_variants.c").write_text("\n".join(c))

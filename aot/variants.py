@@ -32,9 +32,6 @@ PLAN_SIZE = PlanSize(*_TABLE["plan"])
 SPLIT = Split(*_TABLE["split"])
 # Tiles aot/generate.py compiles as ptxas chooses, without its register fit (measured slower so).
 UNFITTED_TILES = frozenset(_TABLE["unfitted_tiles"])
-# Per arch, (shrink tile, expand tile) pairs that sgmv_layer_kernel runs in one launch.
-LAYER_PAIRS = {int(arch): [tuple(p) for p in pairs] for arch, pairs in _TABLE["layer_pairs"].items()}
-LAYER_DTYPES = ("fp16", "bf16")  # its weights', inputs' and output's dtype
 PLANNER = _TABLE["planner"]  # the planner's other tuning, by name (csrc/variant.h sgmv_tuning_t)
 ARCHS = tuple(RULES["expand"])
 
@@ -66,12 +63,6 @@ def check(plan_align, max_split):
         raise ValueError("every op and arch needs rules with and without a plan, and an 'unaligned' tile")
     if not UNFITTED_TILES <= set(TILES):
         raise ValueError(f"unfitted_tiles names tiles that tiles.json lacks: {sorted(UNFITTED_TILES - set(TILES))}")
-    for arch, pairs in LAYER_PAIRS.items():
-        grouped = {op: {t for t, path in tiles_for_arch(arch, op) if path == "grouped"} for op in OPS}
-        if arch not in ARCHS or any(s not in grouped["shrink"] or e not in grouped["expand"] for s, e in pairs):
-            raise ValueError(f"layer_pairs of sm_{arch} must pair grouped shrink and expand tiles of that arch")
-        if any(TILES[s].num_warps != TILES[e].num_warps for s, e in pairs):
-            raise ValueError("a layer pair's tiles must have the same num_warps (one launch)")
     fp8_archs = [set(rules[op]) for rules in (FP8_RULES, FP8_GROUPED_RULES) for op in OPS]
     if any(a != fp8_archs[0] for a in fp8_archs) or not fp8_archs[0] <= set(ARCHS):
         raise ValueError("fp8 rules must list the same archs, with and without a plan, for both ops, among ARCHS")
@@ -100,8 +91,4 @@ def variants():
                 for (tile, path), even_k in product(tiles_for_arch(arch, op, w == FP8), (False, True)):
                     yield dict(kernel="sgmv_kernel", op=op, arch=arch, tile=tile, path=path, x=x, w=w, out=o,
                                even_k=even_k, aligned=tile != "unaligned")
-        # The layer kernel: the shrink's hidden a multiple of its block_k (EVEN_K), the expand's rank either.
-        for (shrink, expand), dt, even_k in product(LAYER_PAIRS.get(arch, ()), LAYER_DTYPES, (False, True)):
-            yield dict(kernel="sgmv_layer_kernel", op="layer", arch=arch, tile=shrink, tile2=expand, path="grouped",
-                       x=dt, w=dt, out=dt, even_k=even_k, aligned=True)
         yield dict(kernel="sgmv_plan_kernel", arch=arch)

@@ -846,7 +846,7 @@ int sgmv_decide(const sgmv_call_t *a, int arch, const sgmv_launch_config_t *want
   c->grid[0] = (uint32_t)x, c->grid[1] = (uint32_t)n_tiles, c->grid[2] = (uint32_t)z;
   choose_split(a, want ? want->split : 0, c);
   int kernel = a->op == SGMV_OP_EXPAND ? SGMV_KERNEL_EXPAND : SGMV_KERNEL_SHRINK;
-  out->key = (sgmv_variant_key_t){arch, kernel, tile_id, c->path, a->x_dtype, a->w_dtype, a->out_dtype, c->even_k, 0};
+  out->key = (sgmv_variant_key_t){arch, kernel, tile_id, c->path, a->x_dtype, a->w_dtype, a->out_dtype, c->even_k};
   return SGMV_SUCCESS;
 }
 
@@ -921,7 +921,7 @@ int sgmv_decide_batch_plan(const sgmv_batch_plan_args_t *a, int per_token, int a
   c->grid[0] = (uint32_t)(a->batches ? cdiv(a->batches, size->segs) : 1);
   c->grid[1] = (uint32_t)(y < 1 ? 1 : y > sgmv_tuning.plan_max_programs ? sgmv_tuning.plan_max_programs : y);
   c->grid[2] = 1;
-  out->key = (sgmv_variant_key_t){arch, SGMV_KERNEL_PLAN, 0, 0, 0, 0, 0, 0, 0};
+  out->key = (sgmv_variant_key_t){arch, SGMV_KERNEL_PLAN, 0, 0, 0, 0, 0, 0};
   return SGMV_SUCCESS;
 }
 
@@ -1168,39 +1168,6 @@ int sgmv_layer_calls(const sgmv_layer_t *l, const sgmv_step_t *st, const sgmv_te
               stream, c);
   for (int i = 0; i < 2 && !status; i++) status = check_call(fn, &c[i]);
   return status;
-}
-
-int sgmv_layer_fused(const sgmv_call_t c[2], const sgmv_launch_t l[2], int arch, sgmv_launch_t *out) {
-  const sgmv_launch_config_t *s = &l[0].config, *e = &l[1].config;
-  if (s->noop || e->noop || s->path != SGMV_PATH_GROUPED || e->path != SGMV_PATH_GROUPED || !s->aligned ||
-      !e->aligned || !s->even_k || e->steps != 1)
-    return 0;
-  int dtype = c[0].w_dtype;
-  if ((dtype != SGMV_DTYPE_FLOAT16 && dtype != SGMV_DTYPE_BFLOAT16) || c[0].x_dtype != dtype ||
-      c[0].out_dtype != dtype || c[1].x_dtype != dtype || c[1].w_dtype != dtype || c[1].out_dtype != dtype)
-    return 0;
-  /* The kernel's intermediate is the shrink's output and the expand's inputs, described alike. */
-  if (c[0].out != c[1].x || c[0].out_stride != c[1].x_stride || c[0].out_slice_step != e->x_slice_step ||
-      c[1].K != c[0].w[0].rows || c[0].plan != c[1].plan || c[0].ranks != c[1].ranks ||
-      s->plan_capacity != e->plan_capacity || s->meta_shift != e->meta_shift || s->per_token != e->per_token)
-    return 0;
-  /* A counter per shrink tile in the plan's header (kernels/sgmv.py LAYER_SYNC). */
-  int64_t shrink_tiles = (int64_t)s->grid[0] * s->grid[1];
-  if (shrink_tiles > SGMV_PLAN_HEADER - SGMV_LAYER_SYNC - 4) return 0;
-  int paired = 0;
-  for (int i = 0; i < sgmv_num_layer_pairs && !paired; i++)
-    paired = sgmv_layer_pairs[i].arch == arch && sgmv_layer_pairs[i].shrink_tile == l[0].key.tile &&
-             sgmv_layer_pairs[i].expand_tile == l[1].key.tile;
-  if (!paired) return 0;
-  memset(out, 0, sizeof *out);
-  out->config = *s;
-  out->config.kernel = "sgmv_layer_kernel";
-  out->config.steps = 1;
-  out->config.grid[0] = (uint32_t)(shrink_tiles * s->grid[2] + (int64_t)e->grid[0] * e->grid[1]);
-  out->config.grid[1] = out->config.grid[2] = 1;
-  out->key = (sgmv_variant_key_t){arch, SGMV_KERNEL_LAYER, l[0].key.tile, SGMV_PATH_GROUPED, dtype, dtype, dtype,
-                                  e->even_k, l[1].key.tile};
-  return 1;
 }
 
 int sgmv_step_plan_args(const sgmv_step_t *st, sgmv_stream_t stream, sgmv_batch_plan_args_t *p, int *per_token) {

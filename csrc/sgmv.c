@@ -226,9 +226,6 @@ typedef struct {
 typedef struct {
   SGMV_PLAN_KERNEL_PARAMS(FIELD)
 } plan_params_t;
-typedef struct {
-  SGMV_LAYER_KERNEL_PARAMS(FIELD)
-} layer_params_t;
 #undef FIELD
 #define ADDR(name, type, is_ptr, ptype) &p.name,
 
@@ -302,40 +299,6 @@ static void fill_plan(const void *args, const sgmv_launch_t *l, int step, void *
   p->step = step;
 }
 
-/* The layer's shrink and expand, and their launches, for sgmv_layer_kernel (one launch: fused). */
-typedef struct {
-  const sgmv_call_t *calls;
-  const sgmv_launch_t *launches;
-} layer_call_t;
-
-/* sgmv_layer_kernel's parameters: the shrink's and the expand's, as fill_call gives them. */
-static void fill_layer(const void *args, const sgmv_launch_t *l, int step, void *params) {
-  const layer_call_t *a = args;
-  kernel_params_t s, e;
-  layer_params_t *p = params;
-  (void)l;
-  fill_call(&a->calls[0], &a->launches[0], step, &s);
-  fill_call(&a->calls[1], &a->launches[1], step, &e);
-  p->x_ptr = s.x_ptr, p->a_ptr = s.w_ptr, p->a1_ptr = s.w1_ptr, p->a2_ptr = s.w2_ptr, p->mid_ptr = s.out_ptr;
-  p->work_ptr = s.work_ptr, p->b_ptr = e.w_ptr, p->b1_ptr = e.w1_ptr, p->b2_ptr = e.w2_ptr, p->out_ptr = e.out_ptr;
-  p->seq_start_ptr = s.seq_start_ptr, p->seq_len_ptr = s.seq_len_ptr, p->lora_idx_ptr = s.lora_idx_ptr;
-  p->plan_ptr = s.plan_ptr, p->ranks_ptr = s.ranks_ptr, p->scales_ptr = s.scales_ptr;
-  p->batches = s.batches, p->num_loras = s.num_loras, p->total_tokens = s.total_tokens;
-  p->rank = s.N, p->hidden = s.K, p->N = e.N, p->N1 = e.N1, p->N2 = e.N2;
-  p->has_ranks = s.has_ranks, p->has_scales = s.has_scales, p->scaling = s.scaling;
-  p->meta_shift = s.meta_shift, p->per_token = s.per_token, p->add_inputs = e.add_inputs;
-  p->plan_capacity = s.plan_capacity, p->k_split = s.k_split, p->x_stride_m = s.x_stride_m;
-  p->a_stride_l = s.w_stride_l, p->a_stride_n = s.w_stride_n, p->a1_stride_l = s.w1_stride_l;
-  p->a1_stride_n = s.w1_stride_n, p->a2_stride_l = s.w2_stride_l, p->a2_stride_n = s.w2_stride_n;
-  p->mid_stride_m = s.out_stride_m, p->mid_slice_step = s.out_slice_step;
-  p->b_stride_l = e.w_stride_l, p->b_stride_n = e.w_stride_n, p->b1_stride_l = e.w1_stride_l;
-  p->b1_stride_n = e.w1_stride_n, p->b2_stride_l = e.w2_stride_l, p->b2_stride_n = e.w2_stride_n;
-  p->out_stride_m = e.out_stride_m;
-  const uint32_t *g = a->launches[0].config.grid;
-  p->shrink_tiles_g = (int32_t)g[0], p->shrink_tiles_n = (int32_t)g[1], p->shrink_splits = (int32_t)g[2];
-  p->expand_tiles_n = (int32_t)a->launches[1].config.grid[1];
-}
-
 /* ---- the launch description ---------------------------------------------------------------- */
 
 /* One parameter as sgmv_kernel_arg_t: a pointer's element dtype from its type (the call's
@@ -360,8 +323,7 @@ static void describe_param(sgmv_kernel_launch_t *out, const char *name, const vo
 }
 
 /* A constexpr's value: the launch configuration's field of that name. */
-static int describe_constexpr(sgmv_kernel_launch_t *out, const char *name, const char *field,
-                              const sgmv_launch_config_t *c) {
+static int describe_constexpr(sgmv_kernel_launch_t *out, const char *name, const sgmv_launch_config_t *c) {
   static const struct {
     const char *name;
     size_t offset;
@@ -373,7 +335,7 @@ static int describe_constexpr(sgmv_kernel_launch_t *out, const char *name, const
       {"ROWS", offsetof(sgmv_launch_config_t, rows)},       {"ALIGNED", offsetof(sgmv_launch_config_t, aligned)},
   };
   for (size_t i = 0; i < sizeof fields / sizeof *fields; i++)
-    if (!strcmp(fields[i].name, field)) {
+    if (!strcmp(fields[i].name, name)) {
       sgmv_kernel_arg_t *a = &out->args[out->num_args++];
       memset(a, 0, sizeof *a);
       a->name = name, a->kind = SGMV_ARG_CONSTEXPR, a->dtype = -1;
@@ -386,10 +348,7 @@ static int describe_constexpr(sgmv_kernel_launch_t *out, const char *name, const
 
 #define DESCRIBE_PARAM(name, type, is_ptr, ptype) describe_param(out, #name, &p->name, is_ptr, ptype, dtypes);
 #define DESCRIBE_CONSTEXPR(name) \
-  if (!status) status = describe_constexpr(out, #name, #name, &l->config);
-/* The layer kernel's S_ and E_ constexprs: the shrink's and the expand's launch configuration. */
-#define DESCRIBE_LAYER_CONSTEXPR(name) \
-  if (!status) status = describe_constexpr(out, #name, #name + 2, &a->launches[#name[0] == 'E'].config);
+  if (!status) status = describe_constexpr(out, #name, &l->config);
 
 static int describe_call(const void *args, const sgmv_launch_t *l, const void *params, sgmv_kernel_launch_t *out) {
   const sgmv_call_t *a = args;
@@ -411,19 +370,7 @@ static int describe_plan(const void *args, const sgmv_launch_t *l, const void *p
   return status;
 }
 
-static int describe_layer(const void *args, const sgmv_launch_t *l, const void *params, sgmv_kernel_launch_t *out) {
-  const layer_call_t *a = args;
-  const layer_params_t *p = params;
-  const int dtypes[3] = {a->calls[0].x_dtype, a->calls[0].w_dtype, a->calls[1].out_dtype};
-  int status = SGMV_SUCCESS;
-  (void)l;
-  SGMV_LAYER_KERNEL_PARAMS(DESCRIBE_PARAM)
-  SGMV_LAYER_KERNEL_CONSTEXPRS(DESCRIBE_LAYER_CONSTEXPR)
-  return status;
-}
-
-static const kernel_t call_kernel = {fill_call, describe_call}, plan_kernel = {fill_plan, describe_plan},
-                      layer_kernel = {fill_layer, describe_layer};
+static const kernel_t call_kernel = {fill_call, describe_call}, plan_kernel = {fill_plan, describe_plan};
 
 /* Every step of a decided launch, described into out->launches. */
 static int describe(const void *args, const sgmv_launch_t *l, const kernel_t *k, void *p, sgmv_launches_t *out) {
@@ -586,35 +533,25 @@ SGMV_API sgmv_status_t sgmv_layer_apply(const sgmv_layer_t *layer, const sgmv_st
                                         const sgmv_tensor_t *inputs, const sgmv_tensor_t *output, int32_t add_inputs,
                                         sgmv_stream_t stream) {
   sgmv_call_t c[2];
-  sgmv_launch_t l[2], fused;
+  sgmv_launch_t l[2];
   int status = sgmv_layer_calls(layer, step, inputs, output, add_inputs, stream, c);
   if (status || !c[0].total_tokens || !c[0].batches) return (sgmv_status_t)status;
   const sgmv_driver_t *cu = sgmv_driver(&status);
   if (!cu) return (sgmv_status_t)status;
   kernel_params_t p;
-  layer_params_t lp;
   void *scratch = NULL, *profile_scratch = NULL;
   void *params[] = {SGMV_KERNEL_PARAMS(ADDR) & scratch, &profile_scratch};
-#define ADDR_LP(name, type, is_ptr, ptype) &lp.name,
-  void *layer_params[] = {SGMV_LAYER_KERNEL_PARAMS(ADDR_LP) & scratch, &profile_scratch};
-#undef ADDR_LP
   /* Both planned at the stream's arch before the first launch (a failure launches nothing), then
-   * launched in stream order in one context entry; one launch where the build pairs their tiles. */
+   * launched in stream order in one context entry. */
   int pushed, arch = 0;
   CUdevice dev = 0;
   status = enter_context(cu, stream, &pushed, &dev, &arch);
   if (!status) status = layer_launches(c, arch, l);
-  if (!status && sgmv_layer_fused(c, l, arch, &fused)) {
-    layer_call_t a = {c, l};
-    fill_layer(&a, &fused, 0, &lp);
-    status = launch(cu, &fused, dev, layer_params, stream);
-  } else {
-    for (int i = 0; i < 2 && !status; i++)
-      for (int step = 0; !status && step < l[i].config.steps; step++) {
-        fill_call(&c[i], &l[i], step, &p);
-        status = launch(cu, &l[i], dev, params, stream);
-      }
-  }
+  for (int i = 0; i < 2 && !status; i++)
+    for (int step = 0; !status && step < l[i].config.steps; step++) {
+      fill_call(&c[i], &l[i], step, &p);
+      status = launch(cu, &l[i], dev, params, stream);
+    }
   if (pushed) {
     CUcontext popped;
     cu->cuCtxPopCurrent(&popped);
@@ -626,14 +563,11 @@ SGMV_API sgmv_status_t sgmv_layer_apply_launches(const sgmv_layer_t *layer, cons
                                                  const sgmv_tensor_t *inputs, const sgmv_tensor_t *output,
                                                  int32_t add_inputs, int cubin_arch, sgmv_launches_t *out) {
   sgmv_call_t c[2];
-  sgmv_launch_t l[2], fused;
+  sgmv_launch_t l[2];
   kernel_params_t p;
-  layer_params_t lp;
   int status = start_description(out, "sgmv_layer_apply_launches");
   if (!status) status = sgmv_layer_calls(layer, step, inputs, output, add_inputs, NULL, c);
   if (!status) status = layer_launches(c, cubin_arch, l);
-  layer_call_t a = {c, l};
-  if (!status && sgmv_layer_fused(c, l, cubin_arch, &fused)) return (sgmv_status_t)describe(&a, &fused, &layer_kernel, &lp, out);
   for (int i = 0; i < 2 && !status; i++) status = describe(&c[i], &l[i], &call_kernel, &p, out);
   return (sgmv_status_t)status;
 }

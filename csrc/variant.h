@@ -35,11 +35,6 @@ typedef struct {
   int short_programs, uniform_min_length, uniform_slack, plan_rows_per_program, plan_max_programs;
 } sgmv_tuning_t;
 
-/* sgmv_layer_kernel: on arch, the shrink's tile with the expand's tile in one launch (both with a plan). */
-typedef struct {
-  int arch, shrink_tile, expand_tile;
-} sgmv_layer_pair_t;
-
 /* The plan kernel's constexprs: segments per program, segments per scan step, rows per store. */
 typedef struct {
   int segs, scan, rows, num_warps;
@@ -51,16 +46,15 @@ typedef enum {
   SGMV_PARAM_I32, SGMV_PARAM_I64, SGMV_PARAM_FP32, SGMV_PARAM_INPUTS, SGMV_PARAM_WEIGHTS, SGMV_PARAM_OUTPUT
 } sgmv_param_type_t;
 
-/* sgmv_kernel's expand and shrink (its SHRINK constexpr), sgmv_plan_kernel, sgmv_layer_kernel */
-enum { SGMV_KERNEL_EXPAND = 0, SGMV_KERNEL_PLAN = 1, SGMV_KERNEL_SHRINK = 2, SGMV_KERNEL_LAYER = 3 };
+/* sgmv_kernel's expand and shrink (its SHRINK constexpr), sgmv_plan_kernel */
+enum { SGMV_KERNEL_EXPAND = 0, SGMV_KERNEL_PLAN = 1, SGMV_KERNEL_SHRINK = 2 };
 
 /* What a variant is specialised on; compared as a whole. For the plan kernel, tile indexes
- * and the rest are 0. The layer kernel: tile is the shrink's, tile2 the expand's, even_k the
- * expand's (the shrink's is always 1); tile2 is 0 for the others. */
+ * and the rest are 0. */
 typedef struct {
   int arch, kernel, tile, path;
   int x_dtype, w_dtype, out_dtype;
-  int even_k, tile2;
+  int even_k;
 } sgmv_variant_key_t;
 
 typedef struct {
@@ -86,8 +80,6 @@ extern const sgmv_split_rule_t sgmv_split_rule;
 extern const int sgmv_unaligned_tile;
 extern const sgmv_tuning_t sgmv_tuning;
 extern const char sgmv_archs_list[];
-extern const sgmv_layer_pair_t sgmv_layer_pairs[];
-extern const int sgmv_num_layer_pairs;
 extern sgmv_variant_t sgmv_variants[];
 extern const int sgmv_num_variants_total;
 
@@ -145,9 +137,6 @@ int sgmv_decide_batch_plan(const sgmv_batch_plan_args_t *a, int per_token, int a
 /* The layer call (sgmv_layer_apply): the shrink and the expand it makes, checked. */
 int sgmv_layer_calls(const sgmv_layer_t *layer, const sgmv_step_t *step, const sgmv_tensor_t *inputs,
                      const sgmv_tensor_t *output, int add_inputs, sgmv_stream_t stream, sgmv_call_t calls[2]);
-/* The layer's shrink and expand (calls, decided as launches) as one launch of sgmv_layer_kernel,
- * where the build pairs their tiles and the call fits it: 1 and *out, else 0. */
-int sgmv_layer_fused(const sgmv_call_t calls[2], const sgmv_launch_t launches[2], int arch, sgmv_launch_t *out);
 /* A step's plan build as batch plan arguments; *per_token says whether its metadata is a token mapping. */
 int sgmv_step_plan_args(const sgmv_step_t *step, sgmv_stream_t stream, sgmv_batch_plan_args_t *args, int *per_token);
 

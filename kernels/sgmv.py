@@ -47,19 +47,9 @@ PATH_ROWS, PATH_SHORT, PATH_GROUPED = tl.constexpr(0), tl.constexpr(1), tl.const
 # none), the adapter of each PLAN_ALIGN slots, then a table of 4 x batches for its construction.
 # Each adapter's rows start at a multiple of PLAN_ALIGN, so a tile of BLOCK_M slots (a divisor of
 # PLAN_ALIGN) holds one adapter's rows.
-# Header: [0] slots used, [1] batches, [2] capacity, [3] 0, then LAYER_SYNC's words (the plan
-# kernel zeroes them).
-PLAN_HEADER = tl.constexpr(1024)
+PLAN_HEADER = tl.constexpr(4)  # [0] slots used, [1] batches, [2] capacity, [3] 0
 PLAN_ALIGN = tl.constexpr(64)
 PLAN_TABLE = tl.constexpr(4)  # words per segment of the construction table: key, length, ahead, grows
-# sgmv_layer_kernel's counters in the plan's header, int32 words from LAYER_SYNC: [0] tickets
-# taken, [1] shrink tiles stored, [2] programs finished, [3] unused, then one per shrink tile (its
-# split programs done): at most PLAN_HEADER - LAYER_SYNC - 4 shrink tiles (the planner checks).
-# Zeroed by each step's plan; each layer launch leaves them zero.
-LAYER_SYNC = tl.constexpr(4)
-# The most times an expand program of sgmv_layer_kernel polls for the shrink (with a plan the
-# layer's shrink takes tens of polls): a plan overwritten with arbitrary words cannot hang the GPU.
-LAYER_MAX_POLLS = tl.constexpr(1 << 20)
 # What the aligned variants assume, in bytes (csrc/planner.c checks it, is_aligned): every data
 # pointer (and the workspace) aligned to it, and every column count, column offset and row stride
 # a multiple of it in bytes, i.e. of ALIGN_BYTES / element size elements of its tensor (the
@@ -86,19 +76,6 @@ SIGNATURES = {
         "out_stride_m": "i64", "ws_ptr": "*fp32", "ws1_ptr": "*fp32", "ws2_ptr": "*fp32", "ws_stride_l": "i64",
         "ws_stride_n": "i64", "ws1_stride_l": "i64", "ws1_stride_n": "i64", "ws2_stride_l": "i64", "ws2_stride_n": "i64",
     },
-    "sgmv_layer_kernel": {
-        "x_ptr": "*inputs", "a_ptr": "*weights", "a1_ptr": "*weights", "a2_ptr": "*weights", "mid_ptr": "*weights",
-        "work_ptr": "*fp32", "b_ptr": "*weights", "b1_ptr": "*weights", "b2_ptr": "*weights", "out_ptr": "*output",
-        "seq_start_ptr": "*i32", "seq_len_ptr": "*i32", "lora_idx_ptr": "*i32", "plan_ptr": "*i32",
-        "ranks_ptr": "*i32", "scales_ptr": "*fp32", "batches": "i32", "num_loras": "i32", "total_tokens": "i64",
-        "rank": "i32", "hidden": "i32", "N": "i32", "N1": "i32", "N2": "i32", "has_ranks": "i32", "has_scales": "i32",
-        "scaling": "fp32", "meta_shift": "i32", "per_token": "i32", "add_inputs": "i32", "plan_capacity": "i64",
-        "k_split": "i32", "x_stride_m": "i64", "a_stride_l": "i64", "a_stride_n": "i64", "a1_stride_l": "i64",
-        "a1_stride_n": "i64", "a2_stride_l": "i64", "a2_stride_n": "i64", "mid_stride_m": "i64",
-        "mid_slice_step": "i64", "b_stride_l": "i64", "b_stride_n": "i64", "b1_stride_l": "i64", "b1_stride_n": "i64",
-        "b2_stride_l": "i64", "b2_stride_n": "i64", "out_stride_m": "i64", "shrink_tiles_g": "i32",
-        "shrink_tiles_n": "i32", "shrink_splits": "i32", "expand_tiles_n": "i32",
-    },
     "sgmv_plan_kernel": {
         "plan_ptr": "*i32", "seq_start_ptr": "*i32", "seq_len_ptr": "*i32", "lora_idx_ptr": "*i32",
         "batches": "i32", "num_loras": "i32", "total_tokens": "i64", "meta_shift": "i32", "per_token": "i32",
@@ -112,8 +89,7 @@ SIGNATURES = {
 # on 1 and on multiples of 16) and no other pointer (on 16-byte alignment); what an aligned
 # variant knows of its sizes and strides, ALIGNED states in the kernel itself. So the JIT compiles
 # one kernel per variant, the AOT build's code, however the shapes vary.
-ALIGNED_POINTERS = ("x_ptr", "w_ptr", "w1_ptr", "w2_ptr", "out_ptr", "work_ptr", "a_ptr", "a1_ptr", "a2_ptr", "mid_ptr",
-                    "b_ptr", "b1_ptr", "b2_ptr")
+ALIGNED_POINTERS = ("x_ptr", "w_ptr", "w1_ptr", "w2_ptr", "out_ptr", "work_ptr")
 
 
 def _unspecialised(kernel):
@@ -178,25 +154,6 @@ def sgmv_kernel(
     SHRINK: tl.constexpr,  # shrink: a per-adapter rank limits each slice's columns, scales, split K
     ALIGNED: tl.constexpr,  # every size and stride a multiple of 16 bytes of its tensor's elements (the planner checks)
 ):
-    _program(tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2), tl.num_programs(2), x_ptr, w_ptr,
-             w1_ptr, w2_ptr, out_ptr, seq_start_ptr, seq_len_ptr, lora_idx_ptr, plan_ptr, ranks_ptr, scales_ptr,
-             work_ptr, batches, num_loras, total_tokens, N, N1, N2, K, x_slice_step, out_slice_step, has_ranks,
-             has_scales, scaling, meta_shift, per_token, add_inputs, flat, plan_capacity, k_split, step, x_stride_m,
-             w_stride_l, w_stride_n, w1_stride_l, w1_stride_n, w2_stride_l, w2_stride_n, out_stride_m, ws_ptr,
-             ws1_ptr, ws2_ptr, ws_stride_l, ws_stride_n, ws1_stride_l, ws1_stride_n, ws2_stride_l, ws2_stride_n,
-             BLOCK_M, BLOCK_N, BLOCK_K, PATH, EVEN_K, SHRINK, ALIGNED)
-
-
-@triton.jit
-def _program(pid_g, pid_n, pid_z, num_z, x_ptr, w_ptr, w1_ptr, w2_ptr, out_ptr, seq_start_ptr, seq_len_ptr,
-             lora_idx_ptr, plan_ptr, ranks_ptr, scales_ptr, work_ptr, batches, num_loras, total_tokens, N, N1, N2, K,
-             x_slice_step, out_slice_step, has_ranks, has_scales, scaling, meta_shift, per_token, add_inputs, flat,
-             plan_capacity, k_split, step, x_stride_m, w_stride_l, w_stride_n, w1_stride_l, w1_stride_n, w2_stride_l,
-             w2_stride_n, out_stride_m, ws_ptr, ws1_ptr, ws2_ptr, ws_stride_l, ws_stride_n, ws1_stride_l, ws1_stride_n,
-             ws2_stride_l, ws2_stride_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             PATH: tl.constexpr, EVEN_K: tl.constexpr, SHRINK: tl.constexpr, ALIGNED: tl.constexpr):
-    """One program (pid_g, pid_n, pid_z) of sgmv_kernel, num_z along grid axis 2 (its parameters are
-    sgmv_kernel's; sgmv_layer_kernel runs it for programs it numbers itself)."""
     # Elements of 16 bytes of the weights: K (a multiple of it where ALIGNED) is read in whole groups.
     EW: tl.constexpr = ALIGN_BYTES * 8 // w_ptr.dtype.element_ty.primitive_bitwidth
     VEC: tl.constexpr = 1 + (EW - 1) * ALIGNED
@@ -214,7 +171,9 @@ def _program(pid_g, pid_n, pid_z, num_z, x_ptr, w_ptr, w1_ptr, w2_ptr, out_ptr, 
         w_stride_l, w_stride_n = w_stride_l // EW * EW, w_stride_n // EW * EW
         w1_stride_l, w1_stride_n = w1_stride_l // EW * EW, w1_stride_n // EW * EW
         w2_stride_l, w2_stride_n = w2_stride_l // EW * EW, w2_stride_n // EW * EW
+    pid_g = tl.program_id(0).to(tl.int64)
     # The column tile's slice and its weights, columns and inputs.
+    pid_n = tl.program_id(1)
     tiles0 = tl.cdiv(N, BLOCK_N)
     tiles1 = tl.cdiv(N1, BLOCK_N)
     in1 = pid_n >= tiles0
@@ -253,7 +212,7 @@ def _program(pid_g, pid_n, pid_z, num_z, x_ptr, w_ptr, w1_ptr, w2_ptr, out_ptr, 
                 _tile(x_base, w_base + lora * stride_l, out_base, work_base, lora, rows, m_mask, x_stride_m,
                       out_stride_m, work_stride_m, w_cols, offs_n, n_mask, offs_k, K, k_split, step, total_tokens,
                       ranks_ptr, has_ranks, scales_ptr, has_scales, scaling, add_inputs, ws_base + lora * ws_l,
-                      ws_cols, pid_z, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SHRINK, VEC, FP8)
+                      ws_cols, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SHRINK, VEC, FP8)
     elif PATH == PATH_SHORT:
         # The BLOCK_M rows of a tile are BLOCK_M segments, row j of each. Program z takes the
         # adapters a with a % num_programs(2) == z, one pass per adapter present, so an adapter's
@@ -265,7 +224,7 @@ def _program(pid_g, pid_n, pid_z, num_z, x_ptr, w_ptr, w1_ptr, w2_ptr, out_ptr, 
         ranks = tl.full((BLOCK_M,), K, tl.int32)
         if has_ranks != 0:
             ranks = tl.minimum(tl.load(ranks_ptr + loras, mask=valid, other=0), K)
-        mine = valid & (ranks > 0) & (loras % num_z == pid_z)
+        mine = valid & (ranks > 0) & (loras % tl.num_programs(2) == tl.program_id(2))
         for j in range(0, tl.max(tl.where(mine, ends - starts, 0), axis=0)):
             offs_m = starts + j
             m_mask = mine & (offs_m < ends)
@@ -292,12 +251,12 @@ def _program(pid_g, pid_n, pid_z, num_z, x_ptr, w_ptr, w1_ptr, w2_ptr, out_ptr, 
         lora, start, end, valid = _segments(pid_g, seq_start_ptr, seq_len_ptr, lora_idx_ptr, meta_shift, per_token,
                                             batches, num_loras, total_tokens)
         if valid:
-            for row0 in range(start + pid_z * BLOCK_M, end, num_z * BLOCK_M):
+            for row0 in range(start + tl.program_id(2) * BLOCK_M, end, tl.num_programs(2) * BLOCK_M):
                 offs_m = row0 + tl.arange(0, BLOCK_M)
                 _tile(x_base, w_base + lora * stride_l, out_base, work_base, lora, offs_m, offs_m < end, x_stride_m,
                       out_stride_m, work_stride_m, w_cols, offs_n, n_mask, offs_k, K, k_split, step, total_tokens,
                       ranks_ptr, has_ranks, scales_ptr, has_scales, scaling, add_inputs, ws_base + lora * ws_l,
-                      ws_cols, pid_z, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SHRINK, VEC, FP8)
+                      ws_cols, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SHRINK, VEC, FP8)
     else:  # PATH_ROWS, flat
         # Program g computes the g-th row tile of the list of all segments' row tiles, found by a
         # prefix sum over the segments, _SEARCH at a time; programs past the last tile idle.
@@ -326,139 +285,7 @@ def _program(pid_g, pid_n, pid_z, num_z, x_ptr, w_ptr, w1_ptr, w2_ptr, out_ptr, 
             _tile(x_base, w_base + lora * stride_l, out_base, work_base, lora, offs_m, offs_m < end, x_stride_m,
                   out_stride_m, work_stride_m, w_cols, offs_n, n_mask, offs_k, K, k_split, step, total_tokens,
                   ranks_ptr, has_ranks, scales_ptr, has_scales, scaling, add_inputs, ws_base + lora * ws_l, ws_cols,
-                  pid_z, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SHRINK, VEC, FP8)
-
-
-@triton.jit(do_not_specialize=_unspecialised("sgmv_layer_kernel"))
-def sgmv_layer_kernel(
-    x_ptr,  # the layer's inputs (total_tokens, hidden)
-    a_ptr,  # shrink weights (LoRA A) of slice 0: (num_loras, rank, hidden)
-    a1_ptr,
-    a2_ptr,
-    mid_ptr,  # the intermediate (total_tokens, slices * rank) in the weights' dtype: the shrink's output, the expand's inputs
-    work_ptr,  # fp32 split-K partial sums of the shrink
-    b_ptr,  # expand weights (LoRA B) of slice 0: (num_loras, N, rank)
-    b1_ptr,
-    b2_ptr,
-    out_ptr,  # (total_tokens, N + N1 + N2)
-    seq_start_ptr,
-    seq_len_ptr,
-    lora_idx_ptr,
-    plan_ptr,
-    ranks_ptr,
-    scales_ptr,
-    batches,
-    num_loras,
-    total_tokens,
-    rank,
-    hidden,
-    N,
-    N1,
-    N2,
-    has_ranks,
-    has_scales,
-    scaling,
-    meta_shift,
-    per_token,
-    add_inputs,
-    plan_capacity,
-    k_split,
-    x_stride_m,
-    a_stride_l,
-    a_stride_n,
-    a1_stride_l,
-    a1_stride_n,
-    a2_stride_l,
-    a2_stride_n,
-    mid_stride_m,
-    mid_slice_step,  # elements between the intermediate's slices (rank)
-    b_stride_l,
-    b_stride_n,
-    b1_stride_l,
-    b1_stride_n,
-    b2_stride_l,
-    b2_stride_n,
-    out_stride_m,
-    shrink_tiles_g,  # the shrink's grid: programs (g, n, z), the first of this launch's tickets
-    shrink_tiles_n,
-    shrink_splits,
-    expand_tiles_n,  # the expand's column tiles: its programs (g, n) take the tickets after the shrink's
-    S_BLOCK_M: tl.constexpr,
-    S_BLOCK_N: tl.constexpr,
-    S_BLOCK_K: tl.constexpr,
-    S_EVEN_K: tl.constexpr,
-    E_BLOCK_M: tl.constexpr,
-    E_BLOCK_N: tl.constexpr,
-    E_BLOCK_K: tl.constexpr,
-    E_EVEN_K: tl.constexpr,
-):
-    """A layer's whole delta in one launch, with the step's plan: the shrink's programs (the
-    GROUPED shrink tile, its split of hidden), then the expand's, which wait until every shrink
-    tile has stored its rows of the intermediate. Each program takes a ticket from a counter in
-    the plan's header (LAYER_SYNC) and is the program of that number: an expand program waits
-    only on tickets taken before its own, by programs already running that never wait, so no
-    order of scheduling deadlocks. The split shrink's last program of a tile to finish adds the
-    partial sums (in order of z, as the two-launch shrink's step 1 does) and stores the tile: the
-    intermediate, and so the output, are bit for bit those of shrink then expand. The last
-    program to finish zeroes the counters for the next launch. Aligned variants only (the
-    planner checks), fp16 and bf16 weights."""
-    sync = plan_ptr + LAYER_SYNC
-    programs = tl.num_programs(0)
-    shrink_tiles = shrink_tiles_g * shrink_tiles_n
-    rank1 = tl.where(N1 > 0, rank, 0)  # the shrink's columns of slices 1 and 2 (0: no such slice)
-    rank2 = tl.where(N2 > 0, rank, 0)
-    shrink_programs = shrink_tiles * shrink_splits
-    ticket = tl.atomic_add(sync, 1, sem="relaxed")
-    ticket = (ticket % programs + programs) % programs  # arbitrary counters cannot index out of the grid
-    if ticket < shrink_programs:
-        tile = ticket // shrink_splits
-        z = ticket % shrink_splits
-        g = (tile // shrink_tiles_n).to(tl.int64)
-        n = tile % shrink_tiles_n
-        if shrink_splits == 1:
-            _program(g, n, 0, 1, x_ptr, a_ptr, a1_ptr, a2_ptr, mid_ptr, seq_start_ptr, seq_len_ptr, lora_idx_ptr,
-                     plan_ptr, ranks_ptr, scales_ptr, work_ptr, batches, num_loras, total_tokens, rank, rank1, rank2,
-                     hidden, 0, mid_slice_step, has_ranks, has_scales, scaling, meta_shift, per_token, 0, 0,
-                     plan_capacity, k_split, 0, x_stride_m, a_stride_l, a_stride_n, a1_stride_l, a1_stride_n,
-                     a2_stride_l, a2_stride_n, mid_stride_m, scales_ptr, scales_ptr, scales_ptr, 0, 0, 0, 0, 0, 0,
-                     S_BLOCK_M, S_BLOCK_N, S_BLOCK_K, PATH_GROUPED, S_EVEN_K, True, True)
-            stored = ticket >= 0
-        else:
-            _program(g, n, z, shrink_splits, x_ptr, a_ptr, a1_ptr, a2_ptr, mid_ptr, seq_start_ptr, seq_len_ptr,
-                     lora_idx_ptr, plan_ptr, ranks_ptr, scales_ptr, work_ptr, batches, num_loras, total_tokens, rank,
-                     rank1, rank2, hidden, 0, mid_slice_step, has_ranks, has_scales, scaling, meta_shift, per_token, 0,
-                     0, plan_capacity, k_split, 0, x_stride_m, a_stride_l, a_stride_n, a1_stride_l, a1_stride_n,
-                     a2_stride_l, a2_stride_n, mid_stride_m, scales_ptr, scales_ptr, scales_ptr, 0, 0, 0, 0, 0, 0,
-                     S_BLOCK_M, S_BLOCK_N, S_BLOCK_K, PATH_GROUPED, S_EVEN_K, True, True)
-            tl.debug_barrier()  # every thread's partial sums stored before the count says so
-            done = tl.atomic_add(sync + 4 + tile, 1, sem="acq_rel")
-            stored = done == shrink_splits - 1
-            if stored:  # the tile's last split program: the others' sums are visible (acquire)
-                tl.atomic_xchg(sync + 4 + tile, 0, sem="relaxed")
-                _program(g, n, 0, shrink_splits, x_ptr, a_ptr, a1_ptr, a2_ptr, mid_ptr, seq_start_ptr, seq_len_ptr,
-                         lora_idx_ptr, plan_ptr, ranks_ptr, scales_ptr, work_ptr, batches, num_loras, total_tokens,
-                         rank, rank1, rank2, hidden, 0, mid_slice_step, has_ranks, has_scales, scaling, meta_shift,
-                         per_token, 0, 0, plan_capacity, k_split, 1, x_stride_m, a_stride_l, a_stride_n, a1_stride_l,
-                         a1_stride_n, a2_stride_l, a2_stride_n, mid_stride_m, scales_ptr, scales_ptr, scales_ptr, 0,
-                         0, 0, 0, 0, 0, S_BLOCK_M, S_BLOCK_N, S_BLOCK_K, PATH_GROUPED, S_EVEN_K, True, True)
-        if stored:
-            tl.debug_barrier()  # every thread's rows of the intermediate stored before the count says so
-            tl.atomic_add(sync + 1, 1, sem="release")
-    else:
-        e = ticket - shrink_programs
-        polls = 0
-        while (tl.atomic_add(sync + 1, 0, sem="acquire") < shrink_tiles) & (polls < LAYER_MAX_POLLS):
-            polls += 1
-        _program((e // expand_tiles_n).to(tl.int64), e % expand_tiles_n, 0, 1, mid_ptr, b_ptr, b1_ptr, b2_ptr,
-                 out_ptr, seq_start_ptr, seq_len_ptr, lora_idx_ptr, plan_ptr, ranks_ptr, scales_ptr, work_ptr,
-                 batches, num_loras, total_tokens, N, N1, N2, rank, mid_slice_step, 0, has_ranks, 0, 1.0, meta_shift,
-                 per_token, add_inputs, 0, plan_capacity, rank, 0, mid_stride_m, b_stride_l, b_stride_n, b1_stride_l,
-                 b1_stride_n, b2_stride_l, b2_stride_n, out_stride_m, scales_ptr, scales_ptr, scales_ptr, 0, 0, 0, 0,
-                 0, 0, E_BLOCK_M, E_BLOCK_N, E_BLOCK_K, PATH_GROUPED, E_EVEN_K, False, True)
-    if tl.atomic_add(sync + 2, 1, sem="acq_rel") == programs - 1:  # the last to finish: every ticket taken
-        tl.atomic_xchg(sync, 0, sem="relaxed")
-        tl.atomic_xchg(sync + 1, 0, sem="relaxed")
-        tl.atomic_xchg(sync + 2, 0, sem="relaxed")
+                  BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SHRINK, VEC, FP8)
 
 
 @triton.jit(do_not_specialize=_unspecialised("sgmv_plan_kernel"))
@@ -552,8 +379,7 @@ def sgmv_plan_kernel(
             if tl.program_id(0) == 0:
                 tl.store(plan_ptr + 1, batches)
                 tl.store(plan_ptr + 2, plan_capacity)
-                words = tl.arange(0, PLAN_HEADER)
-                tl.store(plan_ptr + words, 0, mask=words >= 3)  # the layer kernel's counters among them
+                tl.store(plan_ptr + 3, 0)
                 tl.store(plan_ptr, used)
 
 
@@ -565,7 +391,7 @@ def _round_up(n):
 @triton.jit
 def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m, out_stride_m, work_stride_m, w_cols,
           offs_n, n_mask, offs_k, K, k_split, step, total_tokens, ranks_ptr, has_ranks, scales_ptr, has_scales,
-          scaling, add_inputs, ws_row, ws_cols, z, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          scaling, add_inputs, ws_row, ws_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SHRINK: tl.constexpr, VEC: tl.constexpr,
           FP8: tl.constexpr):
     """Rows offs_m (where m_mask) of adapter `lora`, whose weights are at w_base. Per-adapter
@@ -581,6 +407,7 @@ def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m,
             scale = scaling
             if has_scales != 0:
                 scale = scale * tl.load(scales_ptr + lora)
+            z = tl.program_id(2)
             out_mask = m_mask[:, None] & w_mask[None, :]
             out_ptrs = out_base + offs_m[:, None] * out_stride_m + offs_n[None, :]
             # Partial sums: whole rows of the tile (wide accesses); columns past the rank hold zeros.

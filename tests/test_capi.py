@@ -215,7 +215,7 @@ def test_cubin_inventory_covers_every_arch_and_variant(tmp_path):
                              check=True).stdout
         arch = re.search(r"sm=(\d+)", out).group(1)
         per_arch[int(arch)] = per_arch.get(int(arch), 0) + 1
-        assert re.search(r"\.text\.sgmv_(plan_|layer_)?kernel\b", out), out[:200]
+        assert ".text.sgmv_kernel" in out or ".text.sgmv_plan_kernel" in out
     want = {}
     for v in aot_variants.variants():
         want[v["arch"]] = want.get(v["arch"], 0) + 1

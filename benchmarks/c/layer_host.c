@@ -1,6 +1,6 @@
-/* Host time of the layer call from C, on a tiny problem (4 single-row segments, hidden 256, rank 16,
- * two adapters, one slice; on sm_90 the layer call is one launch): sgmv_layer_apply, sgmv_step_plan,
- * and for comparison sgmv_shrink then sgmv_expand (the two calls a layer makes without it). Best of 3 runs of 2000 calls each, enqueued
+/* Host time of the layer call from C, on a tiny problem (4 single-row segments, hidden 64, rank 16,
+ * two adapters, one slice): sgmv_layer_apply, sgmv_step_plan, and for comparison sgmv_shrink then
+ * sgmv_expand (the two calls a layer makes without it). Best of 3 runs of 2000 calls each, enqueued
  * back to back on a stream after a synchronisation. Beside them, what the host cannot go below: one
  * cuLaunchKernel of an empty kernel, timed the same way; and the layer call in runs of 200 calls (best
  * of 20), which never fill the stream's queue of pending launches (2000 calls of two launches can:
@@ -31,7 +31,7 @@
     }                                                                                               \
   } while (0)
 
-enum { T = 4, H = 256, R = 16, L = 2 };
+enum { T = 4, H = 64, R = 16, L = 2 };
 
 /* An empty kernel, in PTX: the driver compiles it for the GPU at load. */
 static const char EMPTY_PTX[] =

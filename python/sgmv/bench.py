@@ -299,17 +299,16 @@ def host_time_us(torch, launches, calls=100, reps=10):
 
 
 def host_call_us(torch, calls=2000, reps=3):
-    """Host time per eager call on a tiny problem (4 single-row segments, rank 16, 64 output columns;
-    the layer's inputs 256 wide, so that on sm_90 its shrink and expand are one launch): the best of
-    `reps` runs of `calls` calls, for each way to call the library from Python."""
+    """Host time per eager call on a tiny problem (4 single-row segments, hidden 64, rank 16): the
+    best of `reps` runs of `calls` calls, for each way to call the library from Python."""
     from . import binding
     x = torch.randn(4, 16, dtype=torch.bfloat16, device="cuda")
     w = torch.randn(2, 64, 16, dtype=torch.bfloat16, device="cuda")
     out = torch.randn(4, 64, dtype=torch.bfloat16, device="cuda")
     meta = [torch.tensor(v, dtype=torch.int32, device="cuda") for v in ([0, 1, 2, 3], [1] * 4, [0, 1, 0, 1])]
     plan = binding.batch_plan(*meta, 4, 4, 2)
-    a = torch.randn(2, 16, 256, dtype=torch.bfloat16, device="cuda")
-    xl, y = torch.randn(4, 256, dtype=torch.bfloat16, device="cuda"), torch.empty(4, 16, dtype=torch.bfloat16,
+    a = torch.randn(2, 16, 64, dtype=torch.bfloat16, device="cuda")
+    xl, y = torch.randn(4, 64, dtype=torch.bfloat16, device="cuda"), torch.empty(4, 16, dtype=torch.bfloat16,
                                                                                   device="cuda")
     layer = binding.Layer(a, w)
     scratch = torch.empty(binding.step_scratch_bytes(4, 4, 16), dtype=torch.uint8, device="cuda")

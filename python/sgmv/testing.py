@@ -606,11 +606,6 @@ LAYER_CASES = [
     LayerCase("prefill-one", 128, 32, (96,), [70], [1], 2, add_inputs=False, out_slice=True, seed=4),
     LayerCase("split-k-few-rows", 2048, 16, (64, 64), [2, 1], [1, 0], 2, fp32_out=True, seed=5),
     LayerCase("skips", 64, 16, (64,), [3, 0, 4, 2], [-1, 0, 7, 1], 2, add_inputs=False, seed=6),
-    # One launch on sm_90 (sgmv_layer_kernel): decode with the shrink split in two, spec with ranks.
-    LayerCase("decode-one-launch-split", 1024, 16, (128, 64, 64), [1] * 12, [0, 1, 2, 3, -1, 1, 0, 2, 3, 3, 1, 0], 4,
-              seed=11),
-    LayerCase("spec-one-launch-ranks", 256, 32, (128,), [4, 4, 4, 4], [1, 0, 1, 2], 3, ranks=[32, 8, 0], scales=True,
-              seed=12),
 ]
 LAYER_CASES += [dataclasses.replace(c, per_token=True, seed=c.seed + 50) for c in LAYER_CASES]
 GPU_LAYER_CASES = [
