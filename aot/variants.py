@@ -32,6 +32,7 @@ PLAN_SIZE = PlanSize(*_TABLE["plan"])
 SPLIT = Split(*_TABLE["split"])
 # Tiles aot/generate.py compiles as ptxas chooses, without its register fit (measured slower so).
 UNFITTED_TILES = frozenset(_TABLE["unfitted_tiles"])
+# Bytes of spill that fit may leave in an fp8 expand variant (the column scales cost registers).
 FP8_EXPAND_FIT_SPILL_BYTES = int(_TABLE["fp8_expand_fit_spill_bytes"])
 PLANNER = _TABLE["planner"]  # the planner's other tuning, by name (csrc/variant.h sgmv_tuning_t)
 ARCHS = tuple(RULES["expand"])

@@ -57,9 +57,12 @@ import importlib.util, json, sys
 spec = importlib.util.spec_from_file_location("g", {str(ROOT / "aot" / "generate.py")!r})
 G = importlib.util.module_from_spec(spec); spec.loader.exec_module(G)
 import triton
-for arch, tile, op, w, out in ((90, "prefill_r16", "expand", "bf16", "bf16"), (90, "prefill_r256", "expand", "bf16", "bf16"),
-                               (90, "shrink_s64", "shrink", "bf16", "fp32"), (80, "prefill_r256", "expand", "bf16", "bf16"),
-                               (90, "prefill_r64", "expand", "fp8e4nv", "bf16"), (90, "shrink_p32", "shrink", "fp8e4nv", "fp32")):
+for arch, tile, op, w, out in ((90, "prefill_r16", "expand", "bf16", "bf16"),
+                               (90, "prefill_r256", "expand", "bf16", "bf16"),
+                               (90, "shrink_s64", "shrink", "bf16", "fp32"),
+                               (80, "prefill_r256", "expand", "bf16", "bf16"),
+                               (90, "prefill_r64", "expand", "fp8e4nv", "bf16"),
+                               (90, "shrink_p32", "shrink", "fp8e4nv", "fp32")):
     v = dict(kernel="sgmv_kernel", arch=arch, op=op, x="bf16", w=w, out=out, even_k=True, tile=tile, path="rows",
              aligned=True)
     name, cubin, shared, warps, _ = G.compile_variant(v)
@@ -67,7 +70,8 @@ for arch, tile, op, w, out in ((90, "prefill_r16", "expand", "bf16", "bf16"), (9
     plain = triton.compile(src, target=target, options=options).asm["cubin"]
     limit = G.register_limit(G._resources(plain)[0], warps, shared)
     limited = limit and triton.compile(src, target=target, options=dict(options, maxnreg=limit)).asm["cubin"]
-    fits = bool(limited) and G._resources(limited)[1] <= (G.V.FP8_EXPAND_FIT_SPILL_BYTES if (w, op) == ("fp8e4nv", "expand") else 0)
+    spill = G.V.FP8_EXPAND_FIT_SPILL_BYTES if (w, op) == ("fp8e4nv", "expand") else 0
+    fits = bool(limited) and G._resources(limited)[1] <= spill
     print(json.dumps([name, *G._resources(cubin), shared, warps, limit, fits, cubin == plain, cubin == limited,
                       bool(limited) and G._resources(limited)[1]]))
 """
