@@ -237,10 +237,11 @@ def sgmv_kernel(
                 k_end = tl.max(tl.where(todo & (loras == adapter), ranks, 0), axis=0)
                 rows = todo & (loras == adapter)
                 if FP8:  # this adapter's products scaled by its column scales, its rows only
+                    scales = _col_scales(ws_base + adapter * ws_l, ws_cols, n_mask, FP8)
                     part = _accumulate(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_base,
                                        w_base + adapter * stride_l, offs_m, rows, x_stride_m, w_cols, n_mask, offs_k,
                                        0, k_end, BLOCK_K, EVEN_K, VEC, 1, FP8)
-                    part = _dequant(part, ws_base + adapter * ws_l, ws_cols, n_mask, FP8)
+                    part = _dequant(part, scales, FP8)
                     acc += tl.where(rows[:, None], part, 0.0)
                 else:
                     acc = _accumulate(acc, x_base, w_base + adapter * stride_l, offs_m, rows, x_stride_m, w_cols,
@@ -416,9 +417,10 @@ def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m,
             plane = total_tokens * work_stride_m
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             if k_split >= K:
+                scales = _col_scales(ws_row, ws_cols, w_mask, FP8)
                 acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, w_mask, offs_k, 0, K,
                                   BLOCK_K, EVEN_K, VEC, VEC, FP8)
-                acc = _dequant(acc, ws_row, ws_cols, w_mask, FP8)
+                acc = _dequant(acc, scales, FP8)
                 tl.store(out_ptrs, (acc * scale).to(out_ptrs.dtype.element_ty), mask=out_mask)
             elif step == 0:
                 k_lo = tl.multiple_of(z * k_split, BLOCK_K)  # the planner makes k_split a multiple of BLOCK_K
@@ -426,19 +428,21 @@ def _tile(x_base, w_base, out_base, work_base, lora, offs_m, m_mask, x_stride_m,
                                   tl.minimum(k_lo + k_split, K), BLOCK_K, EVEN_K, VEC, VEC, FP8)
                 tl.store(partial + z * plane, acc, mask=part_mask)
             elif z == 0:  # step 1: the partial sums in order of z (independent loads, issued together)
+                scales = _col_scales(ws_row, ws_cols, w_mask, FP8)
                 for j in tl.static_range(MAX_SPLIT):
                     acc += tl.load(partial + j * plane, mask=tl.where(j * k_split < K, part_mask, False), other=0.0)
-                acc = _dequant(acc, ws_row, ws_cols, w_mask, FP8)
+                acc = _dequant(acc, scales, FP8)
                 tl.store(out_ptrs, (acc * scale).to(out_ptrs.dtype.element_ty), mask=out_mask)
     else:
         out_ptrs, out_mask, prior = _load_prior(out_base, offs_m, m_mask, offs_n, n_mask, out_stride_m, add_inputs)
         k_end = K  # a per-adapter rank ends K early (rank 0: nothing written)
         if has_ranks != 0:
             k_end = tl.minimum(tl.load(ranks_ptr + lora), K)
+        scales = _col_scales(ws_row, ws_cols, n_mask, FP8)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc = _accumulate(acc, x_base, w_base, offs_m, m_mask, x_stride_m, w_cols, n_mask, offs_k, 0, k_end,
                           BLOCK_K, EVEN_K, VEC, 1, FP8)
-        acc = _dequant(acc, ws_row, ws_cols, n_mask, FP8)
+        acc = _dequant(acc, scales, FP8)
         _store(acc, prior, out_ptrs, tl.where(k_end > 0, out_mask, False), add_inputs)
 
 
@@ -510,11 +514,21 @@ def _dot(acc, x, w, FP8: tl.constexpr):
 
 
 @triton.jit
-def _dequant(acc, ws_row, ws_cols, n_mask, FP8: tl.constexpr):
-    """fp8 weights: the fp32 products of the weights as stored times each column's scale (ws_row
-    + ws_cols: the adapter's row of scales; one per adapter where the column stride is 0)."""
+def _col_scales(ws_row, ws_cols, n_mask, FP8: tl.constexpr):
+    """fp8 weights: each column's scale (ws_row + ws_cols: the adapter's row of scales; one per
+    adapter where the column stride is 0), loaded before the products so that the load overlaps
+    them (after them it is one more round trip in each program)."""
     if FP8:
-        acc = acc * tl.load(ws_row + ws_cols, mask=n_mask, other=0.0)[None, :]
+        return tl.load(ws_row + ws_cols, mask=n_mask, other=0.0)
+    else:
+        return tl.zeros((), tl.float32)
+
+
+@triton.jit
+def _dequant(acc, scales, FP8: tl.constexpr):
+    """fp8 weights: the fp32 products of the weights as stored times each column's scale."""
+    if FP8:
+        acc = acc * scales[None, :]
     return acc
 
 
