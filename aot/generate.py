@@ -120,8 +120,7 @@ def compile_variant(v):
         raise RuntimeError(f"{variant_name(v)} needs scratch memory, which the launcher does not provide")
     cubin = ck.asm["cubin"]
     if v["kernel"] == "sgmv_kernel" and v["arch"] == FIT_ARCH and v["tile"] not in V.UNFITTED_TILES:
-        spill = V.FP8_EXPAND_FIT_SPILL_BYTES if v["w"] == V.FP8 and v["op"] == "expand" else 0
-        cubin = _fit_one_more_program(ck, target, options, spill)
+        cubin = _fit_one_more_program(ck, target, options, fit_spill_bytes(v))
     return variant_name(v), cubin, md.shared, md.num_warps, md.name
 
 
@@ -158,6 +157,12 @@ def register_limit(registers, warps, shared):
     if limit <= 0 or _programs_per_sm(limit, warps, shared) <= now:
         return None
     return limit
+
+
+def fit_spill_bytes(v):
+    """Bytes of spill the register fit may leave in variant v: aot/tiles.json's allowance in fp8
+    expands (their column scales cost registers), none elsewhere."""
+    return V.FP8_EXPAND_FIT_SPILL_BYTES if v["w"] == V.FP8 and v["op"] == "expand" else 0
 
 
 def _fit_one_more_program(ck, target, options, spill=0):

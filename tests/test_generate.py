@@ -70,8 +70,7 @@ for arch, tile, op, w, out in ((90, "prefill_r16", "expand", "bf16", "bf16"),
     plain = triton.compile(src, target=target, options=options).asm["cubin"]
     limit = G.register_limit(G._resources(plain)[0], warps, shared)
     limited = limit and triton.compile(src, target=target, options=dict(options, maxnreg=limit)).asm["cubin"]
-    spill = G.V.FP8_EXPAND_FIT_SPILL_BYTES if (w, op) == ("fp8e4nv", "expand") else 0
-    fits = bool(limited) and G._resources(limited)[1] <= spill
+    fits = bool(limited) and G._resources(limited)[1] <= G.fit_spill_bytes(v)
     print(json.dumps([name, *G._resources(cubin), shared, warps, limit, fits, cubin == plain, cubin == limited,
                       bool(limited) and G._resources(limited)[1]]))
 """
